@@ -1,0 +1,205 @@
+"""One typed configuration for every medgen command.
+
+A config is YAML (``--config FILE``) plus ``--set section.key=value`` overrides, validated
+against the schema below. Every error names the full key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    root: Path | None = Field(
+        None, description="folder with one sub-folder per site; null = the built-in phantom cohort"
+    )
+    image_size: int = Field(64, ge=16, le=512, multiple_of=8, description="slice side in pixels")
+    spacing_mm: tuple[float, float, float] = Field(
+        (2.0, 2.0, 2.0), description="common voxel spacing (x, y, z) in mm after resampling"
+    )
+    volume_index: int | None = Field(None, ge=0, description="volume to take from 4D files")
+    percentiles: tuple[float, float] = Field(
+        (1.0, 99.0), description="brain intensity percentiles mapped to 0 and 1"
+    )
+    min_brain_fraction: float = Field(
+        0.25, gt=0.0, le=1.0,
+        description="keep axial slices whose brain area is at least this fraction of the largest",
+    )
+    min_lesion_pixels: int = Field(
+        4, ge=1, description="lesion pixels (at image_size) for a slice to be labelled lesion"
+    )
+    lesion_mask_suffixes: list[str] = Field(
+        ["_mask", "_seg", "_lesion"], min_length=1,
+        description="file-name suffixes of lesion masks in plain-file site folders",
+    )
+    brain_mask_suffix: str = Field("_brainmask", min_length=1)
+    bids_suffix: str = Field("T1w", min_length=1, description="BIDS contrast to use (T1w, FLAIR, T2w)")
+    on_bad_file: Literal["fail", "skip"] = "fail"
+    cache_dir: Path | None = Field(
+        None, description="slice cache; null = $MEDGEN_CACHE_DIR or ~/.cache/medgen"
+    )
+
+    @field_validator("spacing_mm")
+    @classmethod
+    def _spacing(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(s <= 0 or s > 10 for s in v):
+            raise ValueError("each spacing must be in (0, 10] mm")
+        return v
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 100.0:
+            raise ValueError("need 0 <= low < high <= 100")
+        return v
+
+
+class PhantomConfig(_Section):
+    subjects_per_site: int = Field(8, ge=1, le=500)
+    lesion_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of lesion subjects")
+
+
+class ModelConfig(_Section):
+    family: Literal["vae", "gan", "ddpm"] = "vae"
+
+
+class FederationConfig(_Section):
+    rounds: int = Field(3, ge=1, le=10_000)
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn"] = "fedavg"
+
+
+class SitesConfig(_Section):
+    train: list[str] = Field(["A", "B", "C"], min_length=1)
+    heldout: list[str] = Field(["D"])
+
+    @field_validator("train", "heldout")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("site names must be unique")
+        bad = [n for n in v if not n or "/" in n or n.startswith(".")]
+        if bad:
+            raise ValueError(f"{bad} are not usable as site (folder) names")
+        return v
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> SitesConfig:
+        both = set(self.train) & set(self.heldout)
+        if both:
+            raise ValueError(f"heldout: sites {sorted(both)} are also in sites.train; held-out sites never train")
+        return self
+
+    @property
+    def all(self) -> list[str]:
+        return self.train + self.heldout
+
+
+class PrivacyConfig(_Section):
+    enabled: bool = False
+    target_epsilon: float = Field(8.0, gt=0.0)
+    delta: float | None = Field(
+        None, gt=0.0, lt=1.0, description="null = below 1/n for the site's training subjects"
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0)
+
+
+class Config(_Section):
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    phantom: PhantomConfig = PhantomConfig()
+    model: ModelConfig = ModelConfig()
+    federation: FederationConfig = FederationConfig()
+    sites: SitesConfig = SitesConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read ``path`` (YAML), apply ``section.key=value`` overrides, validate.
+
+    Override values are parsed as YAML (``--set data.spacing_mm=[1,1,1]``).
+    Raises ConfigError naming the key path and what is allowed.
+    """
+    raw: dict[str, Any] = {}
+    sources = []
+    if path is not None:
+        path = Path(path)
+        sources.append(str(path))
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+        raw = loaded
+    for item in overrides:
+        _apply_override(raw, item)
+    if overrides:
+        sources.append("--set overrides")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config ({' + '.join(sources)}):\n" + _explain(e)) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = tuple(p for p in err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed)}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def dump_config(cfg: Config) -> str:
+    """The config as YAML, every key spelled out (what a run records)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,84 @@
+"""`medgen data check DIR`: is this site folder usable, and what is in it?"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medgen.config import DataConfig
+from medgen.data.dataset import LESION, SiteSlices, load_site
+from medgen.data.errors import DataError, SiteDataError
+from medgen.data.nifti import describe
+from medgen.data.sites import discover_site
+
+OK, PROBLEMS, UNUSABLE = 0, 1, 2
+
+
+@dataclass
+class CheckReport:
+    folder: Path
+    layout: str = "?"
+    scans: int = 0
+    voxel_sizes: Counter = field(default_factory=Counter)
+    orientations: Counter = field(default_factory=Counter)
+    dtypes: Counter = field(default_factory=Counter)
+    slices: SiteSlices | None = None
+    problems: list[DataError] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0: usable, no problem; 1: usable but some files are bad (training with
+        ``data.on_bad_file: fail`` would stop); 2: nothing usable."""
+        if self.slices is None or len(self.slices) == 0:
+            return UNUSABLE
+        return PROBLEMS if self.problems else OK
+
+    def summary(self, cfg: DataConfig) -> str:
+        def counts(c: Counter) -> str:
+            return ", ".join(f"{k} ({n})" for k, n in c.most_common()) or "-"
+
+        lines = [f"site folder: {self.folder}  (layout: {self.layout})", f"scans: {self.scans}",
+                 f"voxel sizes (mm): {counts(self.voxel_sizes)}", f"orientations: {counts(self.orientations)}",
+                 f"data types: {counts(self.dtypes)}"]
+        if self.slices is not None:
+            s = self.slices
+            n_lesion = int((s.labels == LESION).sum())
+            lines += [
+                f"usable scans: {len(set(s.subjects.tolist()))}, lesion subjects: {len(s.lesion_subjects)}",
+                f"usable slices: {len(s)} ({n_lesion} lesion, {len(s) - n_lesion} healthy) "
+                f"at {cfg.image_size}x{cfg.image_size} px, {'x'.join(f'{v:g}' for v in cfg.spacing_mm)} mm",
+            ]
+            lines += [f"note: {n}" for n in s.notes]
+        lines.append(f"problems: {len(self.problems)}")
+        lines += [f"  - {p}" for p in self.problems]
+        verdict = {OK: "OK: usable", PROBLEMS: "USABLE WITH PROBLEMS: fix or set data.on_bad_file=skip",
+                   UNUSABLE: "NOT USABLE: no usable slice"}[self.exit_code]
+        lines.append(verdict)
+        return "\n".join(lines)
+
+
+def check_site(folder: str | Path, cfg: DataConfig) -> CheckReport:
+    """Validate every file of a site folder; collect all problems rather than stop at the first."""
+    report = CheckReport(Path(folder))
+    try:
+        listing = discover_site(folder, cfg)
+    except DataError as e:
+        report.problems.append(e)
+        return report
+    report.layout = listing.layout
+    report.scans = len(listing.subjects)
+    for subject in listing.subjects:
+        try:
+            info = describe(subject.image)
+        except DataError:
+            continue  # load_site below reports it with the other problems
+        report.voxel_sizes["x".join(f"{v:.3g}" for v in info["voxel_size"])] += 1
+        report.orientations[info["orientation"] + (" oblique" if info["oblique"] else "")] += 1
+        report.dtypes[info["dtype"]] += 1
+    try:
+        report.slices = load_site(folder, cfg.model_copy(update={"on_bad_file": "skip"}))
+        report.problems = report.slices.problems
+    except SiteDataError as e:
+        report.problems = e.problems
+    return report

@@ -1,0 +1,57 @@
+"""Test data made on the fly: small brain-like NIfTI volumes, nothing downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medgen.config import load_config
+
+
+def head(shape=(40, 48, 40), seed=0, lesion_centre=None, lesion_radius=4):
+    """A brain-like ellipsoid with a brighter core ("white matter"), 2 mm voxels, RAS.
+
+    Returns (image float32, lesion mask uint8). With ``lesion_centre`` (voxel) a dark sphere
+    is written into the image and the mask."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    r = np.sqrt(((grid / np.array([0.8, 0.85, 0.75])[:, None, None, None]) ** 2).sum(0))
+    image = np.where(r < 1, 60.0, 0.0) + np.where(r < 0.6, 40.0, 0.0)
+    image += np.where(r < 1, rng.normal(0, 2, shape), 0)
+    lesion = np.zeros(shape, np.uint8)
+    if lesion_centre is not None:
+        idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+        d = np.sqrt(((idx - np.array(lesion_centre)[:, None, None, None]) ** 2).sum(0))
+        lesion[d <= lesion_radius] = 1
+        image[lesion == 1] = 20.0
+    return image.astype(np.float32), lesion
+
+
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+AFFINE[:3, 3] = [-40, -48, -40]
+
+
+def save(path: Path, data: np.ndarray, affine=AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def make_plain_site(folder: Path, n_healthy=2, n_lesion=2) -> Path:
+    """A plain-file site: sub-XX.nii.gz scans and sub-XX_mask.nii.gz lesion masks."""
+    for i in range(n_healthy + n_lesion):
+        is_lesion = i >= n_healthy
+        image, mask = head(seed=i, lesion_centre=(14, 24, 20) if is_lesion else None)
+        save(folder / f"sub-{i:02d}.nii.gz", image)
+        if is_lesion:
+            save(folder / f"sub-{i:02d}_mask.nii.gz", mask)
+    return folder
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    """Default config with the slice cache inside the test's tmp folder."""
+    return load_config(None, [f"data.cache_dir={tmp_path / 'cache'}"])

@@ -1,0 +1,63 @@
+"""The `medgen` console script, run as a user runs it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import make_plain_site
+
+MEDGEN = str(Path(sys.executable).parent / "medgen")
+
+
+def run(*args, cache):
+    return subprocess.run([MEDGEN, *map(str, args), "--set", f"data.cache_dir={cache}"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_config_show_and_bad_key(tmp_path):
+    out = run("config", "show", "--set", "data.image_size=128", cache=tmp_path)
+    assert out.returncode == 0
+    assert yaml.safe_load(out.stdout)["data"]["image_size"] == 128
+    bad = run("config", "show", "--set", "data.image_sise=128", cache=tmp_path)
+    assert bad.returncode == 2 and "data.image_sise: unknown key" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_check_good_bad_and_empty_sites(tmp_path):
+    good = make_plain_site(tmp_path / "good", n_healthy=1, n_lesion=1)
+    out = run("data", "check", good, cache=tmp_path / "c")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "layout: plain" in out.stdout and "scans: 2" in out.stdout
+    assert "lesion subjects: 1" in out.stdout and "usable slices:" in out.stdout and "OK: usable" in out.stdout
+
+    bad = make_plain_site(tmp_path / "bad", n_healthy=1, n_lesion=0)
+    (bad / "broken.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    out = run("data", "check", bad, cache=tmp_path / "c")
+    assert out.returncode == 1
+    assert "broken.nii.gz" in out.stdout and "problems: 1" in out.stdout
+
+    (tmp_path / "empty").mkdir()
+    out = run("data", "check", tmp_path / "empty", cache=tmp_path / "c")
+    assert out.returncode == 2 and "no NIfTI scans found" in out.stdout and "NOT USABLE" in out.stdout
+
+    out = run("data", "check", tmp_path / "missing", cache=tmp_path / "c")
+    assert out.returncode == 2 and "does not exist" in out.stdout
+
+
+def test_synth_then_check(tmp_path):
+    out = run("data", "synth", "--out", tmp_path / "cohort", "--sites", "A,B", "--subjects", "2",
+              "--seed", "3", cache=tmp_path / "c")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "cohort" / "overview.png").stat().st_size > 10_000
+    out = run("data", "check", tmp_path / "cohort" / "A", tmp_path / "cohort" / "B", cache=tmp_path / "c")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("OK: usable") == 2
+
+
+def test_synth_rejects_bad_flags(tmp_path):
+    out = run("data", "synth", "--out", tmp_path / "x", "--subjects", "0", cache=tmp_path)
+    assert out.returncode == 2 and "phantom.subjects_per_site" in out.stderr
+    out = run("data", "synth", "--out", tmp_path / "x", "--sites", "A,A", cache=tmp_path)
+    assert out.returncode == 2 and "sites.train" in out.stderr
