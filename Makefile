@@ -17,6 +17,8 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/medgen data synth --config examples/phantom.yaml --out $(OUT)/cohort
 	$(BIN)/medgen data check --config examples/phantom.yaml $(OUT)/cohort/*/
+	rm -rf $(OUT)/run
+	$(BIN)/medgen simulate --config examples/phantom.yaml --set data.root=$(OUT)/cohort --out $(OUT)/run
 
 test: setup
 	$(BIN)/python -m pytest

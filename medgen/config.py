@@ -73,11 +73,50 @@ class PhantomConfig(_Section):
 
 class ModelConfig(_Section):
     family: Literal["vae", "gan", "ddpm"] = "vae"
+    width: int = Field(16, ge=4, le=512, description="channels of the first conv layer (16: CPU; 64: GPU)")
+    latent_dim: int = Field(64, ge=2, le=4096, description="VAE / GAN latent size")
+    recon_loss: Literal["mse", "l1"] = "mse"
+    beta: float = Field(1.0, ge=0.0, description="VAE: weight of the KL term")
+    kl_warmup_steps: int = Field(0, ge=0, description="VAE: KL weight ramps 0 -> beta over these local steps")
+    norm_groups: int = Field(8, ge=1, description="GroupNorm groups (no BatchNorm: DP-SGD compatible)")
+
+
+class TrainConfig(_Section):
+    local_steps: int | None = Field(100, ge=1, description="optimiser steps per site per round")
+    local_epochs: float | None = Field(None, gt=0, description="instead of local_steps: passes over the site's data")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    val_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="share of each training site's subjects kept for validation"
+    )
+    device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of local_steps and local_epochs (the other null)")
+        return self
 
 
 class FederationConfig(_Section):
-    rounds: int = Field(3, ge=1, le=10_000)
+    rounds: int = Field(5, ge=1, le=10_000)
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn"] = "fedavg"
+    min_sites: int | None = Field(
+        None, ge=1, description="training sites that must answer for a round to count; null = all"
+    )
+    round_timeout_s: float = Field(600.0, gt=0.0, description="how long to wait for the sites each round")
+    eval_every: int = Field(1, ge=1, description="evaluate on every site every k rounds (and after the last)")
+    proximal_mu: float = Field(0.01, ge=0.0, description="fedprox: weight of the proximal term")
+    server_lr: float = Field(0.01, gt=0.0, description="fedadam / fedyogi: server learning rate")
+    server_betas: tuple[float, float] = Field((0.9, 0.99), description="fedadam / fedyogi: moment decays")
+    server_tau: float = Field(1e-3, gt=0.0, description="fedadam / fedyogi: adaptivity (epsilon)")
+    samples_per_class: int = Field(8, ge=0, description="sample images written per class at evaluation")
+
+
+class SimulationConfig(_Section):
+    ray_address: str | None = Field(None, description="existing Ray cluster (e.g. ray://host:10001); null = local")
+    client_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per simulated site")
+    client_gpus: float = Field(0.0, ge=0.0, description="GPUs (fraction) reserved per simulated site")
 
 
 class SitesConfig(_Section):
@@ -120,9 +159,18 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     phantom: PhantomConfig = PhantomConfig()
     model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
+    simulation: SimulationConfig = SimulationConfig()
     sites: SitesConfig = SitesConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _min_sites(self) -> Config:
+        if self.federation.min_sites is not None and self.federation.min_sites > len(self.sites.train):
+            raise ValueError(f"federation.min_sites={self.federation.min_sites} is more than the "
+                             f"{len(self.sites.train)} training sites")
+        return self
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -155,6 +203,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"invalid config ({' + '.join(sources)}):\n" + _explain(e)) from None
+
+
+def load_config_text(text: str) -> Config:
+    """A config from YAML text (how the server hands the run's config to the sites)."""
+    try:
+        return Config.model_validate(yaml.safe_load(text) or {})
+    except (yaml.YAMLError, ValidationError) as e:
+        raise ConfigError(f"invalid config text: {e}") from None
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

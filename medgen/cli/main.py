@@ -1,4 +1,4 @@
-"""`medgen` command line: `medgen data synth|check`, `medgen config show`."""
+"""`medgen` command line: simulate, train, data synth|check, config show."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from medgen.config import Config, ConfigError, dump_config, load_config
 from medgen.data.errors import DataError, SiteDataError
+from medgen.server.errors import FederationError
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +61,27 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return worst
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from medgen.simulation import simulate
+
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume uses the run's own config.yaml; give changes with --set, not --config")
+        run = simulate(resume=args.resume, overrides=args.overrides)
+    else:
+        run = simulate(_load(args), out=args.out)
+    print(f"run directory: {run.path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medgen.baselines import train_baseline
+
+    run = train_baseline(_load(args), site=args.site, out=args.out)
+    print(f"run directory: {run.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medgen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_commands.add_parser("show", help="print every key of the resolved config as YAML")
     _config_args(show)
     show.set_defaults(func=cmd_config_show)
+
+    sim = commands.add_parser("simulate", help="federated training of all sites on this machine (Flower + Ray)")
+    sim.add_argument("--out", type=Path, help="run directory (default: runs/<time>-<family>-<strategy>)")
+    sim.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run after its last completed round")
+    _config_args(sim)
+    sim.set_defaults(func=cmd_simulate)
+
+    train = commands.add_parser("train", help="baselines: one site alone, or all training sites pooled")
+    where = train.add_mutually_exclusive_group(required=True)
+    where.add_argument("--site", help="train on this site only")
+    where.add_argument("--centralized", action="store_true", help="train on all training sites pooled")
+    train.add_argument("--out", type=Path, help="run directory (default: runs/baseline-<site>-<family>)")
+    _config_args(train)
+    train.set_defaults(func=cmd_train)
 
     data = commands.add_parser("data", help="make or check site folders of NIfTI scans")
     data_commands = data.add_subparsers(dest="action", required=True)
@@ -95,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, SiteDataError) as e:
+    except (ConfigError, DataError, SiteDataError, FederationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -57,6 +57,31 @@ class SiteSlices:
     def lesion_subjects(self) -> list[str]:
         return sorted(set(self.subjects[self.labels == LESION].tolist()))
 
+    def subset(self, keep: np.ndarray) -> SiteSlices:
+        """The slices where ``keep`` (bool (N,) or indices) holds; problems and notes carried over."""
+        return SiteSlices(self.site, self.images[keep], self.brain[keep], self.lesion[keep], self.labels[keep],
+                          self.subjects[keep], self.slice_index[keep], self.problems, self.notes)
+
+    def split_subjects(self, val_fraction: float, seed: int) -> tuple[SiteSlices, SiteSlices]:
+        """(train, validation) split by subject, never by slice (slices of one subject are not
+        independent). Deterministic for (seed, subject ids); lesion and healthy subjects are split
+        separately so both keep their share. With fewer than 2 subjects of a kind, all go to train."""
+        rng = np.random.default_rng(seed)
+        val: list[str] = []
+        for lesion_kind in (True, False):
+            ids = sorted(s for s in set(self.subjects.tolist()) if (s in self.lesion_subjects) == lesion_kind)
+            n_val = int(round(val_fraction * len(ids))) if len(ids) >= 2 else 0
+            val += [ids[i] for i in rng.permutation(len(ids))[:n_val]]
+        in_val = np.isin(self.subjects, val)
+        return self.subset(~in_val), self.subset(in_val)
+
+
+def concat_slices(parts: list[SiteSlices], site: str) -> SiteSlices:
+    """Several sites' slices pooled into one (``site`` names the pool)."""
+    return SiteSlices(site, *(np.concatenate([getattr(p, k) for p in parts])
+                              for k in ("images", "brain", "lesion", "labels", "subjects", "slice_index")),
+                      problems=[e for p in parts for e in p.problems], notes=[n for p in parts for n in p.notes])
+
 
 class SliceDataset(torch.utils.data.Dataset):
     """Torch view of a site: item = (image (1, S, S) float32 in [0, 1], label int64, brain (1, S, S)

@@ -1,0 +1,107 @@
+"""The site: a Flower ClientApp. It receives the global weights and the run's config, trains or
+evaluates on its own slices, and sends back weights and aggregate numbers — never images.
+
+Binding a node to its site: in a deployment the SuperNode's node config names it
+(``site="A" data-dir="/data/A"``); in simulation the node's ``partition-id`` indexes
+``sites.train + sites.heldout`` and the folder is ``data.root/<site>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from medgen.client.task import evaluate_local, proximal_term, site_data, site_seed, train_local
+from medgen.config import Config, load_config_text
+from medgen.data.errors import DataError, SiteDataError
+from medgen.models import build_model
+
+app = ClientApp()
+
+
+def bind_site(cfg: Config, node_config: dict) -> tuple[str, Path]:
+    """(site name, site folder) of this node."""
+    if "site" in node_config:
+        site = str(node_config["site"])
+        folder = Path(str(node_config.get("data-dir") or Path(str(cfg.data.root)) / site))
+    else:
+        site = cfg.sites.all[int(node_config["partition-id"])]
+        if cfg.data.root is None:
+            raise ValueError("data.root is not set: the simulation must resolve the cohort folder first")
+        folder = Path(cfg.data.root) / site
+    return site, folder
+
+
+class SiteFailure(RuntimeError):
+    """What a site reports to the server instead of its result; the text names the site."""
+
+
+def _handler(fn):
+    """Bind the node to its site, then run ``fn(msg, cfg, site, folder, round)``; any failure is
+    re-raised as SiteFailure naming the site, which Flower sends back as the reply's error."""
+
+    @functools.wraps(fn)
+    def wrapped(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(int(os.environ.get("MEDGEN_CLIENT_THREADS", "1")))
+        config = msg.content["config"]
+        cfg = load_config_text(str(config["medgen-config"]))
+        site, folder = bind_site(cfg, dict(context.node_config))
+        try:
+            return fn(msg, cfg, site, folder, int(config.get("round", 0)))
+        except Exception as e:
+            raise SiteFailure(f"site {site}: {type(e).__name__}: {e}") from e
+
+    return wrapped
+
+
+def _reply(msg: Message, site: str, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
+                          "info": ConfigRecord({"site": site})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+@_handler
+def query(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Message:
+    """Which site is this node, and how much data does it hold. A site whose data is unusable says
+    so here (the server leaves it out and asks again next round) rather than crashing."""
+    try:
+        train, val = site_data(cfg, site, folder, heldout=site in cfg.sites.heldout)
+    except (DataError, SiteDataError) as e:
+        reply = _reply(msg, site, {})
+        reply.content["info"]["error"] = str(e)
+        return reply
+    return _reply(msg, site, {"train-examples": len(train), "eval-examples": len(val)})
+
+
+@app.train()
+@_handler
+def train(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Message:
+    if site in cfg.sites.heldout:
+        raise RuntimeError(f"site {site} is held out (sites.heldout) and must never train")
+    data, _ = site_data(cfg, site, folder)
+    model = build_model(cfg)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    model.load_state_dict(global_state)
+    extra = proximal_term(model, global_state, cfg.federation.proximal_mu) \
+        if cfg.federation.strategy == "fedprox" else None
+    metrics = train_local(model, data, cfg, site_seed(cfg, site, round_), extra_loss=extra)
+    return _reply(msg, site, metrics, ArrayRecord(model.state_dict()))
+
+
+@app.evaluate()
+@_handler
+def evaluate(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Message:
+    _, data = site_data(cfg, site, folder, heldout=site in cfg.sites.heldout)
+    if len(data) == 0:
+        return _reply(msg, site, {"num-examples": 0})
+    model = build_model(cfg)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return _reply(msg, site, evaluate_local(model, data, cfg))

@@ -1,0 +1,106 @@
+"""What a site does with a model: load its slices, train locally, evaluate. No Flower here, so the
+same functions serve the ClientApp, `medgen train` and the benchmarks."""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medgen.config import Config, DataConfig
+from medgen.data.dataset import SiteSlices, load_site
+from medgen.models import GenerativeModel
+
+
+@lru_cache(maxsize=8)
+def _load_split(folder: str, data_cfg_json: str, site: str, val_fraction: float, seed: int):
+    slices = load_site(folder, DataConfig.model_validate_json(data_cfg_json), site)
+    return slices.split_subjects(val_fraction, seed)
+
+
+def site_data(cfg: Config, site: str, folder: str | Path, heldout: bool = False) -> tuple[SiteSlices, SiteSlices]:
+    """(train, validation) slices of a site. A held-out site never trains: everything is for
+    evaluation, returned as (empty, all). Cached per process (a simulated site's actor, or a
+    SuperNode's ClientApp process, keeps its data between rounds)."""
+    fraction = 0.0 if heldout else cfg.train.val_fraction
+    train, val = _load_split(str(folder), cfg.data.model_dump_json(), site, fraction, cfg.seed)
+    return (train.subset(np.zeros(len(train), bool)), train) if heldout else (train, val)
+
+
+def site_seed(cfg: Config, site: str, round_: int) -> int:
+    """A seed for (run seed, site, round): the same in every process, so a resumed run draws the
+    same batches as an uninterrupted one."""
+    return zlib.crc32(f"{cfg.seed}/{site}/{round_}".encode())
+
+
+def local_steps(cfg: Config, n_examples: int) -> int:
+    if cfg.train.local_steps is not None:
+        return cfg.train.local_steps
+    return max(1, math.ceil(cfg.train.local_epochs * n_examples / cfg.train.batch_size))
+
+
+def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """``steps`` index batches from successive shuffled passes over n examples."""
+    order = torch.randperm(n, generator=generator)
+    at = 0
+    for _ in range(steps):
+        if at + batch_size > n:
+            order, at = torch.randperm(n, generator=generator), 0
+        yield order[at: at + batch_size]
+        at += batch_size
+
+
+def proximal_term(model: GenerativeModel, global_state: dict[str, torch.Tensor], mu: float):
+    """FedProx: mu/2 * ||w - w_global||^2 over the trained parameters."""
+    anchors = [(p, global_state[f"{name}.{k}"].to(p.device))
+               for name, net in model.networks.items() for k, p in net.named_parameters()]
+
+    def term() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in anchors)
+
+    return term
+
+
+def train_local(model: GenerativeModel, data: SiteSlices, cfg: Config, seed: int,
+                steps: int | None = None, extra_loss=None) -> dict[str, float]:
+    """Train ``model`` in place on ``data`` for ``steps`` optimiser steps (default: from
+    ``cfg.train``). Returns the mean of each loss term, ``num-examples``, ``steps`` and ``train-time-s``."""
+    start = time.perf_counter()
+    device = torch.device(cfg.train.device)
+    model.to(device).train()
+    optimizers = model.make_optimizers()
+    steps = steps or local_steps(cfg, len(data))
+    images = torch.from_numpy(data.images).unsqueeze(1)
+    labels = torch.from_numpy(data.labels)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the model's own noise (reparameterisation, diffusion time steps)
+    batch_size = min(cfg.train.batch_size, len(data))
+    totals: dict[str, float] = {}
+    for step, idx in enumerate(_batches(len(data), batch_size, steps, generator)):
+        losses = model.train_step(images[idx].to(device), labels[idx].to(device), optimizers, step, extra_loss)
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + v
+    metrics = {k: v / steps for k, v in totals.items()}
+    metrics.update({"num-examples": len(data), "steps": steps, "train-time-s": time.perf_counter() - start})
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_local(model: GenerativeModel, data: SiteSlices, cfg: Config) -> dict[str, float]:
+    """Example-weighted mean of the model's evaluation terms over all of ``data``."""
+    device = torch.device(cfg.train.device)
+    model.to(device).eval()
+    totals: dict[str, float] = {}
+    for at in range(0, len(data), 256):
+        images = torch.from_numpy(data.images[at: at + 256]).unsqueeze(1).to(device)
+        labels = torch.from_numpy(data.labels[at: at + 256]).to(device)
+        for k, v in model.evaluate(images, labels).items():
+            totals[k] = totals.get(k, 0.0) + v * len(images)
+    metrics = {k: v / len(data) for k, v in totals.items()}
+    metrics["num-examples"] = len(data)
+    return metrics

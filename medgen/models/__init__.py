@@ -1,0 +1,22 @@
+"""Model families behind one interface (:class:`~medgen.models.base.GenerativeModel`)."""
+
+from __future__ import annotations
+
+import torch
+
+from medgen.config import Config
+from medgen.models.base import HEALTHY, LESION, GenerativeModel
+
+
+def build_model(cfg: Config, seed: int | None = None) -> GenerativeModel:
+    """The family named by ``cfg.model.family``, initialised from ``seed`` (default ``cfg.seed``)."""
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    family = cfg.model.family
+    if family == "vae":
+        from medgen.models.vae import ConditionalVAE
+
+        return ConditionalVAE(cfg)
+    raise NotImplementedError(f"model.family={family!r} is not implemented yet (available: vae)")
+
+
+__all__ = ["HEALTHY", "LESION", "GenerativeModel", "build_model"]

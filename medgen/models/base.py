@@ -1,0 +1,102 @@
+"""The one model interface. Client, server, privacy and evaluation use only this; nothing outside
+``medgen/models`` branches on the family.
+
+A family holds named torch networks. Images are (B, 1, S, S) float32 in [0, 1]; labels are (B,)
+int64, 0 = healthy, 1 = lesion.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from medgen.config import Config
+
+HEALTHY, LESION = 0, 1
+
+
+class GenerativeModel(ABC):
+    """A generative model family.
+
+    ``networks`` maps names to the torch modules of the family (e.g. ``{"vae": ...}`` or
+    ``{"generator": ..., "discriminator": ...}``); their parameters and buffers are what sites
+    and server exchange. ``private_networks`` names the networks that see real images: those
+    get DP-SGD (a GAN's generator never sees real data).
+    """
+
+    family: str
+    private_networks: tuple[str, ...]
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.networks: dict[str, nn.Module] = {}
+
+    # ---------------------------------------------------------------- training
+    @abstractmethod
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One optimiser per trained network, keyed like ``networks``."""
+
+    @abstractmethod
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor,
+                   optimizers: dict[str, torch.optim.Optimizer], step: int,
+                   extra_loss=None) -> dict[str, float]:
+        """One optimisation step on a batch; returns the loss terms as floats.
+
+        ``step`` counts local steps (for warm-ups). ``extra_loss``, when given, is a callable
+        returning a scalar tensor added to each network's loss before backward (FedProx's
+        proximal term)."""
+
+    @abstractmethod
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Loss terms on a batch without training (same names as ``train_step``)."""
+
+    # ---------------------------------------------------------------- generation
+    @abstractmethod
+    def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One image per label: (len(labels), 1, S, S) in [0, 1]."""
+
+    @abstractmethod
+    def anomaly_map(self, images: torch.Tensor, brain: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-pixel anomaly score, same shape as ``images``, >= 0, 0 outside ``brain`` when given."""
+
+    # ---------------------------------------------------------------- weights
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All exchanged tensors, keys ``<network>.<parameter>``, detached CPU copies."""
+        return {f"{name}.{k}": v.detach().cpu().clone()
+                for name, net in self.networks.items() for k, v in net.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load tensors saved by ``state_dict``; raises KeyError / RuntimeError on a mismatch."""
+        for name, net in self.networks.items():
+            prefix = f"{name}."
+            net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        unknown = [k for k in state if k.split(".", 1)[0] not in self.networks]
+        if unknown:
+            raise KeyError(f"unknown weights for family {self.family!r}: {unknown[:5]}")
+
+    def norm_keys(self) -> list[str]:
+        """Keys of normalisation parameters (GroupNorm / LayerNorm / InstanceNorm weight and
+        bias): what FedBN keeps local to each site."""
+        kinds = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+        return [f"{name}.{mod_name}.{p}" for name, net in self.networks.items()
+                for mod_name, mod in net.named_modules() if isinstance(mod, kinds)
+                for p, _ in mod.named_parameters(recurse=False)]
+
+    def to(self, device: str | torch.device) -> GenerativeModel:
+        for net in self.networks.values():
+            net.to(device)
+        return self
+
+    def train(self, mode: bool = True) -> GenerativeModel:
+        for net in self.networks.values():
+            net.train(mode)
+        return self
+
+    def eval(self) -> GenerativeModel:
+        return self.train(False)
+
+    def parameters(self):
+        for net in self.networks.values():
+            yield from net.parameters()

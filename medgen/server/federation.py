@@ -1,0 +1,210 @@
+"""The federated loop of the server, over a Flower Grid (simulation or deployment alike).
+
+Each round: the training sites get the global weights and train; their updates are checked and
+aggregated; every ``federation.eval_every`` rounds all sites (held-out ones included) evaluate the
+global model where their data is; the global model writes sample images; a checkpoint is written.
+A site that fails or times out is logged with its name and round; the round goes on when at least
+``federation.min_sites`` training sites answered, otherwise it fails and the last checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from medgen.config import Config, dump_config
+from medgen.evaluation.samples import generate, save_grid
+from medgen.models import build_model
+from medgen.server.errors import FederationError
+from medgen.server.rundir import RunDir, load_checkpoint
+from medgen.server.strategy import State, Update, make_aggregator
+
+
+def check_update(state: State, reference: State) -> str | None:
+    """Why an update must be rejected (missing / extra keys, wrong shape or dtype, NaN / Inf), or None."""
+    missing, extra = reference.keys() - state.keys(), state.keys() - reference.keys()
+    if missing or extra:
+        return f"keys differ from the global model (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
+    for key, ref in reference.items():
+        value = state[key]
+        if value.shape != ref.shape:
+            return f"{key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"{key} holds NaN or Inf"
+    return None
+
+
+def _clean_reason(reason: str) -> str:
+    """Flower wraps a ClientApp's exception text in "<class ...>:<'Exception ... Message: TEXT'>"."""
+    marker = "occurred. Message: "
+    return reason.split(marker, 1)[1].rstrip("'>") if marker in reason else reason
+
+
+def _summary(metrics: dict) -> str:
+    shown = [f"{k}={v:.4g}" for k, v in metrics.items()
+             if k in ("loss", "recon", "kl", "num-examples", "train-examples", "eval-examples")]
+    return " ".join(shown)
+
+
+class Federation:
+    def __init__(self, grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print):
+        self.grid, self.cfg, self.run, self.log = grid, cfg, run, log
+        self.config_text = dump_config(cfg)
+        self.nodes: dict[str, int] = {}
+
+    # ----------------------------------------------------------------- messaging
+    def _message(self, node: int, kind: str, round_: int, state: State | None = None) -> Message:
+        content = RecordDict({"config": ConfigRecord({"medgen-config": self.config_text, "round": round_})})
+        if state is not None:
+            content["arrays"] = ArrayRecord(state)
+        return Message(content=content, message_type=kind, dst_node_id=node)
+
+    def _exchange(self, round_: int, phase: str, messages: dict[str, Message]) -> dict[str, Message]:
+        """Send, wait up to the round timeout, return the good replies by site; log every failure."""
+        replies = self.grid.send_and_receive(list(messages.values()), timeout=self.cfg.federation.round_timeout_s)
+        by_node = {m.metadata.src_node_id: m for m in replies}
+        good = {}
+        for site, msg in messages.items():
+            reply = by_node.get(msg.metadata.dst_node_id)
+            if reply is None:
+                reason = f"no answer within federation.round_timeout_s={self.cfg.federation.round_timeout_s:g}"
+            elif reply.has_error():
+                reason = _clean_reason(reply.error.reason)
+            else:
+                good[site] = reply
+                continue
+            self.log(f"round {round_}: site {site} FAILED ({phase}): {reason}")
+            self.run.log(round_, site, phase, {"error": reason})
+        return good
+
+    def discover_sites(self, wait: bool) -> None:
+        """Ask every node not yet bound which site it is. With ``wait``, keep asking (up to the round
+        timeout) until every configured site is bound or every node has answered."""
+        expected = set(self.cfg.sites.all)
+        deadline = time.monotonic() + self.cfg.federation.round_timeout_s
+        while True:
+            node_ids = list(self.grid.get_node_ids())
+            unknown = [n for n in node_ids if n not in self.nodes.values()]
+            if unknown:
+                msgs = {f"node {n}": self._message(n, MessageType.QUERY, 0) for n in unknown}
+                for reply in self._exchange(0, "query", msgs).values():
+                    info = reply.content["info"]
+                    site = str(info["site"])
+                    if "error" in info:
+                        self.log(f"site {site}: data unusable, left out for now: {info['error']}")
+                        self.run.log(0, site, "query", {"error": str(info["error"])})
+                        continue
+                    if site not in expected:
+                        raise FederationError(f"a node is bound to site {site!r}, which is in neither sites.train "
+                                              f"nor sites.heldout ({sorted(expected)})")
+                    if self.nodes.get(site, reply.metadata.src_node_id) != reply.metadata.src_node_id:
+                        raise FederationError(f"two nodes claim site {site!r}")
+                    self.nodes[site] = reply.metadata.src_node_id
+                    self.log(f"site {site}: connected ({_summary(dict(reply.content['metrics']))})")
+            if not wait or expected <= self.nodes.keys():
+                return
+            if len(node_ids) >= len(expected) or time.monotonic() > deadline:
+                self.log(f"sites not connected: {sorted(expected - self.nodes.keys())}")
+                return
+            time.sleep(1.0)
+
+    # ----------------------------------------------------------------- the loop
+    def run_rounds(self) -> State:
+        cfg, run = self.cfg, self.run
+        model = build_model(cfg)
+        aggregator = make_aggregator(cfg.federation, model.norm_keys())
+        state, start = model.state_dict(), 1
+        last = run.last_checkpoint()
+        if last is not None:
+            ckpt = load_checkpoint(last)
+            state, start = ckpt["model"], ckpt["round"] + 1
+            aggregator.load_state(ckpt["aggregator"])
+            run.truncate_metrics(ckpt["round"])
+            self.log(f"resuming after round {ckpt['round']} from {last}")
+        min_sites = cfg.federation.min_sites or len(cfg.sites.train)
+        self.discover_sites(wait=True)
+        ready = [s for s in cfg.sites.train if s in self.nodes]
+        if len(ready) < min_sites and start <= cfg.federation.rounds:
+            raise FederationError(f"only {len(ready)} of {len(cfg.sites.train)} training sites are usable "
+                                  f"(federation.min_sites={min_sites}); see the site errors above")
+        for round_ in range(start, cfg.federation.rounds + 1):
+            t0 = time.perf_counter()
+            if round_ > start and not set(cfg.sites.all) <= self.nodes.keys():
+                self.discover_sites(wait=False)  # a site that failed or joined late gets another chance
+            for site in sorted(set(cfg.sites.train) - self.nodes.keys()):
+                run.log(round_, site, "train", {"error": "site not connected"})
+            msgs = {s: self._message(self.nodes[s], MessageType.TRAIN, round_, aggregator.payload(s, state))
+                    for s in cfg.sites.train if s in self.nodes}
+            updates = []
+            for site, reply in self._exchange(round_, "train", msgs).items():
+                metrics = dict(reply.content["metrics"])
+                update = reply.content["arrays"].to_torch_state_dict()
+                reason = check_update(update, state)
+                if reason is None and not all(math.isfinite(v) for v in metrics.values()):
+                    reason = "metrics hold NaN or Inf"
+                if reason:
+                    self.log(f"round {round_}: site {site} update REJECTED: {reason}")
+                    run.log(round_, site, "train", {"error": f"update rejected: {reason}"})
+                    continue
+                updates.append(Update(site, update, int(metrics["num-examples"])))
+                run.log(round_, site, "train", metrics)
+                self.log(f"round {round_}/{cfg.federation.rounds} site {site}: train {_summary(metrics)} "
+                         f"({metrics.get('train-time-s', 0):.1f}s)")
+            if len(updates) < min_sites:
+                raise FederationError(
+                    f"round {round_}: only {len(updates)} of {len(cfg.sites.train)} training sites sent a usable "
+                    f"update (federation.min_sites={min_sites}); finished rounds are kept")
+            state = aggregator.aggregate(state, updates)
+            run.log(round_, "global", "train", {"sites": len(updates),
+                                                "num-examples": sum(u.num_examples for u in updates),
+                                                "round-time-s": time.perf_counter() - t0})
+            if round_ % cfg.federation.eval_every == 0 or round_ == cfg.federation.rounds:
+                self.evaluate(round_, state)
+            run.save_checkpoint(round_, state, aggregator.state(), cfg)
+            run.set_status("running", round=round_)
+        return state
+
+    def evaluate(self, round_: int, state: State) -> None:
+        msgs = {s: self._message(self.nodes[s], MessageType.EVALUATE, round_, state)
+                for s in self.cfg.sites.all if s in self.nodes}
+        results = {site: dict(reply.content["metrics"]) for site, reply in self._exchange(round_, "evaluate", msgs).items()}
+        record_evaluation(self.run, self.cfg, round_, results, state, self.log)
+
+
+def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, dict], state: State,
+                      log: Callable[[str], None] = print) -> None:
+    """Log each site's evaluation and their example-weighted mean (site "global"), and write the
+    global model's sample grid."""
+    results = {s: m for s, m in results.items() if m.get("num-examples", 0) > 0}
+    for site, metrics in results.items():
+        run.log(round_, site, "evaluate", metrics)
+        role = "held-out" if site in cfg.sites.heldout else "validation"
+        log(f"round {round_} site {site}: evaluate ({role}) {_summary(metrics)}")
+    if results:
+        total = sum(r["num-examples"] for r in results.values())
+        keys = set.intersection(*(set(r) for r in results.values())) - {"num-examples"}
+        mean = {k: sum(r[k] * r["num-examples"] for r in results.values()) / total for k in sorted(keys)}
+        run.log(round_, "global", "evaluate", {**mean, "num-examples": total, "sites": len(results)})
+    if cfg.federation.samples_per_class:
+        model = build_model(cfg)
+        model.load_state_dict(state)
+        images, _ = generate(model, cfg.federation.samples_per_class, cfg.seed)
+        save_grid(run.samples / f"round-{round_:04d}.png", images, rows=2)
+
+
+def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print) -> State:
+    """Run (or resume) the federation; the run directory's status says how it ended."""
+    run.set_status("running")
+    try:
+        state = Federation(grid, cfg, run, log).run_rounds()
+    except Exception as e:
+        run.set_status("failed", error=f"{type(e).__name__}: {e}")
+        log(f"FAILED: {e}")
+        raise
+    run.set_status("completed", round=cfg.federation.rounds)
+    return state

@@ -1,0 +1,96 @@
+"""The run directory: what a run leaves behind, and what `--resume` reads back.
+
+    <run>/config.yaml           the resolved config (every key)
+    <run>/metrics.jsonl         one JSON object per line: round, site (name or "global"), phase, values
+    <run>/checkpoints/round-NNNN.pt   global weights + aggregator state after round N (atomic)
+    <run>/samples/round-NNNN.png      generated slices, one row per class
+    <run>/status.json           running / completed / failed, last completed round, error
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from medgen.config import Config, dump_config
+
+_CHECKPOINT = re.compile(r"round-(\d{4,})\.pt$")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a crash mid-write never
+    leaves a truncated file under ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.samples = self.path / "samples"
+        self.metrics_file = self.path / "metrics.jsonl"
+
+    def create(self, cfg: Config) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+
+    # ------------------------------------------------------------------ metrics
+    def log(self, round_: int, site: str, phase: str, values: dict) -> dict:
+        record = {"round": round_, "site": site, "phase": phase, **values, "time": round(time.time(), 3)}
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def records(self) -> list[dict]:
+        if not self.metrics_file.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop records of rounds after ``last_round`` (a round that crashed before its checkpoint)."""
+        kept = [r for r in self.records() if r["round"] <= last_round]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        atomic_write(self.metrics_file, lambda f: f.write(text.encode()))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, round_: int, model_state: dict, aggregator_state: dict, cfg: Config) -> Path:
+        path = self.checkpoints / f"round-{round_:04d}.pt"
+        payload = {"round": round_, "model": model_state, "aggregator": aggregator_state,
+                   "config": dump_config(cfg), "family": cfg.model.family}
+        atomic_write(path, lambda f: torch.save(payload, f))
+        return path
+
+    def last_checkpoint(self) -> Path | None:
+        found = sorted((int(m.group(1)), p) for p in self.checkpoints.glob("round-*.pt")
+                       if (m := _CHECKPOINT.search(p.name)))
+        return found[-1][1] if found else None
+
+    # ------------------------------------------------------------------ status
+    def set_status(self, status: str, **info) -> None:
+        text = json.dumps({"status": status, **info}, indent=2)
+        atomic_write(self.path / "status.json", lambda f: f.write(text.encode()))
+
+    def status(self) -> dict:
+        path = self.path / "status.json"
+        return json.loads(path.read_text()) if path.is_file() else {"status": "missing"}
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by ``RunDir.save_checkpoint`` (tensors on the CPU)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,97 @@
+"""`medgen simulate`: every site of the study as a simulated Flower SuperNode on Ray, one machine.
+
+Flower's simulation engine runs the ServerApp in this process and each site's ClientApp in a Ray
+actor (``simulation.client_cpus`` CPUs each), or on an existing Ray cluster
+(``simulation.ray_address``). Ray starts once per run, not per round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+from medgen.config import Config, load_config
+from medgen.data.dataset import cache_root
+from medgen.server.errors import FederationError
+from medgen.server.rundir import RunDir
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def resolve_data(cfg: Config, log=print) -> Config:
+    """With ``data.root`` null, make the phantom cohort for these sites (once; cached by its
+    parameters) and point ``data.root`` at it. Paths become absolute: sites may run elsewhere."""
+    cache = cache_root(cfg.data).resolve()
+    if cfg.data.root is not None:
+        return cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"root": Path(cfg.data.root).resolve(), "cache_dir": cache})})
+    from medgen.data.phantom import synthesize_cohort
+
+    spec = {"sites": cfg.sites.all, "subjects": cfg.phantom.subjects_per_site,
+            "lesion_fraction": cfg.phantom.lesion_fraction, "seed": cfg.seed}
+    key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
+    folder = cache / "phantom" / key
+    if not (folder / "done").is_file():
+        log(f"making the phantom cohort ({len(spec['sites'])} sites x {spec['subjects']} subjects) in {folder}")
+        synthesize_cohort(folder, spec["sites"], spec["subjects"], spec["seed"], spec["lesion_fraction"])
+        (folder / "done").write_text(json.dumps(spec))
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": folder, "cache_dir": cache})})
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.family}-{cfg.federation.strategy}"
+
+
+def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: str | Path | None = None,
+             overrides: list[str] | tuple[str, ...] = (), log=print) -> RunDir:
+    """Run (or, with ``resume``, continue) a simulated federation; returns its run directory.
+
+    With ``resume`` the config is the run's own ``config.yaml`` plus ``overrides`` (e.g. more
+    rounds). Raises FederationError when the run fails; finished rounds stay in the run directory.
+    """
+    if resume is not None:
+        run = RunDir(resume)
+        if not (run.path / "config.yaml").is_file():
+            raise FederationError(f"--resume {run.path}: not a run directory (no config.yaml)")
+        cfg = load_config(run.path / "config.yaml", overrides)
+    else:
+        cfg = cfg if cfg is not None else load_config(None, overrides)
+        run = RunDir(out or default_run_dir(cfg))
+        if run.last_checkpoint() is not None:
+            raise FederationError(f"{run.path} already holds a run; use --resume {run.path} or another --out")
+    run.create(cfg)
+    data_cfg = resolve_data(cfg, log)
+
+    from flwr.simulation import run_simulation
+
+    from medgen.client.app import app as client_app
+    from medgen.server.app import make_server_app
+
+    # run_simulation is deprecated in favour of `flwr run` (a SuperLink plus an app bundle); it is
+    # still Flower's in-process simulation engine, and it needs neither.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    backend = {"client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": cfg.simulation.client_gpus},
+               "init_args": {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING}}
+    if cfg.simulation.ray_address:
+        backend["init_args"]["address"] = cfg.simulation.ray_address
+    log(f"run directory: {run.path}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(make_server_app(data_cfg, run), client_app, num_supernodes=len(cfg.sites.all),
+                       backend_config=backend)
+    status = run.status()
+    if status.get("status") != "completed":
+        raise FederationError(f"simulation did not complete: {status.get('error', status.get('status'))} "
+                              f"(run directory {run.path})")
+    return run
+
+
+
