@@ -6,7 +6,8 @@ total optimiser steps, written in the same run-directory format.
 - ``--centralized``: all training sites pooled in one place (the upper bound federation cannot
   see); each "round" is the steps all training sites make together in one federated round.
 
-After every round, all sites evaluate the model exactly as in ``medgen simulate``.
+After every round, all sites evaluate the model exactly as in ``medgen simulate``. With
+``privacy.enabled`` the baseline trains with DP-SGD too, with its own ledger in ``<run>/sites/<name>``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from medgen.client.task import evaluate_local, local_steps, site_data, site_seed
 from medgen.config import Config
 from medgen.data.dataset import concat_slices
 from medgen.models import build_model
+from medgen.privacy.dp import plan
+from medgen.privacy.ledger import PrivacyLedger
 from medgen.server.errors import FederationError
 from medgen.server.federation import record_evaluation
 from medgen.server.rundir import RunDir
@@ -43,8 +46,12 @@ def train_baseline(cfg: Config, site: str | None = None, out: str | Path | None 
     model = build_model(cfg)
     run.set_status("running")
     log(f"run directory: {run.path}\ntraining on {', '.join(trained)}: {len(pool)} slices, {steps} steps per round")
+    dp = plan(cfg, pool, steps) if cfg.privacy.enabled else None
+    ledger = PrivacyLedger(run.path / "sites" / name, name) if dp else None
     for round_ in range(1, cfg.federation.rounds + 1):
-        metrics = train_local(model, pool, cfg, site_seed(cfg, name, round_), steps=steps)
+        metrics = train_local(model, pool, cfg, site_seed(cfg, name, round_), steps=steps, dp=dp)
+        if dp:
+            metrics.update(ledger.spend(dp, round_))
         run.log(round_, name, "train", metrics)
         log(f"round {round_}/{cfg.federation.rounds} {name}: train loss={metrics['loss']:.4g} "
             f"({metrics['train-time-s']:.1f}s)")

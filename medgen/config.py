@@ -79,6 +79,18 @@ class ModelConfig(_Section):
     beta: float = Field(1.0, ge=0.0, description="VAE: weight of the KL term")
     kl_warmup_steps: int = Field(0, ge=0, description="VAE: KL weight ramps 0 -> beta over these local steps")
     norm_groups: int = Field(8, ge=1, description="GroupNorm groups (no BatchNorm: DP-SGD compatible)")
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="GAN generator / DDPM weights EMA used for sampling")
+    gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
+    inversion_steps: int = Field(100, ge=1, description="GAN anomaly maps: latent optimisation steps per batch")
+    timesteps: int = Field(1000, ge=10, le=10_000, description="DDPM: diffusion steps")
+    schedule: Literal["cosine", "linear"] = "cosine"
+    attention: bool = Field(True, description="DDPM: self-attention at the lowest resolutions")
+    cond_drop: float = Field(0.1, ge=0.0, lt=1.0, description="DDPM: label dropout for classifier-free guidance")
+    guidance_scale: float = Field(1.0, ge=0.0, description="DDPM: classifier-free guidance (1 = none)")
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    ddim_steps: int = Field(50, ge=1, description="DDPM: DDIM sampling steps")
+    anomaly_t: int = Field(200, ge=1, description="DDPM anomaly maps: noise to step t, then denoise")
+    anomaly_noise: Literal["gaussian", "simplex"] = "gaussian"
 
 
 class TrainConfig(_Section):
@@ -146,12 +158,33 @@ class SitesConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    enabled: bool = False
-    target_epsilon: float = Field(8.0, gt=0.0)
+    enabled: bool = Field(False, description="DP-SGD (Opacus) at every training site")
+    target_epsilon: float = Field(8.0, gt=0.0, description="epsilon the noise is solved for, over the planned rounds")
     delta: float | None = Field(
-        None, gt=0.0, lt=1.0, description="null = below 1/n for the site's training subjects"
+        None, gt=0.0, lt=1.0, description="null = 1/(10 n) for the site's n training subjects (below 1/n)"
     )
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0, description="per-sample clipping norm")
+    noise_multiplier: float | None = Field(
+        None, gt=0.0, description="fixed noise multiplier; null = solved from target_epsilon"
+    )
+    unit: Literal["slice", "subject"] = Field(
+        "subject", description="what the guarantee protects: one slice, or one subject (all its slices)"
+    )
+    max_epsilon: float | dict[str, float] | None = Field(
+        None, description="the site's own hard budget over everything it ever trained; a number, or "
+                          "{site: number} for per-site budgets in a simulation; null = none"
+    )
+
+    @field_validator("max_epsilon")
+    @classmethod
+    def _budget(cls, v):
+        values = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        if any(x <= 0 for x in values):
+            raise ValueError("budgets must be > 0")
+        return v
+
+    def budget(self, site: str) -> float | None:
+        return self.max_epsilon.get(site) if isinstance(self.max_epsilon, dict) else self.max_epsilon
 
 
 class Config(_Section):

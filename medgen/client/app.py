@@ -16,10 +16,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medgen.client.task import evaluate_local, proximal_term, site_data, site_seed, train_local
+from medgen.client.task import evaluate_local, local_steps, proximal_term, site_data, site_seed, train_local
 from medgen.config import Config, load_config_text
 from medgen.data.errors import DataError, SiteDataError
 from medgen.models import build_model
+from medgen.privacy.dp import plan
+from medgen.privacy.ledger import BudgetExceeded, PrivacyLedger
 
 app = ClientApp()
 
@@ -59,6 +61,12 @@ def _handler(fn):
     return wrapped
 
 
+def state_dir(msg: Message, site: str) -> Path:
+    """The site's own state folder (privacy ledger): the SuperNode's ``state-dir`` node config in a
+    deployment; in simulation ``<run>/sites/<site>``, named by the server."""
+    return Path(str(msg.content["config"]["state-root"])) / site
+
+
 def _reply(msg: Message, site: str, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
     content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
                           "info": ConfigRecord({"site": site})})
@@ -87,12 +95,25 @@ def train(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Me
     if site in cfg.sites.heldout:
         raise RuntimeError(f"site {site} is held out (sites.heldout) and must never train")
     data, _ = site_data(cfg, site, folder)
+    dp = ledger = None
+    if cfg.privacy.enabled:
+        dp = plan(cfg, data, local_steps(cfg, len(data)))
+        ledger = PrivacyLedger(state_dir(msg, site), site)
+        try:
+            ledger.check_budget((dp.noise_multiplier, dp.sample_rate, dp.steps), dp.delta, cfg.privacy.budget(site))
+        except BudgetExceeded as e:  # a refusal, not a crash: the server goes on without this site
+            reply = _reply(msg, site, {"epsilon": ledger.epsilon(dp.delta), "refused": 1.0})
+            reply.content["info"]["refused"] = str(e)
+            return reply
     model = build_model(cfg)
     global_state = msg.content["arrays"].to_torch_state_dict()
     model.load_state_dict(global_state)
     extra = proximal_term(model, global_state, cfg.federation.proximal_mu) \
         if cfg.federation.strategy == "fedprox" else None
-    metrics = train_local(model, data, cfg, site_seed(cfg, site, round_), extra_loss=extra)
+    seed = site_seed(cfg, site, round_)
+    metrics = train_local(model, data, cfg, seed, extra_loss=extra, dp=dp)
+    if dp:
+        metrics.update(ledger.spend(dp, round_))
     return _reply(msg, site, metrics, ArrayRecord(model.state_dict()))
 
 

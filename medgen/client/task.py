@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from medgen.config import Config, DataConfig
 from medgen.data.dataset import SiteSlices, load_site
 from medgen.models import GenerativeModel
+from medgen.privacy.dp import DPPlan, poisson_batches, private
 
 
 @lru_cache(maxsize=8)
@@ -67,25 +69,36 @@ def proximal_term(model: GenerativeModel, global_state: dict[str, torch.Tensor],
 
 
 def train_local(model: GenerativeModel, data: SiteSlices, cfg: Config, seed: int,
-                steps: int | None = None, extra_loss=None) -> dict[str, float]:
+                steps: int | None = None, extra_loss=None, dp: DPPlan | None = None) -> dict[str, float]:
     """Train ``model`` in place on ``data`` for ``steps`` optimiser steps (default: from
-    ``cfg.train``). Returns the mean of each loss term, ``num-examples``, ``steps`` and ``train-time-s``."""
+    ``cfg.train``; ``dp.steps`` under DP-SGD, with Poisson-sampled batches). Returns the mean of
+    each loss term, ``num-examples``, ``steps`` and ``train-time-s``."""
     start = time.perf_counter()
     device = torch.device(cfg.train.device)
     model.to(device).train()
     optimizers = model.make_optimizers()
-    steps = steps or local_steps(cfg, len(data))
+    steps = dp.steps if dp else steps or local_steps(cfg, len(data))
     images = torch.from_numpy(data.images).unsqueeze(1)
     labels = torch.from_numpy(data.labels)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the model's own noise (reparameterisation, diffusion time steps)
-    batch_size = min(cfg.train.batch_size, len(data))
+    if dp:
+        batches = poisson_batches(data, dp, generator)
+        if extra_loss is not None:  # DP optimisers use per-sample gradients only: the term would be lost
+            raise ValueError("fedprox's proximal term is not supported with privacy.enabled")
+    else:
+        batches = _batches(len(data), min(cfg.train.batch_size, len(data)), steps, generator)
     totals: dict[str, float] = {}
-    for step, idx in enumerate(_batches(len(data), batch_size, steps, generator)):
-        losses = model.train_step(images[idx].to(device), labels[idx].to(device), optimizers, step, extra_loss)
-        for k, v in losses.items():
-            totals[k] = totals.get(k, 0.0) + v
-    metrics = {k: v / steps for k, v in totals.items()}
+    taken = 0
+    with private(model, optimizers, dp, seed) if dp else nullcontext(optimizers) as optimizers:
+        for step, idx in enumerate(batches):
+            if len(idx) == 0:
+                continue  # an empty Poisson batch: nothing to learn from, the step still counts for privacy
+            losses = model.train_step(images[idx].to(device), labels[idx].to(device), optimizers, step, extra_loss)
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + v
+            taken += 1
+    metrics = {k: v / max(taken, 1) for k, v in totals.items()}
     metrics.update({"num-examples": len(data), "steps": steps, "train-time-s": time.perf_counter() - start})
     return metrics
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from medgen.data.errors import DataError, SiteDataError
 from medgen.data.nifti import load_mask, load_volume
 from medgen.data.preprocess import SubjectSlices, preprocess_subject
 from medgen.data.sites import Subject, discover_site
+from medgen.fileio import atomic_write
 
 HEALTHY, LESION = 0, 1
 # Bump when preprocessing changes in a way the config does not show, to invalidate old caches.
@@ -190,11 +190,8 @@ def _cached_subject(subject: Subject, cfg: DataConfig, cache: Path) -> SubjectSl
     cache.mkdir(parents=True, exist_ok=True)
     for stale in cache.glob(f"{safe_id}-*.npz"):
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, images=slices.images, brain=slices.brain, lesion=slices.lesion,
-                 slice_index=slices.slice_index)
-    os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache entry
+    atomic_write(target, lambda f: np.savez(f, images=slices.images, brain=slices.brain, lesion=slices.lesion,
+                                            slice_index=slices.slice_index))
     return slices
 
 

@@ -58,8 +58,14 @@ class GenerativeModel(ABC):
         """One image per label: (len(labels), 1, S, S) in [0, 1]."""
 
     @abstractmethod
-    def anomaly_map(self, images: torch.Tensor, brain: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-pixel anomaly score, same shape as ``images``, >= 0, 0 outside ``brain`` when given."""
+    def anomaly_map(self, images: torch.Tensor, brain: torch.Tensor | None = None, **setting) -> torch.Tensor:
+        """Per-pixel anomaly score, same shape as ``images``, >= 0, 0 outside ``brain`` when given.
+        ``setting`` is one entry of ``anomaly_sweep()`` (empty: the configured default)."""
+
+    def anomaly_sweep(self) -> list[dict]:
+        """Settings of ``anomaly_map`` worth comparing (e.g. the DDPM's noise level t); evaluation
+        scores each without knowing what they mean."""
+        return [{}]
 
     # ---------------------------------------------------------------- weights
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -137,7 +137,7 @@ class ConditionalVAE(GenerativeModel):
         with self._eval_mode():
             return self._net.decode(z.to(self._device), labels.to(self._device))
 
-    def anomaly_map(self, images, brain=None) -> torch.Tensor:
+    def anomaly_map(self, images, brain=None, **setting) -> torch.Tensor:
         """Pseudo-healthy reconstruction error: posterior mean with the label forced to healthy,
         per-pixel |x - x_hat| (l1) or (x - x_hat)^2 (mse), Gaussian-smoothed (sigma 1 px),
         zeroed outside ``brain``. Same shape as ``images`` (B, 1, S, S), >= 0."""

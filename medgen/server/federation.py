@@ -47,7 +47,7 @@ def _clean_reason(reason: str) -> str:
 
 def _summary(metrics: dict) -> str:
     shown = [f"{k}={v:.4g}" for k, v in metrics.items()
-             if k in ("loss", "recon", "kl", "num-examples", "train-examples", "eval-examples")]
+             if k in ("loss", "recon", "kl", "num-examples", "train-examples", "eval-examples", "epsilon")]
     return " ".join(shown)
 
 
@@ -56,10 +56,14 @@ class Federation:
         self.grid, self.cfg, self.run, self.log = grid, cfg, run, log
         self.config_text = dump_config(cfg)
         self.nodes: dict[str, int] = {}
+        self.exhausted: set[str] = set()  # sites that refused to train: their privacy budget is spent
+        self.last_round = 0
+        self.stopped: str | None = None
 
     # ----------------------------------------------------------------- messaging
     def _message(self, node: int, kind: str, round_: int, state: State | None = None) -> Message:
-        content = RecordDict({"config": ConfigRecord({"medgen-config": self.config_text, "round": round_})})
+        config = {"medgen-config": self.config_text, "round": round_, "state-root": str(self.run.path / "sites")}
+        content = RecordDict({"config": ConfigRecord(config)})
         if state is not None:
             content["arrays"] = ArrayRecord(state)
         return Message(content=content, message_type=kind, dst_node_id=node)
@@ -123,6 +127,7 @@ class Federation:
         if last is not None:
             ckpt = load_checkpoint(last)
             state, start = ckpt["model"], ckpt["round"] + 1
+            self.last_round = ckpt["round"]
             aggregator.load_state(ckpt["aggregator"])
             run.truncate_metrics(ckpt["round"])
             self.log(f"resuming after round {ckpt['round']} from {last}")
@@ -138,11 +143,18 @@ class Federation:
                 self.discover_sites(wait=False)  # a site that failed or joined late gets another chance
             for site in sorted(set(cfg.sites.train) - self.nodes.keys()):
                 run.log(round_, site, "train", {"error": "site not connected"})
+            willing = [s for s in cfg.sites.train if s not in self.exhausted]
             msgs = {s: self._message(self.nodes[s], MessageType.TRAIN, round_, aggregator.payload(s, state))
-                    for s in cfg.sites.train if s in self.nodes}
+                    for s in willing if s in self.nodes}
             updates = []
             for site, reply in self._exchange(round_, "train", msgs).items():
                 metrics = dict(reply.content["metrics"])
+                if "refused" in reply.content["info"]:
+                    reason = str(reply.content["info"]["refused"])
+                    self.exhausted.add(site)
+                    self.log(f"round {round_}: site {site} refused to train: {reason}")
+                    run.log(round_, site, "train", {"refused": reason, "epsilon": metrics.get("epsilon", 0.0)})
+                    continue
                 update = reply.content["arrays"].to_torch_state_dict()
                 reason = check_update(update, state)
                 if reason is None and not all(math.isfinite(v) for v in metrics.values()):
@@ -155,7 +167,11 @@ class Federation:
                 run.log(round_, site, "train", metrics)
                 self.log(f"round {round_}/{cfg.federation.rounds} site {site}: train {_summary(metrics)} "
                          f"({metrics.get('train-time-s', 0):.1f}s)")
-            if len(updates) < min_sites:
+            if set(willing) <= self.exhausted:
+                self.stopped = "every training site has spent its privacy budget (privacy.max_epsilon)"
+                self.log(f"round {round_}: {self.stopped}; stopping after round {round_ - 1}")
+                break
+            if len(updates) < min(min_sites, len(set(willing) - self.exhausted)) or not updates:
                 raise FederationError(
                     f"round {round_}: only {len(updates)} of {len(cfg.sites.train)} training sites sent a usable "
                     f"update (federation.min_sites={min_sites}); finished rounds are kept")
@@ -167,6 +183,7 @@ class Federation:
                 self.evaluate(round_, state)
             run.save_checkpoint(round_, state, aggregator.state(), cfg)
             run.set_status("running", round=round_)
+            self.last_round = round_
         return state
 
     def evaluate(self, round_: int, state: State) -> None:
@@ -200,11 +217,13 @@ def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, 
 def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print) -> State:
     """Run (or resume) the federation; the run directory's status says how it ended."""
     run.set_status("running")
+    federation = Federation(grid, cfg, run, log)
     try:
-        state = Federation(grid, cfg, run, log).run_rounds()
+        state = federation.run_rounds()
     except Exception as e:
-        run.set_status("failed", error=f"{type(e).__name__}: {e}")
+        run.set_status("failed", round=federation.last_round, error=f"{type(e).__name__}: {e}")
         log(f"FAILED: {e}")
         raise
-    run.set_status("completed", round=cfg.federation.rounds)
+    extra = {"stopped": federation.stopped} if federation.stopped else {}
+    run.set_status("completed", round=federation.last_round, **extra)
     return state
