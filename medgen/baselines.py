@@ -21,7 +21,8 @@ from medgen.models import build_model
 from medgen.privacy.dp import plan
 from medgen.privacy.ledger import PrivacyLedger
 from medgen.server.errors import FederationError
-from medgen.server.federation import record_evaluation
+from medgen.evaluation.site import evaluate_site
+from medgen.server.federation import is_full_evaluation, record_evaluation
 from medgen.server.rundir import RunDir
 from medgen.simulation import resolve_data
 
@@ -57,7 +58,13 @@ def train_baseline(cfg: Config, site: str | None = None, out: str | Path | None 
             f"({metrics['train-time-s']:.1f}s)")
         if round_ % cfg.federation.eval_every == 0 or round_ == cfg.federation.rounds:
             results = {s: evaluate_local(model, val, cfg) for s, (_, val) in data.items() if len(val)}
-            record_evaluation(run, cfg, round_, results, model.state_dict(), log)
+            artefacts = {}
+            if is_full_evaluation(cfg, round_):
+                for s, (_, val) in data.items():
+                    if len(val):
+                        scores, artefacts[s] = evaluate_site(model, val, cfg)
+                        results[s].update(scores)
+            record_evaluation(run, cfg, round_, results, model.state_dict(), log, artefacts)
         run.save_checkpoint(round_, model.state_dict(), {}, cfg)
     run.set_status("completed", round=cfg.federation.rounds)
     return run

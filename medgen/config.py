@@ -125,6 +125,23 @@ class FederationConfig(_Section):
     samples_per_class: int = Field(8, ge=0, description="sample images written per class at evaluation")
 
 
+class EvaluationConfig(_Section):
+    every_rounds: int = Field(
+        0, ge=0, description="full evaluation (distances, anomaly detection) every k rounds; 0 = after the last only"
+    )
+    max_samples: int = Field(64, ge=4, description="generated images per class for the distances")
+    max_anomaly_slices: int = Field(200, ge=4, description="slices per site scored for anomaly detection")
+    healthy_quantile: float = Field(
+        0.95, gt=0.5, lt=1.0, description="Dice threshold: this quantile of healthy validation pixels' scores"
+    )
+    inception_weights: Path | None = Field(
+        None, description="pytorch-fid InceptionV3 weights; null = the torch hub cache; FID is skipped without them"
+    )
+    share_images: bool = Field(
+        False, description="sites may send a few anomaly-map overlays and sample slices for the report"
+    )
+
+
 class SimulationConfig(_Section):
     ray_address: str | None = Field(None, description="existing Ray cluster (e.g. ray://host:10001); null = local")
     client_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per simulated site")
@@ -194,6 +211,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     simulation: SimulationConfig = SimulationConfig()
     sites: SitesConfig = SitesConfig()
     privacy: PrivacyConfig = PrivacyConfig()

@@ -39,6 +39,9 @@ def test_simulate_on_ray_then_resume(tmp_path, cache):
     assert all("error" not in r for r in records)
     assert load_checkpoint(run.last_checkpoint())["round"] == 2
     assert (run.samples / "round-0002.png").is_file() and (run_dir / "config.yaml").is_file()
+    assert (run_dir / "report" / "index.html").is_file() and (run_dir / "report" / "site-C.html").is_file()
+    heldout = [r for r in records if r["phase"] == "evaluate" and r["site"] == "C"]
+    assert "pixel-auroc" in heldout[-1] and "frd-healthy" in heldout[-1]
 
     # resume with one more round: only round 3 trains
     out = medgen("simulate", "--resume", run_dir, "--set", "federation.rounds=3", cache=cache)
@@ -72,3 +75,6 @@ def test_train_baselines(tmp_path, cache, where):
     assert train[0]["steps"] == (3 if name == "A" else 6)
     assert {r["site"] for r in run.records() if r["phase"] == "evaluate"} >= {"C", "global"}
     assert load_checkpoint(run.last_checkpoint())["round"] == 2
+    out = subprocess.run([MEDGEN, "report", "--compare", tmp_path / "run", "--out", tmp_path / "cmp"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and (tmp_path / "cmp" / "compare.html").is_file()

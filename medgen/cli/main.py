@@ -70,7 +70,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         run = simulate(resume=args.resume, overrides=args.overrides)
     else:
         run = simulate(_load(args), out=args.out)
-    print(f"run directory: {run.path}")
+    print(f"run directory: {run.path}\nreport: {_report(run.path)}")
+    return 0
+
+
+def _report(run_dir: Path) -> Path:
+    from medgen.evaluation.report import build_report
+
+    return build_report(run_dir)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from medgen.evaluation.report import build_report, compare_runs
+
+    if args.compare:
+        print(f"comparison: {compare_runs(args.runs, args.out or Path('runs') / 'compare')}")
+        return 0
+    for run in args.runs:
+        print(f"report: {build_report(run)}")
     return 0
 
 
@@ -78,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medgen.baselines import train_baseline
 
     run = train_baseline(_load(args), site=args.site, out=args.out)
-    print(f"run directory: {run.path}")
+    print(f"run directory: {run.path}\nreport: {_report(run.path)}")
     return 0
 
 
@@ -105,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run directory (default: runs/baseline-<site>-<family>)")
     _config_args(train)
     train.set_defaults(func=cmd_train)
+
+    report = commands.add_parser("report", help="(re)build a run's HTML report, or compare runs")
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    report.add_argument("--compare", action="store_true", help="one table and chart of the runs' held-out metrics")
+    report.add_argument("--out", type=Path, help="with --compare: output folder (default runs/compare)")
+    report.set_defaults(func=cmd_report)
 
     data = commands.add_parser("data", help="make or check site folders of NIfTI scans")
     data_commands = data.add_subparsers(dest="action", required=True)

@@ -13,12 +13,14 @@ import os
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from medgen.client.task import evaluate_local, local_steps, proximal_term, site_data, site_seed, train_local
 from medgen.config import Config, load_config_text
 from medgen.data.errors import DataError, SiteDataError
+from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
 from medgen.privacy.dp import plan
 from medgen.privacy.ledger import BudgetExceeded, PrivacyLedger
@@ -67,8 +69,19 @@ def state_dir(msg: Message, site: str) -> Path:
     return Path(str(msg.content["config"]["state-root"])) / site
 
 
+def data_summary(train, val) -> dict:
+    """Aggregate numbers about a site's data (what the report shows; no image leaves)."""
+    pixels = np.concatenate([train.images[train.brain], val.images[val.brain]])
+    hist, _ = np.histogram(pixels, bins=32, range=(0.0, 1.0))
+    return {"train-examples": len(train), "eval-examples": len(val),
+            "lesion-slices": int((train.labels == 1).sum() + (val.labels == 1).sum()),
+            "subjects": len(set(train.subjects.tolist()) | set(val.subjects.tolist())),
+            "intensity-hist": (hist / max(1, hist.sum())).tolist()}
+
+
 def _reply(msg: Message, site: str, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
+    values = {k: [float(x) for x in v] if isinstance(v, list) else float(v) for k, v in metrics.items()}
+    content = RecordDict({"metrics": MetricRecord(values),
                           "info": ConfigRecord({"site": site})})
     if arrays is not None:
         content["arrays"] = arrays
@@ -86,7 +99,7 @@ def query(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Me
         reply = _reply(msg, site, {})
         reply.content["info"]["error"] = str(e)
         return reply
-    return _reply(msg, site, {"train-examples": len(train), "eval-examples": len(val)})
+    return _reply(msg, site, data_summary(train, val))
 
 
 @app.train()
@@ -125,4 +138,10 @@ def evaluate(msg: Message, cfg: Config, site: str, folder: Path, round_: int) ->
         return _reply(msg, site, {"num-examples": 0})
     model = build_model(cfg)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return _reply(msg, site, evaluate_local(model, data, cfg))
+    metrics = evaluate_local(model, data, cfg)
+    if not int(msg.content["config"].get("full", 0)):
+        return _reply(msg, site, metrics)
+    scores, arrays = evaluate_site(model, data, cfg)
+    reply = _reply(msg, site, {**metrics, **scores})
+    reply.content["artefacts"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return reply

@@ -61,8 +61,9 @@ class Federation:
         self.stopped: str | None = None
 
     # ----------------------------------------------------------------- messaging
-    def _message(self, node: int, kind: str, round_: int, state: State | None = None) -> Message:
-        config = {"medgen-config": self.config_text, "round": round_, "state-root": str(self.run.path / "sites")}
+    def _message(self, node: int, kind: str, round_: int, state: State | None = None, full: bool = False) -> Message:
+        config = {"medgen-config": self.config_text, "round": round_, "state-root": str(self.run.path / "sites"),
+                  "full": int(full)}
         content = RecordDict({"config": ConfigRecord(config)})
         if state is not None:
             content["arrays"] = ArrayRecord(state)
@@ -109,7 +110,9 @@ class Federation:
                     if self.nodes.get(site, reply.metadata.src_node_id) != reply.metadata.src_node_id:
                         raise FederationError(f"two nodes claim site {site!r}")
                     self.nodes[site] = reply.metadata.src_node_id
-                    self.log(f"site {site}: connected ({_summary(dict(reply.content['metrics']))})")
+                    summary = dict(reply.content["metrics"])
+                    self.run.log(0, site, "query", summary)
+                    self.log(f"site {site}: connected ({_summary(summary)})")
             if not wait or expected <= self.nodes.keys():
                 return
             if len(node_ids) >= len(expected) or time.monotonic() > deadline:
@@ -187,17 +190,30 @@ class Federation:
         return state
 
     def evaluate(self, round_: int, state: State) -> None:
-        msgs = {s: self._message(self.nodes[s], MessageType.EVALUATE, round_, state)
+        full = is_full_evaluation(self.cfg, round_)
+        msgs = {s: self._message(self.nodes[s], MessageType.EVALUATE, round_, state, full)
                 for s in self.cfg.sites.all if s in self.nodes}
-        results = {site: dict(reply.content["metrics"]) for site, reply in self._exchange(round_, "evaluate", msgs).items()}
-        record_evaluation(self.run, self.cfg, round_, results, state, self.log)
+        results, artefacts = {}, {}
+        for site, reply in self._exchange(round_, "evaluate", msgs).items():
+            results[site] = dict(reply.content["metrics"])
+            if "artefacts" in reply.content:
+                artefacts[site] = {k: v.numpy() for k, v in reply.content["artefacts"].items()}
+        record_evaluation(self.run, self.cfg, round_, results, state, self.log, artefacts)
+
+
+def is_full_evaluation(cfg: Config, round_: int) -> bool:
+    every = cfg.evaluation.every_rounds
+    return round_ == cfg.federation.rounds or (every > 0 and round_ % every == 0)
 
 
 def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, dict], state: State,
-                      log: Callable[[str], None] = print) -> None:
-    """Log each site's evaluation and their example-weighted mean (site "global"), and write the
-    global model's sample grid."""
+                      log: Callable[[str], None] = print, artefacts: dict[str, dict] | None = None) -> None:
+    """Log each site's evaluation and their example-weighted mean (site "global"), keep the sites'
+    report arrays (curves, overlays), and write the global model's sample grid."""
     results = {s: m for s, m in results.items() if m.get("num-examples", 0) > 0}
+    for site, arrays in (artefacts or {}).items():
+        if arrays:
+            run.save_artefacts(round_, site, arrays)
     for site, metrics in results.items():
         run.log(round_, site, "evaluate", metrics)
         role = "held-out" if site in cfg.sites.heldout else "validation"

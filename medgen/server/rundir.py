@@ -4,6 +4,7 @@
     <run>/metrics.jsonl         one JSON object per line: round, site (name or "global"), phase, values
     <run>/checkpoints/round-NNNN.pt   global weights + aggregator state after round N (atomic)
     <run>/samples/round-NNNN.png      generated slices, one row per class
+    <run>/evaluation/round-NNNN/<site>.npz   a site's ROC/PR curves (and overlays, if it shares images)
     <run>/status.json           running / completed / failed, last completed round, error
 """
 
@@ -14,6 +15,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medgen.config import Config, dump_config
@@ -50,6 +52,12 @@ class RunDir:
         kept = [r for r in self.records() if r["round"] <= last_round]
         text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write(self.metrics_file, lambda f: f.write(text.encode()))
+
+    def save_artefacts(self, round_: int, site: str, arrays: dict) -> Path:
+        """A site's evaluation arrays (ROC/PR curves, overlays) for the report."""
+        path = self.path / "evaluation" / f"round-{round_:04d}" / f"{site}.npz"
+        atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+        return path
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, round_: int, model_state: dict, aggregator_state: dict, cfg: Config) -> Path:

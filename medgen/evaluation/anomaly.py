@@ -1,0 +1,234 @@
+"""Scores of unsupervised lesion detection: anomaly maps against lesion masks.
+
+Inputs, numpy or torch, (N, S, S) or (N, 1, S, S): anomaly ``scores`` ≥ 0 (higher = more
+abnormal), ``lesion`` masks (bool), ``brain`` masks (bool); slice ``labels`` (N,) 0 = healthy,
+1 = lesion. Pixel-level scores count brain pixels only (lesion pixels outside the brain mask are
+ignored), pooled over all slices. Every score is computed exactly (sort-based, ties handled as
+scikit-learn does) with numpy, and is NaN where it is undefined (e.g. no lesion pixel), never an
+exception in the middle of a report.
+
+The threshold that turns a map into a segmentation is fixed on healthy validation slices
+(:func:`threshold_from_healthy`) and never sees a lesion mask; :func:`best_dice` does look at the
+masks and is reported as an upper bound only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MAX_CURVE_POINTS = 200
+
+
+def _arr(x, name: str, dtype=None) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=dtype)
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim != 3:
+        raise ValueError(f"{name}: expected (N, S, S) or (N, 1, S, S), got shape {x.shape}")
+    return x
+
+
+def _maps(scores, lesion=None, brain=None) -> tuple[np.ndarray, ...]:
+    out = [_arr(scores, "scores", np.float64)]
+    for mask, name in ((lesion, "lesion"), (brain, "brain")):
+        if mask is not None:
+            m = _arr(mask, name).astype(bool)
+            if m.shape != out[0].shape:
+                raise ValueError(f"{name} shape {m.shape} differs from scores shape {out[0].shape}")
+            out.append(m)
+    if not np.isfinite(out[0]).all():
+        raise ValueError("scores contain NaN or inf")
+    return tuple(out)
+
+
+def _brain_pixels(scores, lesion, brain) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, is-lesion) of the brain pixels, flattened over all slices."""
+    s, les, br = _maps(scores, lesion, brain)
+    return s[br], les[br]
+
+
+def _clf_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False and true positive counts when predicting ``s >= t`` for every distinct score ``t``,
+    from the highest score down (tied scores enter together): (fps, tps, thresholds)."""
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each run of equal scores
+    tps = np.cumsum(y)[last].astype(np.float64)
+    fps = (last + 1) - tps
+    return fps, tps, s[last]
+
+
+def _roc(y, s):
+    fps, tps, thr = _clf_curve(y, s)
+    fpr = np.r_[0.0, fps / fps[-1]] if fps[-1] > 0 else np.full(len(fps) + 1, np.nan)
+    tpr = np.r_[0.0, tps / tps[-1]] if tps[-1] > 0 else np.full(len(tps) + 1, np.nan)
+    return fpr, tpr, np.r_[np.inf, thr]
+
+
+def _pr(y, s):
+    """Precision and recall at each distinct threshold, highest first, plus the (recall 0, precision 1) start."""
+    fps, tps, thr = _clf_curve(y, s)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1] if tps[-1] > 0 else np.full(len(tps), np.nan)
+    return np.r_[1.0, precision], np.r_[0.0, recall], np.r_[np.inf, thr]
+
+
+def _auroc(y: np.ndarray, s: np.ndarray) -> float:
+    if len(y) == 0 or y.all() or not y.any():
+        return float("nan")
+    fpr, tpr, _ = _roc(y, s)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def pixel_auroc(scores, lesion, brain) -> float:
+    """Pixel-level area under the ROC curve in [0, 1] (0.5 = chance): the probability that a lesion
+    pixel scores higher than a healthy-tissue pixel (ties count one half), over the brain pixels of
+    all slices pooled; equals scikit-learn's ``roc_auc_score`` on those pixels. NaN when the brain
+    pixels hold no lesion pixel or only lesion pixels."""
+    s, y = _brain_pixels(scores, lesion, brain)
+    return _auroc(y, s)
+
+
+def pixel_auprc(scores, lesion, brain) -> float:
+    """Pixel-level area under the precision-recall curve in [0, 1] as average precision,
+    AP = sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds (no interpolation), over the
+    brain pixels of all slices pooled — the definition of scikit-learn's
+    ``average_precision_score``. Chance level is the lesion fraction of brain pixels, so unlike the
+    AUROC it reflects how small lesions are. NaN when there is no lesion pixel."""
+    s, y = _brain_pixels(scores, lesion, brain)
+    if not y.any():
+        return float("nan")
+    precision, recall, _ = _pr(y, s)
+    return float(np.sum(np.diff(recall) * precision[1:]))
+
+
+def threshold_from_healthy(scores_healthy, brain_healthy, quantile: float = 0.95) -> float:
+    """The anomaly threshold fixed on HEALTHY validation slices: the ``quantile`` of their brain
+    pixels' scores, so that about 1 - ``quantile`` (5%) of healthy brain pixels of that distribution
+    score above it (false positives). Pixels are called lesion when ``score > threshold``. It takes
+    no lesion mask by construction: the threshold cannot have seen the masks it will be scored on.
+    ``scores_healthy`` (N, S, S), ``brain_healthy`` (N, S, S) bool."""
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    s, brain = _maps(scores_healthy, brain_healthy)
+    values = s[brain]
+    if values.size == 0:
+        raise ValueError("no brain pixel in the healthy slices: cannot fix a threshold")
+    return float(np.quantile(values, quantile))
+
+
+def dice(pred, target) -> float:
+    """Dice coefficient 2|P ∩ T| / (|P| + |T|) in [0, 1] of two boolean arrays of any (equal)
+    shape, pooled over all elements; 1.0 when both are empty."""
+    p, t = np.asarray(pred, bool), np.asarray(target, bool)
+    if p.shape != t.shape:
+        raise ValueError(f"pred shape {p.shape} differs from target shape {t.shape}")
+    total = p.sum() + t.sum()
+    return 1.0 if total == 0 else float(2 * (p & t).sum() / total)
+
+
+def dice_at_threshold(scores, lesion, brain, threshold: float) -> float:
+    """Global Dice of the segmentation ``score > threshold`` (inside the brain) against the lesion
+    masks (inside the brain), with all slices pooled into one volume — the standard "Dice" of
+    unsupervised anomaly segmentation. NaN when no brain pixel is a lesion pixel or the threshold
+    is NaN."""
+    s, les, br = _maps(scores, lesion, brain)
+    if not (les & br).any() or np.isnan(threshold):
+        return float("nan")
+    return dice((s > threshold) & br, les & br)
+
+
+def best_dice(scores, lesion, brain, n_thresholds: int | None = None) -> float:
+    """The best global Dice over thresholds, in [0, 1] — an UPPER BOUND, not a result: choosing the
+    threshold looks at the lesion masks being scored. ``n_thresholds=None`` (default) tries every
+    distinct score (exact, one sort); an int tries that many evenly spaced quantiles of the brain
+    pixels' scores instead (the coarse search of several papers; never higher than the exact
+    value). NaN when no brain pixel is a lesion pixel."""
+    s, y = _brain_pixels(scores, lesion, brain)
+    if not y.any():
+        return float("nan")
+    if n_thresholds is None:
+        fps, tps, _ = _clf_curve(y, s)  # predicting s >= t for each distinct t
+        return float(np.max(2 * tps / (tps + fps + y.sum())))
+    thresholds = np.unique(np.quantile(s, np.linspace(0, 1, n_thresholds)))
+    return max(dice(s >= t, y) for t in thresholds)
+
+
+REDUCTIONS = ("mean_top1pct", "max", "mean")
+
+
+def slice_scores(scores, brain, reduce: str = "mean_top1pct") -> np.ndarray:
+    """(N,) one score per slice from its brain pixels: ``"mean_top1pct"`` the mean of the highest
+    1% of its brain pixels (at least one pixel: robust to a single hot pixel yet sensitive to small
+    lesions), ``"max"`` the highest, ``"mean"`` the mean. 0 for a slice without brain."""
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    s, br = _maps(scores, None, brain)
+    flat = np.where(br, s, -np.inf).reshape(len(s), -1)
+    count = br.reshape(len(s), -1).sum(1)
+    if reduce == "mean":
+        return np.where(count > 0, np.where(br, s, 0).reshape(len(s), -1).sum(1) / np.maximum(count, 1), 0.0)
+    top = np.maximum(np.ceil(0.01 * count).astype(int), 1) if reduce == "mean_top1pct" else np.ones_like(count)
+    ordered = -np.sort(-flat, axis=1)  # descending; non-brain (-inf) last
+    ranks = np.arange(flat.shape[1])[None, :]
+    picked = np.where(ranks < top[:, None], ordered, 0.0)
+    return np.where(count > 0, picked.sum(1) / top, 0.0)
+
+
+def slice_auroc(scores, brain, labels, reduce: str = "mean_top1pct") -> float:
+    """Slice-level AUROC in [0, 1]: how well one score per slice (:func:`slice_scores`, by default
+    the mean of its top 1% brain pixels) separates lesion slices (label 1) from healthy ones
+    (label 0). NaN when only one class is present."""
+    y = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels).astype(bool).ravel()
+    per_slice = slice_scores(scores, brain, reduce)
+    if len(y) != len(per_slice):
+        raise ValueError(f"{len(y)} labels for {len(per_slice)} slices")
+    return _auroc(y, per_slice)
+
+
+def _downsample(*curves: np.ndarray, max_points: int) -> tuple[np.ndarray, ...]:
+    n = len(curves[0])
+    if n <= max_points:
+        return curves
+    keep = np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
+    return tuple(c[keep] for c in curves)
+
+
+def roc_curve(scores, lesion, brain, max_points: int = MAX_CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-level ROC curve over brain pixels for plots: (false positive rate, true positive rate),
+    each (≤ ``max_points``,) from (0, 0) to (1, 1), points kept evenly along the exact curve
+    (first and last always). Empty arrays when a class is missing."""
+    s, y = _brain_pixels(scores, lesion, brain)
+    if len(y) == 0 or y.all() or not y.any():
+        return np.zeros(0), np.zeros(0)
+    fpr, tpr, _ = _roc(y, s)
+    return _downsample(fpr, tpr, max_points=max_points)
+
+
+def pr_curve(scores, lesion, brain, max_points: int = MAX_CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-level precision-recall curve over brain pixels for plots: (recall, precision), each
+    (≤ ``max_points``,), recall rising from 0 to 1, downsampled like :func:`roc_curve`. Empty arrays
+    when there is no lesion pixel."""
+    s, y = _brain_pixels(scores, lesion, brain)
+    if not y.any():
+        return np.zeros(0), np.zeros(0)
+    precision, recall, _ = _pr(y, s)
+    return _downsample(recall, precision, max_points=max_points)
+
+
+def anomaly_report(scores, lesion, brain, labels, threshold: float) -> dict[str, float]:
+    """Every lesion-detection score of one set of maps: ``pixel_auroc``, ``pixel_auprc``,
+    ``dice_at_threshold`` (at ``threshold``, from :func:`threshold_from_healthy`),
+    ``best_dice_upper_bound`` (:func:`best_dice`: looks at the masks), ``slice_auroc`` and the
+    ``threshold`` itself; NaN for what is undefined on these slices."""
+    return {
+        "pixel_auroc": pixel_auroc(scores, lesion, brain),
+        "pixel_auprc": pixel_auprc(scores, lesion, brain),
+        "dice_at_threshold": dice_at_threshold(scores, lesion, brain, threshold),
+        "best_dice_upper_bound": best_dice(scores, lesion, brain),
+        "slice_auroc": slice_auroc(scores, brain, labels),
+        "threshold": float(threshold),
+    }

@@ -1,0 +1,218 @@
+"""Reports: `<run>/report/index.html`, `site-<name>.html` and `metrics.json`, rebuilt from what the
+run directory holds (config, metrics.jsonl, samples, the sites' evaluation arrays). Self-contained:
+every figure is an embedded PNG, so the files open offline and can be mailed around."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from medgen.server.rundir import RunDir  # noqa: E402
+
+HEADLINE = ["loss", "frd-healthy", "frd-lesion", "kid-healthy", "kid-lesion", "precision-healthy", "recall-healthy",
+            "ms-ssim-healthy", "ms-ssim-lesion", "fid-healthy", "fid-lesion", "pixel-auroc", "pixel-auprc",
+            "dice-at-threshold", "best-dice-upper-bound", "slice-auroc", "epsilon"]
+_STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+.note{color:#666;font-size:90%}h2{border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:1.6em}"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _file_png(path: Path, width: int = 640) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img style="width:{width}px;image-rendering:pixelated" src="data:image/png;base64,{data}">'
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _curves(records: list[dict], sites: list[str], phase: str, keys: list[str], title: str) -> str:
+    keys = [k for k in keys if any(k in r for r in records if r["phase"] == phase and r["site"] in sites)]
+    if not keys:
+        return ""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for site in sites:
+            pts = [(r["round"], r[key]) for r in records if r["phase"] == phase and r["site"] == site and key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=site)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("round")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def _roc_pr(arrays: dict[str, dict]) -> str:
+    sites = [s for s, a in arrays.items() if "roc-fpr" in a]
+    if not sites:
+        return ""
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(8, 3.4))
+    for site in sites:
+        a = arrays[site]
+        roc.plot(a["roc-fpr"], a["roc-tpr"], label=site)
+        pr.plot(a["pr-recall"], a["pr-precision"], label=site)
+    roc.plot([0, 1], [0, 1], ":", color="grey")
+    roc.set(xlabel="false positive rate", ylabel="true positive rate", title="pixel ROC")
+    pr.set(xlabel="recall", ylabel="precision", title="pixel precision-recall")
+    roc.legend(fontsize=8)
+    return _png(fig)
+
+
+def _overlays(a: dict) -> str:
+    if "overlay-images" not in a:
+        return '<p class="note">No overlays: this site does not share images (evaluation.share_images).</p>'
+    n = len(a["overlay-images"])
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.4), squeeze=False)
+    for i in range(n):
+        for row, (img, cmap) in enumerate(((a["overlay-images"][i], "gray"), (a["overlay-maps"][i], "magma"))):
+            ax = axes[row][i]
+            ax.imshow(img, cmap=cmap)
+            ax.contour(a["overlay-lesion"][i], [0.5], colors="cyan", linewidths=0.8)
+            ax.axis("off")
+    axes[0][0].set_title("slice + lesion outline", fontsize=8, loc="left")
+    axes[1][0].set_title("anomaly map", fontsize=8, loc="left")
+    return _png(fig)
+
+
+def _histograms(records: list[dict], sites: list[str]) -> str:
+    hists = {r["site"]: r["intensity-hist"] for r in records if r["phase"] == "query" and "intensity-hist" in r}
+    if not hists:
+        return ""
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    for site in sites:
+        if site in hists:
+            h = np.asarray(hists[site])
+            ax.plot(np.linspace(0, 1, len(h)), h, label=site)
+    ax.set(xlabel="normalised brain intensity", ylabel="share of brain pixels", title="intensity histograms")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def final_metrics(records: list[dict]) -> dict[str, dict]:
+    """The last evaluation of every site (and "global"): {site: {metric: value, "round": r}}."""
+    out: dict[str, dict] = {}
+    for r in records:
+        if r["phase"] == "evaluate":
+            out[r["site"]] = {k: v for k, v in r.items() if k not in ("site", "phase", "time")}
+    return out
+
+
+def _page(title: str, body: list[str]) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>")
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write the run's report; returns ``<run>/report/index.html``."""
+    run = RunDir(run_dir)
+    cfg = yaml.safe_load((run.path / "config.yaml").read_text())
+    records, status = run.records(), run.status()
+    sites = cfg["sites"]["train"] + cfg["sites"]["heldout"]
+    heldout = cfg["sites"]["heldout"]
+    evaluations = sorted((run.path / "evaluation").glob("round-*"))
+    arrays = {p.stem: dict(np.load(p)) for p in evaluations[-1].glob("*.npz")} if evaluations else {}
+    final = final_metrics(records)
+    out = run.path / "report"
+    out.mkdir(exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"status": status, "final": final}, indent=1))
+
+    summary = [[k, json.dumps(v)] for k, v in (
+        ("model", cfg["model"]["family"]), ("strategy", cfg["federation"]["strategy"]),
+        ("rounds", cfg["federation"]["rounds"]), ("training sites", cfg["sites"]["train"]),
+        ("held-out sites", heldout), ("data", cfg["data"]["root"] or "phantom cohort"),
+        ("image size", cfg["data"]["image_size"]), ("privacy", cfg["privacy"] if cfg["privacy"]["enabled"] else "off"),
+        ("status", status))]
+    shown = [k for k in HEADLINE if any(k in m for m in final.values())]
+    columns = [s for s in sites + ["global"] if s in final]
+    table = _table([[k] + [final[s].get(k, "") for s in columns] for k in ["round", *shown]],
+                   ["metric"] + [f"{s} (held out)" if s in heldout else s for s in columns])
+    counts = [[r["site"], r.get("train-examples", ""), r.get("eval-examples", ""), r.get("lesion-slices", ""),
+               r.get("subjects", ""), r.get("error", "")] for r in records if r["phase"] == "query"]
+    samples = sorted(run.samples.glob("round-*.png"))
+    weights_note = "" if any(k.startswith("fid-") for m in final.values() for k in m) else \
+        '<p class="note">FID: unavailable (no InceptionV3 weights found at the sites; see evaluation.inception_weights).' \
+        " The radiomics distances (FRD, KID, precision/recall) need no downloaded weights.</p>"
+    body = [
+        "<h2>Configuration</h2>", _table(summary, ["key", "value"]),
+        "<h2>Data per site</h2>", _table(counts, ["site", "training slices", "evaluation slices", "lesion slices",
+                                                  "subjects", "problem"]), _histograms(records, sites),
+        "<h2>Training</h2>", _curves(records, cfg["sites"]["train"], "train", ["loss", "epsilon"], "training, per site"),
+        "<h2>Evaluation over rounds</h2>",
+        _curves(records, sites, "evaluate", ["loss", "frd-healthy", "pixel-auroc", "dice-at-threshold"],
+                "evaluation (training sites: validation subjects; held-out sites: all)"),
+        "<h2>Final metrics</h2>", table,
+        '<p class="note">"global" is the example-weighted mean over the sites. Definitions: README, "Evaluation".</p>',
+        weights_note,
+        "<h2>Samples</h2>", '<p class="note">First row healthy, second row lesion.</p>',
+        _file_png(samples[-1]) if samples else "<p>No samples.</p>",
+        "<h2>Lesion detection</h2>", _roc_pr(arrays) or "<p>No site with lesion masks evaluated.</p>",
+    ]
+    body += [f'<p><a href="site-{s}.html">site {html.escape(s)}</a></p>' for s in sites]
+    (out / "index.html").write_text(_page(f"medgen report — {run.path.name}", body))
+    for site in sites:
+        mine = [r for r in records if r["site"] == site]
+        rows = [[r["round"], r["phase"]] + [r.get(k, "") for k in ["loss", *shown[1:]]] + [r.get("error", r.get("refused", ""))]
+                for r in mine if r["phase"] in ("train", "evaluate")]
+        page = [f"<p>{'held-out site: never trains' if site in heldout else 'training site'}</p>",
+                "<h2>Records</h2>", _table(rows, ["round", "phase", "loss", *shown[1:], "error"]),
+                _curves(records, [site], "train", ["loss", "epsilon"], f"site {site}: training"),
+                _curves(records, [site], "evaluate", ["loss", "pixel-auroc"], f"site {site}: evaluation"),
+                "<h2>Lesion detection</h2>", _roc_pr({site: arrays[site]} if site in arrays else {}) or
+                "<p>No lesion evaluation at this site.</p>", _overlays(arrays.get(site, {})),
+                '<p><a href="index.html">back to the run</a></p>']
+        (out / f"site-{site}.html").write_text(_page(f"medgen report — site {site}", page))
+    return out / "index.html"
+
+
+def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """One table and one chart of the held-out sites' final metrics of several runs (e.g.
+    federated vs `medgen train --site` vs `--centralized`)."""
+    rows, runs = [], []
+    for d in run_dirs:
+        run = RunDir(d)
+        cfg = yaml.safe_load((run.path / "config.yaml").read_text())
+        final = final_metrics(run.records())
+        for site in cfg["sites"]["heldout"]:
+            if site in final:
+                runs.append((run.path.name, site, final[site]))
+    keys = [k for k in HEADLINE if any(k in m for _, _, m in runs)]
+    rows = [[name, site] + [m.get(k, "") for k in keys] for name, site, m in runs]
+    plotted = [k for k in ("pixel-auroc", "pixel-auprc", "dice-at-threshold", "slice-auroc") if k in keys]
+    chart = ""
+    if plotted and runs:
+        fig, ax = plt.subplots(figsize=(7, 3))
+        width = 0.8 / len(runs)
+        for i, (name, site, m) in enumerate(runs):
+            ax.bar(np.arange(len(plotted)) + i * width, [m.get(k, np.nan) for k in plotted], width, label=f"{name} / {site}")
+        ax.set_xticks(np.arange(len(plotted)) + 0.4 - width / 2, plotted)
+        ax.legend(fontsize=7)
+        ax.set_title("held-out sites: lesion detection")
+        chart = _png(fig)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.html").write_text(_page("medgen comparison", [_table(rows, ["run", "held-out site"] + keys), chart]))
+    (out / "compare.json").write_text(json.dumps([{"run": n, "site": s, **m} for n, s, m in runs], indent=1))
+    return out / "compare.html"

@@ -1,0 +1,119 @@
+"""The full evaluation of a model on one site's slices, run where the data is.
+
+Only numbers leave the site (and, with ``evaluation.share_images``, a few overlays for the report):
+
+- per class (healthy / lesion): generated images vs the site's real slices of that class — FRD, KID
+  and precision/recall on radiomics features, MS-SSIM diversity of the generated set, and the
+  standard FID when the InceptionV3 weights are present at the site;
+- unsupervised lesion detection on the site's lesion subjects: pixel AUROC / AUPRC inside the
+  brain, Dice at a threshold fixed on held-apart healthy subjects' slices, the best Dice over
+  thresholds (an upper bound: it looks at the masks), slice-level AUROC — for every setting of the
+  family's ``anomaly_sweep()`` (e.g. the DDPM's noise level t).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from medgen.config import Config
+from medgen.data.dataset import HEALTHY, LESION, SiteSlices
+from medgen.evaluation import anomaly, distances, fid
+from medgen.evaluation.samples import CLASS_NAMES
+from medgen.models import GenerativeModel
+
+
+def _suffix(setting: dict) -> str:
+    return "".join(f"@{k}={v}" for k, v in sorted(setting.items()))
+
+
+def generated(model: GenerativeModel, label: int, n: int, seed: int) -> np.ndarray:
+    """(n, S, S) samples of one class from a fixed seed, in batches."""
+    generator = torch.Generator().manual_seed(seed + label)
+    out = []
+    for at in range(0, n, 64):
+        labels = torch.full((min(64, n - at),), label, dtype=torch.long)
+        out.append(model.sample(labels, generator=generator).cpu().numpy()[:, 0])
+    return np.concatenate(out)
+
+
+def distance_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    weights = fid.find_weights(cfg.evaluation.inception_weights)
+    for label in (HEALTHY, LESION):
+        real = data.images[data.labels == label]
+        if len(real) < 4:
+            continue
+        name = CLASS_NAMES[label]
+        rng = np.random.default_rng(cfg.seed)
+        real = real[rng.permutation(len(real))[: cfg.evaluation.max_samples]]
+        fake = generated(model, label, len(real), cfg.seed)
+        real_f, fake_f = distances.radiomics_features(real), distances.radiomics_features(fake)
+        metrics[f"frd-{name}"] = distances.frd(real_f, fake_f)
+        metrics[f"kid-{name}"], _ = distances.kid(real_f, fake_f)
+        metrics[f"precision-{name}"], metrics[f"recall-{name}"] = distances.precision_recall(real_f, fake_f)
+        metrics[f"ms-ssim-{name}"] = distances.ms_ssim_diversity(fake)
+        if weights is not None:
+            metrics[f"fid-{name}"] = fid.fid(real[:, None], fake[:, None], weights)
+    return metrics
+
+
+def split_for_threshold(data: SiteSlices, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean (N,) masks: slices of half of the healthy subjects (subjects with no lesion slice),
+    which fix the threshold, and the slices scored (every other subject). Chosen by subject
+    without looking at any mask."""
+    healthy = sorted(set(data.subjects.tolist()) - set(data.lesion_subjects))
+    rng = np.random.default_rng(seed)
+    calib = [healthy[i] for i in rng.permutation(len(healthy))[: len(healthy) // 2]]
+    in_calib = np.isin(data.subjects, calib)
+    return in_calib, ~in_calib
+
+
+def _maps(model: GenerativeModel, data: SiteSlices, index: np.ndarray, setting: dict) -> np.ndarray:
+    out = []
+    for at in range(0, len(index), 32):
+        idx = index[at: at + 32]
+        images = torch.from_numpy(data.images[idx]).unsqueeze(1)
+        brain = torch.from_numpy(data.brain[idx]).unsqueeze(1)
+        out.append(model.anomaly_map(images, brain, **setting).cpu().numpy()[:, 0])
+    return np.concatenate(out) if out else np.zeros((0, *data.images.shape[1:]), np.float32)
+
+
+def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config):
+    """(metrics, curves, overlays) for every anomaly setting; empty when the site has no lesion."""
+    if not data.lesion.any():
+        return {}, {}, {}
+    calib, scored = split_for_threshold(data, cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    n = cfg.evaluation.max_anomaly_slices
+    calib_idx = np.sort(rng.permutation(np.flatnonzero(calib))[:n])
+    scored_idx = np.sort(rng.permutation(np.flatnonzero(scored))[:n])
+    metrics, curves, overlays = {}, {}, {}
+    for setting in model.anomaly_sweep():
+        tag = _suffix(setting)
+        maps = _maps(model, data, scored_idx, setting)
+        calib_maps = _maps(model, data, calib_idx, setting)
+        threshold = anomaly.threshold_from_healthy(calib_maps, data.brain[calib_idx], cfg.evaluation.healthy_quantile) \
+            if len(calib_idx) else float("nan")
+        report = anomaly.anomaly_report(maps, data.lesion[scored_idx], data.brain[scored_idx],
+                                        data.labels[scored_idx], threshold)
+        metrics.update({k.replace('_', '-') + tag: float(v) for k, v in report.items()})
+        fpr, tpr = anomaly.roc_curve(maps, data.lesion[scored_idx], data.brain[scored_idx])
+        rec, prec = anomaly.pr_curve(maps, data.lesion[scored_idx], data.brain[scored_idx])
+        curves.update({f"roc-fpr{tag}": fpr, f"roc-tpr{tag}": tpr, f"pr-recall{tag}": rec, f"pr-precision{tag}": prec})
+        if cfg.evaluation.share_images and not overlays:
+            pick = scored_idx[np.argsort(-data.lesion[scored_idx].sum((1, 2)))[:4]]
+            overlays = {"overlay-images": data.images[pick], "overlay-lesion": data.lesion[pick].astype(np.uint8),
+                        "overlay-maps": maps[np.searchsorted(scored_idx, pick)], "overlay-threshold": np.array([threshold])}
+    return metrics, curves, overlays
+
+
+def evaluate_site(model: GenerativeModel, data: SiteSlices, cfg: Config) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """All full-evaluation numbers of one site, and the arrays the report draws (curves; overlays
+    only with ``evaluation.share_images``)."""
+    model.eval()
+    with torch.no_grad():
+        metrics = distance_metrics(model, data, cfg)
+    scores, curves, overlays = anomaly_metrics(model, data, cfg)
+    metrics.update(scores)
+    return metrics, {**curves, **overlays}

@@ -1,0 +1,140 @@
+"""Lesion-detection scores: exact against scikit-learn, by hand, and on detectors of known quality."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from medgen.evaluation import anomaly as A
+
+
+def disc_brain(n=8, s=32):
+    yy, xx = np.mgrid[:s, :s]
+    return np.broadcast_to(((yy - s / 2) ** 2 + (xx - s / 2) ** 2) < (0.4 * s) ** 2, (n, s, s)).copy()
+
+
+def lesion_set(n=8, s=32, seed=0):
+    """Brains, lesions (a square in every other slice), labels."""
+    rng = np.random.default_rng(seed)
+    brain = disc_brain(n, s)
+    lesion = np.zeros_like(brain)
+    for i in range(0, n, 2):
+        r, c = rng.integers(s // 3, s // 2, 2)
+        lesion[i, r:r + 5, c:c + 5] = True
+    return brain, lesion & brain, lesion.any((1, 2)).astype(int)
+
+
+@pytest.mark.parametrize("levels", [None, 5])  # continuous scores, and scores with many ties
+def test_pixel_auroc_auprc_equal_sklearn(levels):
+    metrics = pytest.importorskip("sklearn.metrics")
+    brain, lesion, _ = lesion_set()
+    rng = np.random.default_rng(1)
+    scores = rng.random(brain.shape) + 0.3 * lesion
+    if levels:
+        scores = np.round(scores * levels) / levels
+    y, s = lesion[brain], scores[brain]
+    assert A.pixel_auroc(scores, lesion, brain) == pytest.approx(metrics.roc_auc_score(y, s), abs=1e-12)
+    assert A.pixel_auprc(scores, lesion, brain) == pytest.approx(metrics.average_precision_score(y, s), abs=1e-12)
+
+
+def test_pixels_outside_the_brain_are_ignored():
+    brain, lesion, _ = lesion_set()
+    scores = lesion.astype(float)
+    scores[~brain] = 10.0  # would ruin both scores if counted
+    lesion_out = lesion | ~brain
+    assert A.pixel_auroc(scores, lesion_out, brain) == 1.0
+    assert A.pixel_auprc(scores, lesion, brain) == 1.0
+
+
+def test_dice_by_hand():
+    pred = np.array([[1, 1, 0], [0, 1, 0]], bool)
+    target = np.array([[1, 0, 0], [0, 1, 1]], bool)
+    assert A.dice(pred, target) == pytest.approx(2 * 2 / (3 + 3))
+    assert A.dice(np.zeros(4, bool), np.zeros(4, bool)) == 1.0
+    assert A.dice(np.ones(4, bool), np.zeros(4, bool)) == 0.0
+    # global Dice pools slices: (2*1) / (2 + 1) + nothing from the second slice's miss
+    scores = np.array([[[0.9, 0.8], [0.1, 0.0]], [[0.0, 0.2], [0.3, 0.1]]])
+    lesion = np.array([[[1, 0], [0, 0]], [[0, 0], [0, 1]]], bool)
+    brain = np.ones_like(lesion)
+    assert A.dice_at_threshold(scores, lesion, brain, 0.5) == pytest.approx(2 * 1 / (2 + 2))
+
+
+def test_perfect_detector():
+    brain, lesion, labels = lesion_set()
+    scores = lesion * 2.0 + 0.01 * np.random.default_rng(0).random(lesion.shape)  # torch input too
+    report = A.anomaly_report(torch.from_numpy(scores), torch.from_numpy(lesion), brain, labels, 1.0)
+    assert set(report) == {"pixel_auroc", "pixel_auprc", "dice_at_threshold", "best_dice_upper_bound",
+                           "slice_auroc", "threshold"}
+    assert report["pixel_auroc"] == 1.0 and report["pixel_auprc"] == 1.0
+    assert report["best_dice_upper_bound"] == 1.0 and report["dice_at_threshold"] == 1.0
+    assert report["slice_auroc"] == 1.0 and report["threshold"] == 1.0
+
+
+def test_random_detector_is_at_chance():
+    brain, lesion, labels = lesion_set(n=40, s=64, seed=3)
+    scores = np.random.default_rng(4).random(brain.shape)
+    assert A.pixel_auroc(scores, lesion, brain) == pytest.approx(0.5, abs=0.05)
+    chance = lesion[brain].mean()
+    assert A.pixel_auprc(scores, lesion, brain) == pytest.approx(chance, abs=0.02)
+
+
+def test_threshold_from_healthy_gives_5_percent_false_positives():
+    assert "lesion" not in " ".join(inspect.signature(A.threshold_from_healthy).parameters)
+    assert list(inspect.signature(A.threshold_from_healthy).parameters) == \
+        ["scores_healthy", "brain_healthy", "quantile"]
+    brain = disc_brain(30, 32)
+    rng = np.random.default_rng(0)
+    threshold = A.threshold_from_healthy(rng.gamma(2.0, size=brain.shape), brain, 0.95)
+    fresh = rng.gamma(2.0, size=brain.shape)
+    assert (fresh[brain] > threshold).mean() == pytest.approx(0.05, abs=0.01)
+    with pytest.raises(ValueError, match="no brain"):
+        A.threshold_from_healthy(fresh, np.zeros_like(brain))
+
+
+def test_best_dice_bounds_every_threshold():
+    brain, lesion, _ = lesion_set(n=6, s=32, seed=5)
+    rng = np.random.default_rng(6)
+    scores = rng.random(brain.shape) + 0.6 * lesion
+    best = A.best_dice(scores, lesion, brain)
+    at = [A.dice_at_threshold(scores, lesion, brain, t) for t in np.linspace(-0.1, 1.7, 91)]
+    assert best >= max(at) - 1e-12 and best > 0.5
+    assert best >= A.best_dice(scores, lesion, brain, n_thresholds=50)
+    # the exact maximum is reached at some threshold
+    values = np.unique(scores[brain])
+    assert max(A.dice_at_threshold(scores, lesion, brain, t) for t in values[::-1][:400]) == pytest.approx(best)
+
+
+def test_slice_auroc():
+    brain, lesion, labels = lesion_set(n=10)
+    rng = np.random.default_rng(7)
+    scores = rng.random(brain.shape) * 0.5
+    scores[labels == 1] += 0.6  # every lesion slice scores higher
+    for reduce in A.REDUCTIONS:
+        assert A.slice_auroc(scores, brain, labels, reduce) == 1.0
+    hot = np.zeros_like(scores)
+    hot[:, 16, 16] = 1.0
+    hot[0, :4, 10:30] = 5.0  # ... but outside the brain
+    assert np.allclose(A.slice_scores(hot, brain, "max"), 1.0)
+    top = np.ceil(0.01 * brain[0].sum())
+    assert np.allclose(A.slice_scores(hot, brain), 1.0 / top)
+    assert np.isnan(A.slice_auroc(scores, brain, np.zeros(10)))
+
+
+def test_curves_and_undefined_cases():
+    brain, lesion, _ = lesion_set(n=20, s=64)
+    scores = np.random.default_rng(8).random(brain.shape) + lesion
+    fpr, tpr = A.roc_curve(scores, lesion, brain)
+    recall, precision = A.pr_curve(scores, lesion, brain)
+    for curve in (fpr, tpr, recall, precision):
+        assert 2 <= len(curve) <= 200 and np.isfinite(curve).all()
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(recall) >= 0) and recall[-1] == 1
+    none = np.zeros_like(lesion)
+    report = A.anomaly_report(scores, none, brain, np.zeros(20), 0.5)
+    assert all(np.isnan(report[k]) for k in report if k != "threshold")
+    assert len(A.roc_curve(scores, none, brain)[0]) == 0
+    with pytest.raises(ValueError, match="shape"):
+        A.pixel_auroc(scores, lesion[:, :10], brain)
