@@ -256,6 +256,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"invalid config ({' + '.join(sources)}):\n" + _explain(e)) from None
 
 
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """``cfg`` with ``section.key=value`` overrides applied and validated like ``load_config``."""
+    raw = cfg.model_dump(mode="json")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError("invalid config (--set overrides):\n" + _explain(e)) from None
+
+
 def load_config_text(text: str) -> Config:
     """A config from YAML text (how the server hands the run's config to the sites)."""
     try:

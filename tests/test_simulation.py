@@ -78,3 +78,16 @@ def test_train_baselines(tmp_path, cache, where):
     out = subprocess.run([MEDGEN, "report", "--compare", tmp_path / "run", "--out", tmp_path / "cmp"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and (tmp_path / "cmp" / "compare.html").is_file()
+
+    # any checkpoint on any site folder
+    folder = next(cache.glob("phantom/*/C"))
+    out = subprocess.run([MEDGEN, "evaluate", "--checkpoint", run.last_checkpoint(), "--data", folder,
+                          "--out", tmp_path / "eval", "--set", f"data.cache_dir={cache}"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    scored = RunDir(tmp_path / "eval").records()
+    assert len(scored) == 1 and scored[0]["site"] == "C" and "pixel-auroc" in scored[0]
+    assert (tmp_path / "eval" / "report" / "site-C.html").is_file()
+    bad = subprocess.run([MEDGEN, "evaluate", "--checkpoint", tmp_path / "nope.pt", "--data", folder],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "nope.pt: checkpoint file not found" in bad.stderr

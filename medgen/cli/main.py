@@ -91,6 +91,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medgen.evaluation.evaluate import evaluate_checkpoint
+
+    if args.config:
+        raise ConfigError("evaluate uses the checkpoint's own config; change data.* / evaluation.* with --set")
+    run = evaluate_checkpoint(args.checkpoint, args.data, out=args.out, site=args.site, overrides=args.overrides)
+    print(f"run directory: {run.path}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from medgen.baselines import train_baseline
 
@@ -122,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run directory (default: runs/baseline-<site>-<family>)")
     _config_args(train)
     train.set_defaults(func=cmd_train)
+
+    ev = commands.add_parser("evaluate", help="evaluate any checkpoint on any site folder, with a report")
+    ev.add_argument("--checkpoint", type=Path, required=True, help="a checkpoints/round-NNNN.pt file")
+    ev.add_argument("--data", type=Path, required=True, help="a site folder of NIfTI scans")
+    ev.add_argument("--site", help="name to report the folder under (default: the folder's name)")
+    ev.add_argument("--out", type=Path, help="output run directory (default runs/evaluate-<site>-<checkpoint>)")
+    _config_args(ev)
+    ev.set_defaults(func=cmd_evaluate)
 
     report = commands.add_parser("report", help="(re)build a run's HTML report, or compare runs")
     report.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")

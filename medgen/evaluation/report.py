@@ -130,7 +130,9 @@ def build_report(run_dir: str | Path) -> Path:
     run = RunDir(run_dir)
     cfg = yaml.safe_load((run.path / "config.yaml").read_text())
     records, status = run.records(), run.status()
-    sites = cfg["sites"]["train"] + cfg["sites"]["heldout"]
+    seen = [r["site"] for r in records if r["site"] != "global"]
+    sites = [s for s in cfg["sites"]["train"] + cfg["sites"]["heldout"] if s in seen]
+    sites += [s for s in dict.fromkeys(seen) if s not in sites]  # e.g. a folder scored by `medgen evaluate`
     heldout = cfg["sites"]["heldout"]
     evaluations = sorted((run.path / "evaluation").glob("round-*"))
     arrays = {p.stem: dict(np.load(p)) for p in evaluations[-1].glob("*.npz")} if evaluations else {}
@@ -159,7 +161,8 @@ def build_report(run_dir: str | Path) -> Path:
         "<h2>Configuration</h2>", _table(summary, ["key", "value"]),
         "<h2>Data per site</h2>", _table(counts, ["site", "training slices", "evaluation slices", "lesion slices",
                                                   "subjects", "problem"]), _histograms(records, sites),
-        "<h2>Training</h2>", _curves(records, cfg["sites"]["train"], "train", ["loss", "epsilon"], "training, per site"),
+        "<h2>Training</h2>", _curves(records, sites, "train", ["loss", "epsilon"], "training, per site") or
+        "<p>No training in this run.</p>",
         "<h2>Evaluation over rounds</h2>",
         _curves(records, sites, "evaluate", ["loss", "frd-healthy", "pixel-auroc", "dice-at-threshold"],
                 "evaluation (training sites: validation subjects; held-out sites: all)"),

@@ -83,5 +83,16 @@ class RunDir:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by ``RunDir.save_checkpoint`` (tensors on the CPU)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by ``RunDir.save_checkpoint`` (tensors on the CPU); DataError naming the
+    file when it is missing or not a medgen checkpoint."""
+    from medgen.data.errors import DataError
+
+    if not Path(path).is_file():
+        raise DataError(path, "checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged or foreign file
+        raise DataError(path, f"not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not {"round", "model", "config"} <= ckpt.keys():
+        raise DataError(path, "not a medgen checkpoint (needs round, model and config)")
+    return ckpt

@@ -1,0 +1,48 @@
+"""`medgen evaluate`: any checkpoint on any site folder, written as a run directory with a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medgen.client.task import evaluate_local
+from medgen.config import ConfigError, load_config_text, with_overrides
+from medgen.data.dataset import load_site
+from medgen.evaluation.report import build_report
+from medgen.evaluation.samples import generate, save_grid
+from medgen.evaluation.site import evaluate_site
+from medgen.models import build_model
+from medgen.server.rundir import RunDir, load_checkpoint
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str | Path | None = None,
+                        site: str | None = None, overrides: list[str] | tuple[str, ...] = (), log=print) -> RunDir:
+    """Score the model in ``checkpoint`` on every slice of the site folder ``data_dir``.
+
+    The config is the checkpoint's own (the model must be rebuilt exactly); ``overrides`` may change
+    the ``data`` and ``evaluation`` sections only, e.g. ``data.on_bad_file=skip``."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = load_config_text(ckpt["config"])
+    for item in overrides:
+        if not item.split("=", 1)[0].strip().startswith(("data.", "evaluation.")):
+            raise ConfigError(f"--set {item}: only data.* and evaluation.* can change when evaluating a checkpoint")
+    cfg = with_overrides(cfg, overrides)
+    data_dir = Path(data_dir)
+    site = site or data_dir.resolve().name
+    run = RunDir(out or Path("runs") / f"evaluate-{site}-{Path(checkpoint).stem}")
+    run.create(cfg)
+    data = load_site(data_dir, cfg.data, site)
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    log(f"evaluating {checkpoint} (round {ckpt['round']}, {cfg.model.family}) on {data_dir}: {len(data)} slices")
+    metrics = evaluate_local(model, data, cfg)
+    scores, arrays = evaluate_site(model, data, cfg)
+    round_ = int(ckpt["round"])
+    run.log(round_, site, "evaluate", {**metrics, **scores, "checkpoint": str(checkpoint)})
+    if arrays:
+        run.save_artefacts(round_, site, arrays)
+    if cfg.federation.samples_per_class:
+        images, _ = generate(model, cfg.federation.samples_per_class, cfg.seed)
+        save_grid(run.samples / f"round-{round_:04d}.png", images, rows=2)
+    run.set_status("completed", round=round_, evaluated=str(data_dir))
+    log(f"report: {build_report(run.path)}")
+    return run
