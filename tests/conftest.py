@@ -7,8 +7,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from medgen.config import load_config
+
+# Tests run tiny models: one thread is faster and steadier than two contending on a 2-core machine.
+torch.set_num_threads(1)
 
 
 def head(shape=(40, 48, 40), seed=0, lesion_centre=None, lesion_radius=4):

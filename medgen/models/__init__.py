@@ -16,7 +16,11 @@ def build_model(cfg: Config, seed: int | None = None) -> GenerativeModel:
         from medgen.models.vae import ConditionalVAE
 
         return ConditionalVAE(cfg)
-    raise NotImplementedError(f"model.family={family!r} is not implemented yet (available: vae)")
+    if family == "ddpm":
+        from medgen.models.ddpm import DDPM
+
+        return DDPM(cfg)
+    raise NotImplementedError(f"model.family={family!r} is not implemented yet (available: vae, ddpm)")
 
 
 __all__ = ["HEALTHY", "LESION", "GenerativeModel", "build_model"]

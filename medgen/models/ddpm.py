@@ -1,0 +1,294 @@
+"""Conditional denoising diffusion model (family ``"ddpm"``; Ho et al. 2020, with the cosine
+schedule of Nichol & Dhariwal 2021, DDIM sampling of Song et al. 2021 and classifier-free
+guidance of Ho & Salimans 2022).
+
+Images (B, 1, S, S) in [0, 1] are scaled to [-1, 1]; the U-Net (``unet.py``) predicts the noise
+eps of x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for t in 1..T (abar_0 = 1 is clean data) and
+trains on the MSE. Labels 0 healthy / 1 lesion are replaced by 2 ("no label") with probability
+``model.cond_drop`` so the same network also predicts unconditionally (guidance).
+
+Networks: ``unet`` (trained; sees real images, so it is the one DP-SGD wraps) and ``unet_ema``
+(an :class:`EMA` of it: exchanged, aggregated and checkpointed like any weights; sampling,
+evaluation and anomaly maps use it). Anomaly maps follow AnoDDPM (Wyatt et al. 2022): noise the
+image to step t with Gaussian or multi-octave simplex noise, denoise with the healthy label (DDIM,
+deterministic), score the squared difference. The network is trained with Gaussian noise only
+(AnoDDPM also trains on simplex noise); ``model.anomaly_t`` counts steps of this chain, so it
+must not exceed ``model.timesteps``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medgen.config import Config
+from medgen.models.base import HEALTHY, GenerativeModel
+from medgen.models.layers import smooth_score
+from medgen.models.unet import UNet
+
+NO_LABEL = 2  # the "unconditional" label of classifier-free guidance
+
+
+def alphas_cumprod(schedule: str, timesteps: int) -> torch.Tensor:
+    """abar_t for t = 1..T: (T,) float64, strictly decreasing in (0, 1), abar_T ~ 0.
+
+    ``cosine``: Nichol & Dhariwal (s = 0.008, betas clipped at 0.999). ``linear``: Ho et al.'s
+    betas 1e-4 -> 0.02 for T = 1000, scaled by 1000 / T for other T (as improved-diffusion does)
+    so that abar_T stays near 0."""
+    if schedule == "cosine":
+        f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = 1 - f[1:] / f[:-1]
+    elif schedule == "linear":
+        scale = 1000 / timesteps
+        betas = torch.linspace(1e-4 * scale, 0.02 * scale, timesteps, dtype=torch.float64)
+    else:
+        raise ValueError(f"model.schedule={schedule!r}: expected 'cosine' or 'linear'")
+    return torch.cumprod(1 - betas.clamp(max=0.999), 0)
+
+
+_F2, _G2 = 0.5 * (math.sqrt(3) - 1), (3 - math.sqrt(3)) / 6
+
+
+def _simplex2d(x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """2-D simplex noise (Perlin 2001, in Gustavson's 2005 formulation) at coordinates x, y (same
+    shape), lattice hashed with ``perm`` (256,) into gradient vectors ``grads`` (256, 2): about [-1, 1]."""
+    s = (x + y) * _F2
+    i, j = torch.floor(x + s), torch.floor(y + s)
+    x0, y0 = x - i + (i + j) * _G2, y - j + (i + j) * _G2  # offset from the cell's first corner
+    i, j = i.long(), j.long()
+    i1 = (x0 > y0).long()  # which triangle of the skewed cell: second corner (1, 0) or (0, 1)
+    out = torch.zeros_like(x)
+    for oi, oj in ((0, 0), (i1, 1 - i1), (1, 1)):
+        dx, dy = x0 - oi + (oi + oj) * _G2, y0 - oj + (oi + oj) * _G2
+        g = grads[perm[(i + oi + perm[(j + oj) & 255]) & 255]]
+        out = out + (0.5 - dx ** 2 - dy ** 2).clamp(min=0) ** 4 * (g[..., 0] * dx + g[..., 1] * dy)
+    return 70 * out
+
+
+def simplex_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                  persistence: float = 0.8) -> torch.Tensor:
+    """Multi-octave ("fractal") 2-D simplex noise as in AnoDDPM: (B, C, H, W) float32, each image
+    standardised to mean 0, std 1. Octave k has features about max(H, W) / 4 / 2^k pixels wide
+    (down to 2 px, at most 6 octaves) and amplitude persistence^k; every image and octave gets
+    its own random lattice offset, and each call a random permutation / gradient table (all from
+    ``generator``). Unlike white noise it is spatially smooth: the denoiser must repair blob-sized
+    structures, which is why AnoDDPM uses it for lesion-sized anomalies."""
+    b, c, h, w = shape
+    perm = torch.randperm(256, generator=generator)
+    angle = 2 * math.pi * torch.rand(256, generator=generator, dtype=torch.float64)
+    grads = torch.stack([angle.cos(), angle.sin()], dim=1)
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    total, period, amp = torch.zeros(b, c, h, w, dtype=torch.float64), max(h, w) / 4, 1.0
+    for _ in range(6):
+        off = 256 * torch.rand(b, c, 2, 1, 1, generator=generator, dtype=torch.float64)
+        total = total + amp * _simplex2d(xx / period + off[:, :, 0], yy / period + off[:, :, 1], perm, grads)
+        period, amp = period / 2, amp * persistence
+        if period < 2:
+            break
+    total = total - total.mean(dim=(2, 3), keepdim=True)
+    return (total / total.std(dim=(2, 3), keepdim=True).clamp_min(1e-12)).float()
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a network's parameters (buffers copied). ``updates`` counts
+    the updates as a float buffer, so it travels with the weights: FedAvg averages it (= local
+    steps per site so far), checkpoints keep it, and the warm-up does not restart every round.
+    (FedAdam / FedYogi move it by only ~server_lr per round: the decay then stays near 0.1 and the
+    EMA follows the current weights, i.e. no averaging, but nothing breaks.)"""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = copy.deepcopy(net).requires_grad_(False)
+        self.register_buffer("updates", torch.zeros(1))
+
+    def forward(self, *args):
+        return self.net(*args)
+
+    @torch.no_grad()
+    def update(self, net: nn.Module, decay: float) -> float:
+        """ema <- d ema + (1 - d) net with d = min(decay, (1 + n) / (10 + n)) after n updates
+        (the warm-up makes the EMA useful after a few steps). Returns d."""
+        n = float(self.updates)
+        d = min(decay, (1 + n) / (10 + n))
+        for e, p in zip(self.net.parameters(), net.parameters(), strict=True):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.net.buffers(), net.buffers(), strict=True):
+            e.copy_(b)
+        self.updates += 1
+        return d
+
+
+class DDPM(GenerativeModel):
+    """Label-conditional diffusion model; see the module docstring."""
+
+    family = "ddpm"
+    private_networks = ("unet",)
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        m = cfg.model
+        if m.anomaly_t > m.timesteps:
+            raise ValueError(f"model.anomaly_t={m.anomaly_t} is beyond model.timesteps={m.timesteps}: "
+                             "anomaly maps noise to step anomaly_t of the chain")
+        unet = UNet(cfg.data.image_size, m.width, m.norm_groups, m.attention)
+        self.networks = {"unet": unet, "unet_ema": EMA(unet)}
+        self.T = m.timesteps
+        self.abar = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod(m.schedule, self.T)])  # (T + 1,)
+
+    @property
+    def _unet(self) -> UNet:
+        """The bare trained network, also when privacy has wrapped it (Opacus keeps it as ``_module``)."""
+        net = self.networks["unet"]
+        return getattr(net, "_module", net)
+
+    @property
+    def _ema(self) -> EMA:
+        return self.networks["unet_ema"]
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self._unet.parameters()).device
+
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"unet": torch.optim.Adam(self.networks["unet"].parameters(), lr=self.cfg.train.lr)}
+
+    # ---------------------------------------------------------------- training
+    def _times(self, u: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """Stratified steps in 1..T for a batch of len(order): one per 1/B quantile from the
+        uniform offset u, shuffled by ``order`` (each t still uniform, less noisy batch losses)."""
+        n = len(order)
+        return (((u + torch.arange(n) / n) % 1 * self.T).long() + 1)[order]
+
+    def _loss(self, net: nn.Module, images, labels, t, noise) -> torch.Tensor:
+        """eps-MSE of ``net`` on images (B, 1, S, S) in [0, 1] noised to steps t (B,) with ``noise``."""
+        abar = self.abar.to(images.device, torch.float32)[t].view(-1, 1, 1, 1)
+        x_t = abar.sqrt() * (2 * images - 1) + (1 - abar).sqrt() * noise
+        return F.mse_loss(net(x_t, t * (1000.0 / self.T), labels), noise)
+
+    def train_step(self, images, labels, optimizers, step, extra_loss=None) -> dict[str, float]:
+        """One Adam step of the eps-MSE (t uniform, labels dropped to "no label" with probability
+        ``cond_drop``), then one EMA update. Returns ``loss`` (+ extra_loss), like ``evaluate``."""
+        self.train()
+        n, device = len(images), images.device
+        opt = optimizers["unet"]
+        opt.zero_grad(set_to_none=True)
+        t = self._times(torch.rand(()), torch.randperm(n)).to(device)
+        labels = torch.where((torch.rand(n) < self.cfg.model.cond_drop).to(device), NO_LABEL, labels)
+        loss = self._loss(self.networks["unet"], images, labels, t, torch.randn_like(images))
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        loss.backward()
+        opt.step()
+        self._ema.update(self._unet, self.cfg.model.ema_decay)
+        return {"loss": float(loss.detach())}
+
+    @contextmanager
+    def _eval_mode(self):
+        """Eval mode + no_grad; the previous train/eval modes are restored afterwards."""
+        modes = {name: net.training for name, net in self.networks.items()}
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for name, net in self.networks.items():
+                net.train(modes[name])
+
+    def evaluate(self, images, labels) -> dict[str, float]:
+        """eps-MSE of the EMA network with the true labels at stratified steps and noise drawn from a
+        fixed seed (deterministic for a given batch): ``loss``."""
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        t = self._times(torch.rand((), generator=g), torch.randperm(len(images), generator=g))
+        noise = torch.randn(images.shape, generator=g)
+        with self._eval_mode():
+            d = self._device
+            return {"loss": float(self._loss(self._ema, images.to(d), labels.to(d), t.to(d), noise.to(d)))}
+
+    # ---------------------------------------------------------------- generation
+    def _eps(self, x: torch.Tensor, t: int, y: torch.Tensor, scale: float) -> torch.Tensor:
+        """EMA noise prediction at step t with guidance: eps_u + scale (eps_y - eps_u)."""
+        tt = torch.full((len(x),), t * 1000.0 / self.T, device=x.device)
+        if scale == 1:
+            return self._ema(x, tt, y)
+        uncond = torch.full_like(y, NO_LABEL)
+        if scale == 0:
+            return self._ema(x, tt, uncond)
+        cond, free = self._ema(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, uncond])).chunk(2)
+        return free + scale * (cond - free)
+
+    def _x0(self, x: torch.Tensor, t: int, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted clean image clipped to [-1, 1], and the noise consistent with it."""
+        a = float(self.abar[t])
+        x0 = ((x - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
+        return x0, (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+
+    def _ddim(self, x: torch.Tensor, y: torch.Tensor, t_from: int, steps: int, scale: float) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0) from step ``t_from`` to 0 in ``steps`` evenly spaced jumps."""
+        times = torch.linspace(t_from, 0, steps + 1).round().long().unique_consecutive().tolist()
+        for t, s in zip(times, times[1:]):
+            x0, eps = self._x0(x, t, self._eps(x, t, y, scale))
+            a = float(self.abar[s])
+            x = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps
+        return x
+
+    def _ancestral(self, x: torch.Tensor, y: torch.Tensor, scale: float, generator) -> torch.Tensor:
+        """DDPM ancestral sampling through all T steps with the posterior variance beta~_t."""
+        for t in range(self.T, 0, -1):
+            x0, _ = self._x0(x, t, self._eps(x, t, y, scale))
+            a, a_prev = float(self.abar[t]), float(self.abar[t - 1])
+            beta = 1 - a / a_prev
+            x = (math.sqrt(a_prev) * beta * x0 + math.sqrt(1 - beta) * (1 - a_prev) * x) / (1 - a)
+            if t > 1:
+                z = torch.randn(x.shape, generator=generator).to(x.device)
+                x = x + math.sqrt(beta * (1 - a_prev) / (1 - a)) * z
+        return x
+
+    def sample(self, labels, generator=None) -> torch.Tensor:
+        """x_T ~ N(0, I) (all noise drawn on CPU from ``generator``), denoised by the EMA network with
+        ``model.sampler`` ("ddim": ``ddim_steps`` deterministic steps; "ddpm": ancestral, T steps)
+        and guidance ``guidance_scale``: (n, 1, S, S) in [0, 1]."""
+        m, s = self.cfg.model, self.cfg.data.image_size
+        x = torch.randn(len(labels), 1, s, s, generator=generator)
+        with self._eval_mode():
+            x, y = x.to(self._device), labels.to(self._device)
+            if m.sampler == "ddim":
+                x = self._ddim(x, y, self.T, min(m.ddim_steps, self.T), m.guidance_scale)
+            else:
+                x = self._ancestral(x, y, m.guidance_scale, generator)
+            return ((x + 1) / 2).clamp(0, 1)
+
+    def anomaly_map(self, images, brain=None, **setting) -> torch.Tensor:
+        """AnoDDPM: noise images (B, 1, S, S) in [0, 1] to step ``t`` (setting ``t``, default
+        ``model.anomaly_t``) with ``model.anomaly_noise`` (Gaussian or simplex, from a fixed seed),
+        denoise to t = 0 with the healthy label (DDIM, t / (T / ddim_steps) steps, configured
+        guidance), score (x - x_hat)^2 Gaussian-smoothed (sigma 1 px) and zeroed outside ``brain``.
+        Same shape as ``images``, >= 0, deterministic."""
+        unknown = set(setting) - {"t"}
+        if unknown:
+            raise TypeError(f"ddpm anomaly_map: unknown settings {sorted(unknown)} (known: t)")
+        m = self.cfg.model
+        t = int(setting.get("t", m.anomaly_t))
+        if not 1 <= t <= self.T:
+            raise ValueError(f"ddpm anomaly_map: t={t} outside 1..{self.T} (model.timesteps)")
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        if m.anomaly_noise == "simplex":
+            noise = simplex_noise(images.shape, g)
+        else:
+            noise = torch.randn(images.shape, generator=g)
+        steps = max(1, t // max(1, self.T // min(m.ddim_steps, self.T)))
+        with self._eval_mode():
+            x, a = images.to(self._device), float(self.abar[t])
+            x_t = math.sqrt(a) * (2 * x - 1) + math.sqrt(1 - a) * noise.to(x.device)
+            healthy = torch.full((len(x),), HEALTHY, dtype=torch.long, device=x.device)
+            x_hat = (self._ddim(x_t, healthy, t, steps, m.guidance_scale) + 1) / 2
+            return smooth_score((x - x_hat) ** 2, None if brain is None else brain.to(x.device))
+
+    def anomaly_sweep(self) -> list[dict]:
+        """AnoDDPM noise levels t = 25, 50, 100, 200, 300 of 1000, scaled to ``model.timesteps``."""
+        ts = dict.fromkeys(max(1, round(t * self.T / 1000)) for t in (25, 50, 100, 200, 300))
+        return [{"t": t} for t in ts]
