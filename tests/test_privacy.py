@@ -113,3 +113,29 @@ def test_federation_accounts_epsilon_and_stops_exhausted_site(tiny_cohort, tmp_p
     assert run.status()["status"] == "completed"
     assert any("site A refused to train" in line for line in lines)
     assert (run.path / "sites" / "A" / "privacy-ledger.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["gan", "ddpm"])
+def test_dp_wraps_only_the_private_networks(tiny_cohort, family):
+    cfg = tiny_cfg(tiny_cohort, f"model.family={family}", "privacy.enabled=true", "privacy.noise_multiplier=1.0",
+                   "privacy.unit=slice", "train.batch_size=8", "model.timesteps=100", "model.anomaly_t=20")
+    data, _ = site_data(cfg, "A", tiny_cohort.root / "A")
+    model = build_model(cfg)
+    keys = sorted(model.state_dict())
+    seen = {}
+    real_step = model.train_step
+
+    def spy(images, labels, optimizers, step, extra_loss=None):
+        out = real_step(images, labels, optimizers, step, extra_loss)
+        for name, net in model.networks.items():  # inside the DP block, after a full step
+            seen[name] = (type(net).__name__, any(getattr(p, "grad_sample", None) is not None for p in net.parameters()))
+        return out
+
+    model.train_step = spy
+    train_local(model, data, cfg, seed=0, dp=plan(cfg, data, steps=3))
+    assert sorted(model.state_dict()) == keys
+    for name, (kind, has_grad_sample) in seen.items():
+        private = name in model.private_networks
+        assert (kind == "GradSampleModule") == private, name
+        if not private:
+            assert not has_grad_sample, f"{name} must not carry per-sample gradients"

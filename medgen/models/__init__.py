@@ -16,11 +16,15 @@ def build_model(cfg: Config, seed: int | None = None) -> GenerativeModel:
         from medgen.models.vae import ConditionalVAE
 
         return ConditionalVAE(cfg)
+    if family == "gan":
+        from medgen.models.gan import ConditionalGAN
+
+        return ConditionalGAN(cfg)
     if family == "ddpm":
         from medgen.models.ddpm import DDPM
 
         return DDPM(cfg)
-    raise NotImplementedError(f"model.family={family!r} is not implemented yet (available: vae, ddpm)")
+    raise NotImplementedError(f"model.family={family!r} is not implemented yet (available: vae, gan, ddpm)")
 
 
 __all__ = ["HEALTHY", "LESION", "GenerativeModel", "build_model"]

@@ -1,0 +1,233 @@
+"""The conditional GAN (``medgen.models.gan``): shapes, conditioning, EMA, losses, Opacus
+compatibility of the spectrally normalised discriminator, inversion-based anomaly maps, collapse
+signal, and that a short training on synthetic discs actually learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from medgen.config import load_config
+from medgen.models.base import HEALTHY, LESION
+from medgen.models.gan import COLLAPSE_FRACTION, ConditionalGAN, SpectralNorm
+
+SIZE = 32
+
+
+def make(*overrides: str, size: int = SIZE, seed: int = 0) -> ConditionalGAN:
+    torch.manual_seed(seed)
+    return ConditionalGAN(load_config(None, ["model.family=gan", f"data.image_size={size}", "model.width=8",
+                                             "model.latent_dim=16", "model.inversion_steps=20", *overrides]))
+
+
+def grid(size: int = SIZE):
+    return torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+
+
+def discs(n: int = 8, size: int = SIZE, seed: int = 0):
+    """Bright discs (0.8) on black with jittered centre and radius; labels alternate 0/1;
+    returns images (n, 1, S, S), labels (n,), brain masks (n, 1, S, S) bool."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = grid(size)
+    centre = 0.15 * (torch.rand(n, 2, generator=g) - 0.5)
+    radius = 0.55 + 0.15 * torch.rand(n, generator=g)
+    dist = ((xx - centre[:, 0, None, None]) ** 2 + (yy - centre[:, 1, None, None]) ** 2).sqrt()
+    brain = (dist < radius[:, None, None])[:, None]
+    return 0.8 * brain.float(), torch.arange(n) % 2, brain
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def params(net: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and avoids OpenMP spin-waits on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """150 steps on 8 fixed discs (the same batch each step): (model, images, labels, brain, untrained model)."""
+    images, labels, brain = discs()
+    model = make()
+    optimizers = model.make_optimizers()
+    for step in range(150):
+        model.train_step(images, labels, optimizers, step)
+    return model, images, labels, brain, make()
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_shapes_and_ranges(size):
+    model = make(size=size)
+    out = model.sample(torch.tensor([HEALTHY, LESION]), seeded(0))
+    assert out.shape == (2, 1, size, size) and out.dtype == torch.float32 and 0 <= out.min() <= out.max() <= 1
+    images, labels, brain = discs(2, size)
+    assert model.networks["discriminator"](images, labels).shape == (2,)
+    amap = model.anomaly_map(images, brain, steps=2)
+    assert amap.shape == images.shape and amap.min() >= 0 and torch.isfinite(amap).all()
+
+
+def test_seeded_sampling_is_deterministic_and_conditioned():
+    model = make()
+    labels = torch.tensor([HEALTHY, LESION] * 2)
+    assert torch.equal(model.sample(labels, seeded(1)), model.sample(labels, seeded(1)))
+    assert not torch.allclose(model.sample(labels, seeded(1)), model.sample(labels, seeded(2)))
+    healthy = model.sample(torch.full((4,), HEALTHY), seeded(3))
+    lesion = model.sample(torch.full((4,), LESION), seeded(3))
+    assert (healthy - lesion).abs().max() > 1e-4
+
+
+def test_discriminator_is_spectrally_normalised():
+    disc = make().networks["discriminator"]
+    layers = [m for m in disc.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))]
+    wrapped = [m.layer for m in disc.modules() if isinstance(m, SpectralNorm)]
+    assert layers and all(any(layer is w for w in wrapped) for layer in layers)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in disc.modules())
+    images, labels, _ = discs()
+    for _ in range(30):  # power iterations (one per training forward) converge to the largest singular value
+        disc(images, labels)
+    for sn in (m for m in disc.modules() if isinstance(m, SpectralNorm)):
+        w = sn.layer.weight.detach().flatten(1)
+        sigma = torch.dot(sn.u, w @ nn.functional.normalize(w.t() @ sn.u, dim=0))
+        assert sigma == pytest.approx(float(torch.linalg.matrix_norm(w, 2)), rel=1e-3)
+    first = disc.convs[0].eval()  # the layer's output is divided by its weight's spectral norm
+    sigma = torch.linalg.matrix_norm(first.layer.weight.detach().flatten(1), 2)
+    assert torch.allclose(first(images), first.layer(images) / sigma, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_discriminator_trains_under_opacus_with_exact_per_sample_gradients():
+    """Each real image is paired with one fake: the per-sample gradient of D is that of
+    loss(real_i) + loss(fake_i), and Opacus computes it exactly through the spectral norm."""
+    model = make()
+    disc = model.networks["discriminator"]
+    assert ModuleValidator.validate(disc, strict=False) == [] and GradSampleModule.validate(disc) == []
+    images, labels, _ = discs(4)
+    before = {k: v.clone() for k, v in disc.state_dict().items()}
+    torch.manual_seed(1)
+    model.networks["discriminator"] = GradSampleModule(disc)
+    model.train_step(images, labels, model.make_optimizers(), step=0)
+    gsm = model.networks["discriminator"]
+    grads = {n: p.grad_sample.clone() for n, p in gsm.named_parameters()}
+    assert all(g.shape[0] == len(images) for g in grads.values()) and len(grads) == len(list(disc.parameters()))
+    # replay the D step per sample on the pre-step weights with the same fakes
+    fresh = make()
+    fresh.networks["discriminator"].load_state_dict(before)
+    torch.manual_seed(1)
+    fakes = fresh.networks["generator"](torch.randn(len(images), 16), labels).detach()
+    disc0 = fresh.networks["discriminator"]
+    for i in range(len(images)):
+        disc0.load_state_dict(before)
+        real_logit = disc0(images[i:i + 1], labels[i:i + 1])
+        fake_logit = disc0(fakes[i:i + 1], labels[i:i + 1])
+        d_loss, _ = fresh._losses(real_logit, fake_logit)
+        exact = torch.autograd.grad(d_loss, list(disc0.parameters()))
+        for (name, _), g in zip(disc0.named_parameters(), exact):
+            assert torch.allclose(grads[f"_module.{name}"][i], g, atol=1e-5, rtol=1e-4), name
+    assert model.sample(labels[:2], seeded(0)).shape == (2, 1, SIZE, SIZE)
+
+
+def test_ema_moves_towards_the_generator():
+    model = make()
+    gen, ema = model.networks["generator"], model.networks["generator_ema"]
+    assert not any(p.requires_grad for p in ema.parameters())
+    assert "generator_ema.ema_updates" in model.state_dict()
+    assert set(model.make_optimizers()) == {"generator", "discriminator"}
+    ema0 = params(ema)
+    assert torch.equal(ema0, params(gen))
+    images, labels, _ = discs()
+    model.train_step(images, labels, model.make_optimizers(), step=0)
+    g1, ema1 = params(gen), params(ema)
+    assert not torch.equal(ema1, g1) and not torch.equal(ema1, ema0)
+    assert (ema1 - g1).norm() < (ema0 - g1).norm()  # closer to the new G than the old EMA was
+    # the warm-up: the first update has decay (1 + 0) / (10 + 0) = 0.1
+    assert torch.allclose(ema1, 0.1 * ema0 + 0.9 * g1, atol=1e-6)
+    assert float(ema.ema_updates) == 1
+
+
+def test_hinge_and_nonsaturating_losses_differ():
+    images, labels, _ = discs()
+    logs = {}
+    for loss in ("hinge", "nonsaturating"):
+        model = make(f"model.gan_loss={loss}")
+        torch.manual_seed(0)
+        logs[loss] = model.train_step(images, labels, model.make_optimizers(), step=0)
+        ev = model.evaluate(images, labels)
+        assert all(isinstance(v, float) for v in logs[loss].values()) and set(logs[loss]) <= set(ev)
+        assert logs[loss]["loss"] == pytest.approx(logs[loss]["d_loss"] + logs[loss]["g_loss"])
+    assert logs["hinge"]["g_loss"] != pytest.approx(logs["nonsaturating"]["g_loss"])
+    assert logs["nonsaturating"]["g_loss"] > 0 and logs["nonsaturating"]["d_loss"] > 0
+
+
+def test_anomaly_map_leaves_weights_flags_and_modes():
+    model = make()
+    images, _, brain = discs(4)
+    model.networks["generator_ema"].requires_grad_(True)  # flags are left as found, whatever they are
+    before = model.state_dict()
+    flags = {n: p.requires_grad for n, p in model.networks["generator_ema"].named_parameters()}
+    model.train()
+    amap = model.anomaly_map(images, brain)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.networks["generator_ema"].named_parameters()} == flags
+    assert all(net.training for net in model.networks.values())
+    assert amap.min() >= 0 and torch.all(amap[~brain] == 0) and amap[brain].sum() > 0
+    with torch.no_grad():  # evaluation code may call it without autograd
+        assert torch.equal(model.anomaly_map(images, brain), amap)
+
+
+def test_training_on_discs_learns_the_images(trained):
+    model, images, labels, _, untrained = trained
+    yy, xx = grid()
+    inside, outside = (xx ** 2 + yy ** 2).sqrt() < 0.4, (xx ** 2 + yy ** 2).sqrt() > 0.9  # all discs / none
+    labels16 = torch.arange(16) % 2
+
+    def stats(m):
+        s = m.sample(labels16, seeded(1))[:, 0]
+        return float(s[:, inside].mean()), float(s[:, outside].mean()), float((s - images[:, 0].mean(0)).abs().mean())
+
+    (in0, out0, err0), (in1, out1, err1) = stats(untrained), stats(model)
+    assert in1 > 0.65 and out1 < 0.2  # real: 0.8 inside, 0 outside
+    assert abs(in1 - 0.8) < abs(in0 - 0.8) and out1 < out0 and err1 < 0.5 * err0
+
+
+def test_inversion_reconstructs_training_images(trained):
+    model, images, _, brain, _ = trained
+    start = model.invert(images, brain, steps=0)  # best of the seeded starting points
+    recon = model.invert(images, brain)
+    random = model.sample(torch.full((len(images),), HEALTHY), seeded(5))
+    mse = {k: float(((v - images) ** 2)[brain].mean()) for k, v in
+           {"start": start, "recon": recon, "random": random}.items()}
+    assert mse["recon"] < mse["start"] <= mse["random"] + 1e-6 and mse["recon"] < 0.7 * mse["random"]
+    amap = model.anomaly_map(images, brain)
+    assert torch.all(amap[~brain] == 0) and torch.isfinite(amap).all()
+
+
+def test_collapse_flag(trained):
+    model, images, labels, _, _ = trained
+    real_like = ConditionalGAN(model.cfg)
+    real_like.load_state_dict(model.state_dict())
+    # a generator whose output ignores z: every sample is the same image
+    collapsed = ConditionalGAN(model.cfg)
+    collapsed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        collapsed.networks["generator_ema"].from_z.weight[:, :16] = 0
+    ev = collapsed.evaluate(images, labels)
+    assert ev["diversity"] < 1e-5 and ev["collapse"] == 1.0 and ev["diversity_ratio"] < COLLAPSE_FRACTION
+    # a generator with strongly z-dependent output, against the real discs
+    with torch.no_grad():
+        real_like.networks["generator_ema"].from_z.weight[:, :16] *= 20
+    ev = real_like.evaluate(images, labels)
+    assert ev["diversity_ratio"] > COLLAPSE_FRACTION and ev["collapse"] == 0.0
+    assert all(isinstance(v, float) for v in ev.values())
