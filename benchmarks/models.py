@@ -1,0 +1,90 @@
+"""Cost of each model family at the default config, and of DP-SGD against the plain step.
+
+For every family that builds: one training step (batch 32 at 64x64), the same step under DP-SGD
+(Opacus per-sample gradients, clipping and noise on the family's private networks — the baseline is
+the plain step measured in the same run), sampling time (for the DDPM: DDIM with ddim_steps vs
+ancestral DDPM over all timesteps), and anomaly-map time per slice.
+
+Usage: python benchmarks/models.py [--families vae,gan,ddpm] [--repeats 10] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from medgen.config import load_config
+from medgen.models import build_model
+from medgen.privacy.dp import DPPlan, private
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]  # the median: robust to a busy machine
+
+
+def batch(n: int, size: int):
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    brain = ((xx / 0.8) ** 2 + (yy / 0.9) ** 2 < 1).float()
+    images = (brain * 0.7 + 0.05 * torch.randn(n, 1, size, size, generator=g) * brain).clamp(0, 1)
+    return images, torch.arange(n) % 2, brain.expand(n, 1, size, size).bool()
+
+
+def measure(family: str, repeats: int, batch_size: int) -> dict:
+    cfg = load_config(None, [f"model.family={family}"])
+    images, labels, brain = batch(batch_size, cfg.data.image_size)
+    model = build_model(cfg)
+    out = {"parameters": sum(p.numel() for p in model.parameters())}
+    optimizers = model.make_optimizers()
+    out["train_step_ms"] = 1000 * _time(lambda: model.train_step(images, labels, optimizers, 100), repeats)
+    dp = DPPlan(noise_multiplier=1.0, sample_rate=batch_size / 1000, steps=1, delta=1e-5, max_grad_norm=1.0,
+                unit="slice", units=1000)
+    with private(model, model.make_optimizers(), dp, seed=0) as dp_optimizers:
+        out["dp_train_step_ms"] = 1000 * _time(lambda: model.train_step(images, labels, dp_optimizers, 100), repeats)
+    out["dp_over_plain"] = out["dp_train_step_ms"] / out["train_step_ms"]
+    n = 16
+    out["sample_16_s"] = _time(lambda: model.sample(labels[:n].repeat(2)[:n]), max(1, repeats // 5))
+    if family == "ddpm":
+        ancestral = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"sampler": "ddpm"})}))
+        ancestral.load_state_dict(model.state_dict())
+        out["sample_4_ddpm_all_steps_s"] = _time(lambda: ancestral.sample(labels[:4]), 1)
+        out["sample_4_ddim_s"] = _time(lambda: model.sample(labels[:4]), 1)
+        out["ddpm_over_ddim"] = out["sample_4_ddpm_all_steps_s"] / out["sample_4_ddim_s"]
+    k = 8
+    out["anomaly_ms_per_slice"] = 1000 * _time(lambda: model.anomaly_map(images[:k], brain[:k]), max(1, repeats // 5)) / k
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default="vae,gan,ddpm")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = what one simulated site gets)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "models.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {"machine": f"{platform.machine()}, {args.threads} torch thread(s), {platform.python_version()}"}
+    for family in args.families.split(","):
+        try:
+            results[family] = measure(family, args.repeats, args.batch_size)
+        except NotImplementedError as e:
+            results[family] = {"skipped": str(e)}
+        print(family, json.dumps(results[family]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
