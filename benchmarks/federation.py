@@ -36,11 +36,17 @@ import torch
 
 from medgen.client.task import evaluate_local, site_data, site_seed, train_local
 from medgen.config import Config, load_config
-from medgen.evaluation.samples import generate, save_grid
 from medgen.models import build_model
+from medgen.server.federation import record_evaluation
 from medgen.server.rundir import RunDir, load_checkpoint
 from medgen.server.strategy import FedAvg, Update
 from medgen.simulation import resolve_data, simulate
+
+try:  # the full evaluation (distances, anomaly detection) the sites run on some rounds
+    from medgen.evaluation.site import evaluate_site
+    from medgen.server.federation import is_full_evaluation
+except ImportError:  # a tree without it: evaluation is `evaluate_local` only
+    evaluate_site = is_full_evaluation = None
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -175,10 +181,27 @@ def run_federated(cfg: Config, out: Path, log_file: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- plain loop
+def _site_evaluation(model, data, cfg: Config, full: bool) -> tuple[dict, dict, float]:
+    """What a site's ClientApp does for an evaluate message: `evaluate_local`, plus the full
+    evaluation (distances, anomaly detection) on the rounds that ask for it. Returns (metrics,
+    arrays, seconds spent in the full evaluation)."""
+    metrics = evaluate_local(model, data, cfg)
+    if not full or evaluate_site is None:
+        return metrics, {}, 0.0
+    f0 = time.perf_counter()
+    scores, arrays = evaluate_site(model, data, cfg)
+    return {**metrics, **scores}, arrays, time.perf_counter() - f0
+
+
+def _is_full(cfg: Config, round_: int) -> bool:
+    return is_full_evaluation is not None and is_full_evaluation(cfg, round_)
+
+
 def run_plain(cfg: Config, evaluate: bool = True, threads: int | None = None,
-              bookkeeping: Path | None = None) -> dict:
-    """The same rounds in one process: train each site in turn, FedAvg, evaluate every site.
-    With ``bookkeeping`` (a folder) also write the sample grid and a checkpoint per round, timed apart."""
+              bookkeeping: Path | None = None, rounds: int | None = None) -> dict:
+    """The same rounds in one process: train each site in turn, FedAvg, evaluate every site with the
+    global model. With ``bookkeeping`` (a folder) also do the server's per-round writing (metrics,
+    sample grid, artefacts, checkpoint), timed apart. ``rounds`` runs only the first rounds (probes)."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -186,10 +209,13 @@ def run_plain(cfg: Config, evaluate: bool = True, threads: int | None = None,
         data = _data(cfg)
         state = build_model(cfg).state_dict()
         aggregator = FedAvg()
-        site_train, eval_s, book_s = [], 0.0, 0.0
+        site_train, eval_s, full_s, book_s = [], 0.0, 0.0, 0.0
         run = RunDir(bookkeeping) if bookkeeping else None
+        if run is not None:
+            run.create(cfg)
         p0 = time.perf_counter()
-        for round_ in range(1, cfg.federation.rounds + 1):
+        last = rounds or cfg.federation.rounds
+        for round_ in range(1, last + 1):
             updates = []
             for site in cfg.sites.train:
                 model = build_model(cfg)
@@ -198,6 +224,7 @@ def run_plain(cfg: Config, evaluate: bool = True, threads: int | None = None,
                 site_train.append(metrics["train-time-s"])
                 updates.append(Update(site, model.state_dict(), int(metrics["num-examples"])))
             state = aggregator.aggregate(state, updates)
+            results, artefacts = {}, {}
             if evaluate and (round_ % cfg.federation.eval_every == 0 or round_ == cfg.federation.rounds):
                 e0 = time.perf_counter()
                 for site in cfg.sites.all:
@@ -205,22 +232,22 @@ def run_plain(cfg: Config, evaluate: bool = True, threads: int | None = None,
                     if len(held):
                         model = build_model(cfg)
                         model.load_state_dict(state)
-                        evaluate_local(model, held, cfg)
+                        results[site], artefacts[site], full = _site_evaluation(model, held, cfg, _is_full(cfg, round_))
+                        full_s += full
                 eval_s += time.perf_counter() - e0
             if run is not None:
                 b0 = time.perf_counter()
-                if cfg.federation.samples_per_class:
-                    model = build_model(cfg)
-                    model.load_state_dict(state)
-                    images, _ = generate(model, cfg.federation.samples_per_class, cfg.seed)
-                    save_grid(run.samples / f"round-{round_:04d}.png", images, rows=2)
+                if results:
+                    extra = {"artefacts": artefacts} if evaluate_site is not None else {}
+                    record_evaluation(run, cfg, round_, results, state, _quiet, **extra)
                 run.save_checkpoint(round_, state, aggregator.state(), cfg)
                 book_s += time.perf_counter() - b0
         total = time.perf_counter() - p0
     finally:
         torch.set_num_threads(before)
-    return {"total_s": total - book_s, "train_s": sum(site_train), "evaluate_s": eval_s, "bookkeeping_s": book_s,
-            "site_train_s": site_train, "threads": threads or before, "final_state": state}
+    return {"total_s": total - book_s, "train_s": sum(site_train), "evaluate_s": eval_s, "full_evaluation_s": full_s,
+            "bookkeeping_s": book_s, "site_train_s": site_train, "threads": threads or before,
+            "final_state": state, "rounds": last}
 
 
 def _warm_up(cfg: Config) -> None:
@@ -269,6 +296,10 @@ def main() -> None:
                         help="persistent data.cache_dir (phantom + slices); default: a temporary folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra section.key=value override for the main comparison")
+    parser.add_argument("--variants", action="store_true",
+                        help="also run the whole plain loop again without evaluation (by default its time is the "
+                             "plain run minus its timed evaluation), and the simulation with one actor per "
+                             "training site (simulation.client_cpus = CPUs / sites)")
     parser.add_argument("--scaling", default=None, help="training-site counts, e.g. 2,4,8,16 ('' to skip)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -300,16 +331,27 @@ def main() -> None:
         with OtherLoad() as other:
             plain = run_plain(cfg, evaluate=True, bookkeeping=tmp / "plain-run")
             print(f"  {plain['total_s']:.1f} s", flush=True)
-            plain_noeval = run_plain(cfg, evaluate=False)
-            plain_1t = run_plain(cfg, evaluate=False, threads=1)
+            plain_noeval = run_plain(cfg, evaluate=False) if args.variants else None
+            # parallelism probe: one round of the same training on one torch thread, like an actor
+            plain_1t = run_plain(cfg, evaluate=False, threads=1, rounds=1)
         contention["plain"] = other.share
         probes = startup_probes()
+        fed_spread = None
+        if args.variants:  # one actor per training site: no idle actor in a round's last wave
+            cpus = (os.cpu_count() or 1) / len(cfg.sites.train)
+            if cpus < cfg.simulation.client_cpus:
+                spread_cfg = cfg.model_copy(update={"simulation": cfg.simulation.model_copy(
+                    update={"client_cpus": int(cpus * 100) / 100})})
+                print(f"federated, simulation.client_cpus={spread_cfg.simulation.client_cpus:g} ...", flush=True)
+                with OtherLoad() as other:
+                    fed_spread = run_federated(spread_cfg, tmp / "run-spread", log_file)
+                contention["federated-one-actor-per-site"] = other.share
 
         scaling = []
         if sizes:
             names = [f"S{i:02d}" for i in range(1, max(sizes) + 1)]
             base = ["phantom.subjects_per_site=2", "train.local_steps=5" if args.quick else "train.local_steps=20",
-                    "federation.rounds=2", f"data.cache_dir={cache}"]
+                    "federation.rounds=3", f"data.cache_dir={cache}"]
             big = prepare(load_config(None, base + [f"sites.train=[{','.join(names)}]", "sites.heldout=[H]"]))
             for n in sizes:
                 scfg = prepare(load_config(None, base + [f"data.root={big.data.root}",
@@ -317,10 +359,11 @@ def main() -> None:
                 print(f"scaling: {n} training sites ...", flush=True)
                 with OtherLoad() as other:
                     f = run_federated(scfg, tmp / f"scale-{n}", log_file)
-                    p = run_plain(scfg, evaluate=True)
+                    p = run_plain(scfg, evaluate=True, rounds=1)
                 contention[f"scaling-{n}"] = other.share
                 per_round = [r["round_s"] for r in f["rounds"]]
-                plain_round = p["total_s"] / scfg.federation.rounds
+                steady = f["rounds"][1]  # round 2: past the actors' first calls, before the last round's full evaluation
+                plain_round = p["total_s"]
                 scaling.append({
                     "training_sites": n,
                     "slices_per_site": round(sum(len(site_data(scfg, s, Path(scfg.data.root) / s)[0])
@@ -330,13 +373,14 @@ def main() -> None:
                     "round_s": per_round,
                     "train_phase_s": [r["train_phase_s"] for r in f["rounds"]],
                     "evaluate_phase_s": [r["evaluate_phase_s"] for r in f["rounds"]],
-                    "last_round_s": per_round[-1],
-                    "last_round_s_per_site": round(per_round[-1] / n, 3),
+                    "steady_round_s": steady["round_s"],
+                    "steady_round_s_per_site": round(steady["round_s"] / n, 3),
+                    "steady_train_phase_overhead_s": steady["train_phase_overhead_s"],
                     "plain_round_s": round(plain_round, 3),
                     "plain_round_s_per_site": round(plain_round / n, 3),
-                    "round_ratio_federated_vs_plain": round(per_round[-1] / plain_round, 2),
+                    "steady_round_ratio_federated_vs_plain": round(steady["round_s"] / plain_round, 2),
                 })
-                print(f"  round {per_round[-1]:.2f} s (plain {plain_round:.2f} s)", flush=True)
+                print(f"  round 2: {steady['round_s']:.2f} s (plain {plain_round:.2f} s)", flush=True)
 
     r_fed = fed["rounds"]
     rounds_s = sum(r["round_s"] for r in r_fed)
@@ -344,6 +388,7 @@ def main() -> None:
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), {torch.get_num_threads()} torch thread(s), "
                    f"{platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
         "other_processes_cpu_share": contention,
         "config": (f"{cfg.model.family}, {cfg.data.image_size}px, batch {cfg.train.batch_size}, "
                    f"{cfg.federation.rounds} rounds x {cfg.train.local_steps} local steps, train sites "
@@ -358,8 +403,6 @@ def main() -> None:
             **probes,
             "rounds_s": round(rounds_s, 2),
             "shutdown_s": round(fed["shutdown_s"], 2),
-            "site_train_s_mean": round(sum(r["sum_site_train_s"] for r in r_fed)
-                                       / (len(r_fed) * len(cfg.sites.train)), 3),
             "train_phase_overhead_s_total": round(overhead, 2),
             "evaluate_phase_s_total": round(sum(r["evaluate_phase_s"] for r in r_fed), 2),
             "tail_s_total": round(sum(r["tail_s"] for r in r_fed), 2),
@@ -369,22 +412,52 @@ def main() -> None:
             "threads": plain["threads"],
             "train_s": round(plain["train_s"], 2),
             "evaluate_s": round(plain["evaluate_s"], 2),
-            "site_train_s_mean": round(plain["train_s"] / len(plain["site_train_s"]), 3),
-            "without_evaluation_s": round(plain_noeval["total_s"], 2),
-            "without_evaluation_1_thread_s": round(plain_1t["total_s"], 2),
-            "site_train_s_mean_1_thread": round(plain_1t["train_s"] / len(plain_1t["site_train_s"]), 3),
-            "samples_and_checkpoints_s": round(plain["bookkeeping_s"], 2),
+            "full_evaluation_s": round(plain["full_evaluation_s"], 2),
+            "without_evaluation_s": round(plain_noeval["total_s"] if plain_noeval else
+                                          plain["total_s"] - plain["evaluate_s"], 2),
+            "without_evaluation_measured": plain_noeval is not None,
+            "server_bookkeeping_s": round(plain["bookkeeping_s"], 2),
+        },
+        "parallelism": {
+            "site_train_s_plain_default_threads": round(plain["train_s"] / len(plain["site_train_s"]), 3),
+            "site_train_s_plain_1_thread": round(plain_1t["train_s"] / len(plain_1t["site_train_s"]), 3),
+            "site_train_s_federated_actor": round(sum(r["sum_site_train_s"] for r in r_fed)
+                                                  / (len(r_fed) * len(cfg.sites.train)), 3),
+            "torch_threads_speedup": round(plain_1t["train_s"] / len(plain_1t["site_train_s"])
+                                           / (plain["train_s"] / len(plain["site_train_s"])), 2),
+            "sites_per_actor_wave": f"{len(cfg.sites.train)} sites on {fed['actors']} actors = "
+                                    f"{-(-len(cfg.sites.train) // fed['actors'])} waves per round",
+            "training_ratio_federated_vs_plain": round(sum(r["site_train_on_actors_s"] for r in r_fed)
+                                                       / plain["train_s"], 2),
+            "plain_1_thread_estimated_s": round(plain["total_s"] - plain["train_s"] + plain_1t["train_s"]
+                                                * cfg.federation.rounds / plain_1t["rounds"], 2),
+        },
+        "variant_one_actor_per_site": None if fed_spread is None else {
+            "client_cpus": int((os.cpu_count() or 1) / len(cfg.sites.train) * 100) / 100,
+            "actors": fed_spread["actors"],
+            "federated_s": round(fed_spread["wall_s"], 2),
+            "ratio_vs_plain": round(fed_spread["wall_s"] / plain["total_s"], 2),
+            "rounds_s": round(sum(r["round_s"] for r in fed_spread["rounds"]), 2),
+            "site_train_s_federated_actor": round(sum(r["sum_site_train_s"] for r in fed_spread["rounds"])
+                                                  / (len(fed_spread["rounds"]) * len(cfg.sites.train)), 3),
         },
         "max_abs_weight_diff_federated_vs_plain": _max_diff(fed["final_state"], plain["final_state"]),
         "scaling": {
-            "config": "2 phantom subjects per site, 20 local steps (5 with --quick), 2 rounds, 1 held-out site; "
-                      "round_s = start of a round to start of the next (train + evaluate + samples + checkpoint)",
+            "config": "2 phantom subjects per site, 20 local steps (5 with --quick), 3 rounds, 1 held-out site; "
+                      "round_s = start of a round to start of the next (train + evaluate + server writing); "
+                      "steady round = round 2 (round 1 also pays the actors' first calls, the last round the "
+                      "full evaluation); plain_round_s = one round of the plain loop (train every site in "
+                      "turn, FedAvg, evaluate every site), the same work as the steady round",
             "points": scaling,
         },
     }
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    busy = {k: v for k, v in contention.items() if v > 0.1}
+    if busy:
+        print(f"WARNING: other processes used more than 10% of the machine during {sorted(busy)} "
+              f"({busy}): these timings are not representative; run again on a quiet machine.", file=sys.stderr)
 
 
 if __name__ == "__main__":
