@@ -8,6 +8,7 @@ int64, 0 = healthy, 1 = lesion.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -102,6 +103,18 @@ class GenerativeModel(ABC):
 
     def eval(self) -> GenerativeModel:
         return self.train(False)
+
+    @contextmanager
+    def _eval_mode(self):
+        """Eval mode + no_grad; the previous train/eval modes are restored afterwards."""
+        modes = {name: net.training for name, net in self.networks.items()}
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for name, net in self.networks.items():
+                net.train(modes[name])
 
     def parameters(self):
         for net in self.networks.values():

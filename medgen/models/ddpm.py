@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -186,18 +185,6 @@ class DDPM(GenerativeModel):
         opt.step()
         self._ema.update(self._unet, self.cfg.model.ema_decay)
         return {"loss": float(loss.detach())}
-
-    @contextmanager
-    def _eval_mode(self):
-        """Eval mode + no_grad; the previous train/eval modes are restored afterwards."""
-        modes = {name: net.training for name, net in self.networks.items()}
-        self.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            for name, net in self.networks.items():
-                net.train(modes[name])
 
     def evaluate(self, images, labels) -> dict[str, float]:
         """eps-MSE of the EMA network with the true labels at stratified steps and noise drawn from a

@@ -198,18 +198,6 @@ class ConditionalGAN(GenerativeModel):
             p_ema.lerp_(p, 1 - decay)
         ema.ema_updates += 1
 
-    @contextmanager
-    def _eval_mode(self):
-        """Eval mode + no_grad; the previous train/eval modes are restored afterwards."""
-        modes = {name: net.training for name, net in self.networks.items()}
-        self.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            for name, net in self.networks.items():
-                net.train(modes[name])
-
     def evaluate(self, images, labels) -> dict[str, float]:
         """``train_step``'s keys for G (z from a fixed seed) against D on this batch, plus the
         collapse signal: ``diversity`` = mean pairwise RMS distance of DIVERSITY_SAMPLES EMA

@@ -9,7 +9,6 @@ to the encoder's first features and concatenated to z for the decoder.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -112,18 +111,6 @@ class ConditionalVAE(GenerativeModel):
         opt.step()
         return {"loss": float(loss.detach()), "recon": float(terms["recon"].detach()),
                 "kl": float(terms["kl"].detach())}
-
-    @contextmanager
-    def _eval_mode(self):
-        """Eval mode + no_grad; the previous train/eval modes are restored afterwards."""
-        modes = {name: net.training for name, net in self.networks.items()}
-        self.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            for name, net in self.networks.items():
-                net.train(modes[name])
 
     def evaluate(self, images, labels) -> dict[str, float]:
         """Same keys as ``train_step`` with the full beta and z = posterior mean (deterministic)."""
