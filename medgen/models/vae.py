@@ -9,7 +9,6 @@ to the encoder's first features and concatenated to z for the decoder.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
