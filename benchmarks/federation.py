@@ -68,11 +68,20 @@ def _data(cfg: Config) -> dict:
 
 class OtherLoad:
     """CPU seconds used by processes that are not this one or its descendants (Ray's processes are
-    ours), sampled from /proc every 0.5 s while the block runs: how contended a timing was."""
+    ours), sampled from /proc every 0.5 s while the block runs, and the CPU time the hypervisor
+    took away (steal): how contended a timing was."""
 
     def __init__(self) -> None:
-        self.others_cpu_s, self.wall_s = 0.0, 0.0
+        self.others_cpu_s, self.wall_s, self.steal_s = 0.0, 0.0, 0.0
         self._stop = threading.Event()
+
+    @staticmethod
+    def _steal() -> float:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()
+            return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
 
     @staticmethod
     def _snapshot() -> tuple[dict[int, float], dict[int, int]]:
@@ -109,6 +118,7 @@ class OtherLoad:
 
     def __enter__(self) -> OtherLoad:
         self._t0 = time.perf_counter()
+        self._steal0 = self._steal()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
         return self
@@ -117,11 +127,16 @@ class OtherLoad:
         self._stop.set()
         self._thread.join()
         self.wall_s = time.perf_counter() - self._t0
+        self.steal_s = self._steal() - self._steal0
 
     @property
     def share(self) -> float:
         """Other processes' CPU use as a share of the machine's CPU capacity over the block."""
         return round(self.others_cpu_s / max(1e-9, self.wall_s * (os.cpu_count() or 1)), 3)
+
+    @property
+    def steal_share(self) -> float:
+        return round(self.steal_s / max(1e-9, self.wall_s * (os.cpu_count() or 1)), 3)
 
 
 def _greedy_makespan(times: list[float], workers: int) -> float:
@@ -308,7 +323,7 @@ def main() -> None:
     sizes = [int(n) for n in (args.scaling if args.scaling is not None else
                               ("2,4" if args.quick else "2,4,8,16")).split(",") if n.strip()]
 
-    contention = {}
+    contention, steal = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cache = args.cache or tmp / "cache"
@@ -324,7 +339,7 @@ def main() -> None:
               f"{cfg.train.local_steps} steps ...", flush=True)
         with OtherLoad() as other:
             fed = run_federated(cfg, tmp / "run", log_file)
-        contention["federated"] = other.share
+        contention["federated"], steal["federated"] = other.share, other.steal_share
         print(f"  {fed['wall_s']:.1f} s", flush=True)
         _warm_up(cfg)
         print("plain loop (with evaluation, bookkeeping timed apart) ...", flush=True)
@@ -334,7 +349,7 @@ def main() -> None:
             plain_noeval = run_plain(cfg, evaluate=False) if args.variants else None
             # parallelism probe: one round of the same training on one torch thread, like an actor
             plain_1t = run_plain(cfg, evaluate=False, threads=1, rounds=1)
-        contention["plain"] = other.share
+        contention["plain"], steal["plain"] = other.share, other.steal_share
         probes = startup_probes()
         fed_spread = None
         if args.variants:  # one actor per training site: no idle actor in a round's last wave
@@ -346,6 +361,7 @@ def main() -> None:
                 with OtherLoad() as other:
                     fed_spread = run_federated(spread_cfg, tmp / "run-spread", log_file)
                 contention["federated-one-actor-per-site"] = other.share
+                steal["federated-one-actor-per-site"] = other.steal_share
 
         scaling = []
         if sizes:
@@ -360,7 +376,7 @@ def main() -> None:
                 with OtherLoad() as other:
                     f = run_federated(scfg, tmp / f"scale-{n}", log_file)
                     p = run_plain(scfg, evaluate=True, rounds=1)
-                contention[f"scaling-{n}"] = other.share
+                contention[f"scaling-{n}"], steal[f"scaling-{n}"] = other.share, other.steal_share
                 per_round = [r["round_s"] for r in f["rounds"]]
                 steady = f["rounds"][1]  # round 2: past the actors' first calls, before the last round's full evaluation
                 plain_round = p["total_s"]
@@ -390,6 +406,7 @@ def main() -> None:
                    f"{platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
         "other_processes_cpu_share": contention,
+        "hypervisor_steal_share": steal,
         "config": (f"{cfg.model.family}, {cfg.data.image_size}px, batch {cfg.train.batch_size}, "
                    f"{cfg.federation.rounds} rounds x {cfg.train.local_steps} local steps, train sites "
                    f"{n_train}, evaluation slices {n_eval}, client_cpus={cfg.simulation.client_cpus:g} "
@@ -454,10 +471,10 @@ def main() -> None:
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    busy = {k: v for k, v in contention.items() if v > 0.1}
+    busy = sorted(k for k in contention if contention[k] > 0.1 or steal.get(k, 0) > 0.05)
     if busy:
-        print(f"WARNING: other processes used more than 10% of the machine during {sorted(busy)} "
-              f"({busy}): these timings are not representative; run again on a quiet machine.", file=sys.stderr)
+        print(f"WARNING: other processes (> 10% of the machine) or the hypervisor (> 5% steal) took CPU during "
+              f"{busy}: these timings are not representative; run again on a quiet machine.", file=sys.stderr)
 
 
 if __name__ == "__main__":
