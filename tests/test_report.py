@@ -1,6 +1,7 @@
 """Reports: the files exist, hold their sections, and their numbers equal the run's records."""
 
 import json
+import re
 from html.parser import HTMLParser
 
 from medgen.evaluation.report import build_report, compare_runs
@@ -36,6 +37,9 @@ def test_report_sections_and_numbers(tiny_cohort, tmp_path):
     for section in ("Configuration", "Data per site", "Training", "Evaluation over rounds", "Final metrics",
                     "Samples", "Lesion detection"):
         assert section in page.headings
+    voxel_cells = [c for c in page.cells if re.fullmatch(r"[\d.]+x[\d.]+x[\d.]+ \(\d+\)(, .*)?", c)]
+    assert len(voxel_cells) == 3  # one per site, from the scans' headers
+    assert any(c.startswith("LPS") for c in page.cells) and any(c.startswith("PSR") for c in page.cells)
     assert page.images >= 5  # histograms, curves, samples, ROC/PR: all embedded, nothing to fetch
     assert "http" not in index.read_text().replace("http://www.w3.org", "")
     for site in "ABC":

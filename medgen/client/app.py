@@ -19,7 +19,9 @@ from flwr.clientapp import ClientApp
 
 from medgen.client.task import evaluate_local, local_steps, proximal_term, site_data, site_seed, train_local
 from medgen.config import Config, load_config_text
+from medgen.data.check import counts_text, scan_headers
 from medgen.data.errors import DataError, SiteDataError
+from medgen.data.sites import discover_site
 from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
 from medgen.privacy.dp import plan
@@ -99,7 +101,11 @@ def query(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Me
         reply = _reply(msg, site, {})
         reply.content["info"]["error"] = str(e)
         return reply
-    return _reply(msg, site, data_summary(train, val))
+    reply = _reply(msg, site, data_summary(train, val))
+    voxel_sizes, orientations, _ = scan_headers(discover_site(folder, cfg.data).subjects)
+    reply.content["info"]["voxel-sizes"] = counts_text(voxel_sizes)
+    reply.content["info"]["orientations"] = counts_text(orientations)
+    return reply
 
 
 @app.train()
@@ -133,7 +139,7 @@ def train(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Me
 @app.evaluate()
 @_handler
 def evaluate(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Message:
-    _, data = site_data(cfg, site, folder, heldout=site in cfg.sites.heldout)
+    train, data = site_data(cfg, site, folder, heldout=site in cfg.sites.heldout)
     if len(data) == 0:
         return _reply(msg, site, {"num-examples": 0})
     model = build_model(cfg)
@@ -141,7 +147,7 @@ def evaluate(msg: Message, cfg: Config, site: str, folder: Path, round_: int) ->
     metrics = evaluate_local(model, data, cfg)
     if not int(msg.content["config"].get("full", 0)):
         return _reply(msg, site, metrics)
-    scores, arrays = evaluate_site(model, data, cfg)
+    scores, arrays = evaluate_site(model, data, cfg, train=train)  # a held-out site's train is empty: no audit
     reply = _reply(msg, site, {**metrics, **scores})
     reply.content["artefacts"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return reply

@@ -35,12 +35,9 @@ class CheckReport:
         return PROBLEMS if self.problems else OK
 
     def summary(self, cfg: DataConfig) -> str:
-        def counts(c: Counter) -> str:
-            return ", ".join(f"{k} ({n})" for k, n in c.most_common()) or "-"
-
         lines = [f"site folder: {self.folder}  (layout: {self.layout})", f"scans: {self.scans}",
-                 f"voxel sizes (mm): {counts(self.voxel_sizes)}", f"orientations: {counts(self.orientations)}",
-                 f"data types: {counts(self.dtypes)}"]
+                 f"voxel sizes (mm): {counts_text(self.voxel_sizes)}", f"orientations: {counts_text(self.orientations)}",
+                 f"data types: {counts_text(self.dtypes)}"]
         if self.slices is not None:
             s = self.slices
             n_lesion = int((s.labels == LESION).sum())
@@ -58,6 +55,27 @@ class CheckReport:
         return "\n".join(lines)
 
 
+def scan_headers(subjects) -> tuple[Counter, Counter, Counter]:
+    """Counts of voxel sizes (mm, file axis order, e.g. "1x1x3"), orientations (e.g. "LPS",
+    "RAS oblique") and on-disk data types over the subjects' images, from headers only. Unreadable
+    files are left out (loading reports them)."""
+    voxel_sizes, orientations, dtypes = Counter(), Counter(), Counter()
+    for subject in subjects:
+        try:
+            info = describe(subject.image)
+        except DataError:
+            continue
+        voxel_sizes["x".join(f"{v:.3g}" for v in info["voxel_size"])] += 1
+        orientations[info["orientation"] + (" oblique" if info["oblique"] else "")] += 1
+        dtypes[info["dtype"]] += 1
+    return voxel_sizes, orientations, dtypes
+
+
+def counts_text(counts: Counter) -> str:
+    """"1x1x3 (5), 1x1x1 (2)": most common first; "-" when empty."""
+    return ", ".join(f"{k} ({n})" for k, n in counts.most_common()) or "-"
+
+
 def check_site(folder: str | Path, cfg: DataConfig) -> CheckReport:
     """Validate every file of a site folder; collect all problems rather than stop at the first."""
     report = CheckReport(Path(folder))
@@ -68,14 +86,7 @@ def check_site(folder: str | Path, cfg: DataConfig) -> CheckReport:
         return report
     report.layout = listing.layout
     report.scans = len(listing.subjects)
-    for subject in listing.subjects:
-        try:
-            info = describe(subject.image)
-        except DataError:
-            continue  # load_site below reports it with the other problems
-        report.voxel_sizes["x".join(f"{v:.3g}" for v in info["voxel_size"])] += 1
-        report.orientations[info["orientation"] + (" oblique" if info["oblique"] else "")] += 1
-        report.dtypes[info["dtype"]] += 1
+    report.voxel_sizes, report.orientations, report.dtypes = scan_headers(listing.subjects)
     try:
         report.slices = load_site(folder, cfg.model_copy(update={"on_bad_file": "skip"}))
         report.problems = report.slices.problems

@@ -111,6 +111,7 @@ class Federation:
                         raise FederationError(f"two nodes claim site {site!r}")
                     self.nodes[site] = reply.metadata.src_node_id
                     summary = dict(reply.content["metrics"])
+                    summary.update({k: str(info[k]) for k in ("voxel-sizes", "orientations") if k in info})
                     self.run.log(0, site, "query", summary)
                     self.log(f"site {site}: connected ({_summary(summary)})")
             if not wait or expected <= self.nodes.keys():
