@@ -140,6 +140,13 @@ class EvaluationConfig(_Section):
     share_images: bool = Field(
         False, description="sites may send a few anomaly-map overlays and sample slices for the report"
     )
+    memorisation_ratio: float = Field(
+        0.5, gt=0.0, le=1.0, description="memorisation audit: a sample is flagged when its nearest training slice "
+                                         "is closer than this times its nearest held-out slice"
+    )
+    membership_inference: bool = Field(
+        True, description="memorisation audit: also the loss-based membership-inference AUC (train vs held-out)"
+    )
 
 
 class SimulationConfig(_Section):

@@ -18,6 +18,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str |
                         site: str | None = None, overrides: list[str] | tuple[str, ...] = (), log=print) -> RunDir:
     """Score the model in ``checkpoint`` on every slice of the site folder ``data_dir``.
 
+    When ``site`` is one of the run's training sites, the memorisation audit compares generated
+    samples with its training vs validation subjects (the run's own split).
+
     The config is the checkpoint's own (the model must be rebuilt exactly); ``overrides`` may change
     the ``data`` and ``evaluation`` sections only, e.g. ``data.on_bad_file=skip``."""
     ckpt = load_checkpoint(checkpoint)
@@ -35,7 +38,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str |
     model.load_state_dict(ckpt["model"])
     log(f"evaluating {checkpoint} (round {ckpt['round']}, {cfg.model.family}) on {data_dir}: {len(data)} slices")
     metrics = evaluate_local(model, data, cfg)
-    scores, arrays = evaluate_site(model, data, cfg)
+    # a training site of the checkpoint's run: its own subject split gives the memorisation audit's
+    # training and held-out slices (the folder must hold the same scans it trained on)
+    train, heldout = data.split_subjects(cfg.train.val_fraction, cfg.seed) if site in cfg.sites.train else (None, None)
+    scores, arrays = evaluate_site(model, data, cfg, train=train, heldout=heldout)
     round_ = int(ckpt["round"])
     run.log(round_, site, "evaluate", {**metrics, **scores, "checkpoint": str(checkpoint)})
     if arrays:

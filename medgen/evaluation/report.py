@@ -21,7 +21,10 @@ from medgen.server.rundir import RunDir  # noqa: E402
 
 HEADLINE = ["loss", "frd-healthy", "frd-lesion", "kid-healthy", "kid-lesion", "precision-healthy", "recall-healthy",
             "ms-ssim-healthy", "ms-ssim-lesion", "fid-healthy", "fid-lesion", "pixel-auroc", "pixel-auprc",
-            "dice-at-threshold", "best-dice-upper-bound", "slice-auroc", "epsilon"]
+            "dice-at-threshold", "best-dice-upper-bound", "slice-auroc", "epsilon", "memorisation-fraction",
+            "memorisation-baseline", "mia-auc"]
+AUDIT = ["memorisation-fraction", "memorisation-baseline", "memorisation-ratio-median", "memorisation-baseline-median",
+         "nn-train-rms", "nn-heldout-rms", "memorisation-samples", "mia-auc"]
 _STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
@@ -95,6 +98,48 @@ def _overlays(a: dict) -> str:
     axes[0][0].set_title("slice + lesion outline", fontsize=8, loc="left")
     axes[1][0].set_title("anomaly map", fontsize=8, loc="left")
     return _png(fig)
+
+
+def _privacy(records: list[dict], site: str, metrics: dict, a: dict) -> str:
+    """A site's "Privacy and memorisation" section: epsilon over rounds, the audit's numbers, the
+    distribution of d_train / d_heldout against the baseline, and the closest pairs."""
+    parts = ["<h2>Privacy and memorisation</h2>",
+             _curves(records, [site, "global"], "train", ["epsilon", "central-epsilon"], f"site {site}: privacy spent")
+             or "<p>No differential privacy in this run.</p>"]
+    if "memorisation-fraction" not in metrics:
+        return "".join(parts + ["<p>No memorisation audit at this site (it needs training and held-out slices).</p>"])
+    threshold = float(a["memorisation-threshold"][0]) if "memorisation-threshold" in a else float("nan")
+    parts.append(_table([[k, metrics[k]] for k in AUDIT if k in metrics], ["audit", "value"]))
+    parts.append(f'<p class="note">Flagged: d_train / d_heldout &lt; {threshold:.3g} (nearest training vs held-out '
+                 "slice, pixel RMS). Baseline: the same share for real slices neither set holds (leave one "
+                 "training subject out). mia-auc: loss-based membership inference, 0.5 = no signal. README, "
+                 '"Memorisation audit".</p>')
+    if "memorisation-ratios" in a:
+        fig, ax = plt.subplots(figsize=(6, 2.6))
+        bins = np.linspace(0, max(1.5, float(np.max(a["memorisation-ratios"], initial=0))), 40)
+        ax.hist(a["memorisation-ratios"], bins, alpha=0.6, density=True, label="generated")
+        if len(a.get("memorisation-baseline-ratios", [])):
+            ax.hist(a["memorisation-baseline-ratios"], bins, alpha=0.6, density=True, label="baseline (real, unseen)")
+        ax.axvline(threshold, color="red", linestyle=":", label="threshold")
+        ax.set(xlabel="d_train / d_heldout", title="nearest-neighbour distance ratio")
+        ax.legend(fontsize=8)
+        parts.append(_png(fig))
+    if "memorisation-generated" not in a:
+        rows = [[i + 1, float(t), float(h)] for i, (t, h) in
+                enumerate(zip(a.get("memorisation-pair-d-train", []), a.get("memorisation-pair-d-heldout", [])))]
+        return "".join(parts + ['<p class="note">Closest pairs: numbers only, this site does not share images '
+                                "(evaluation.share_images).</p>", _table(rows, ["pair", "d_train", "d_heldout"])])
+    n = len(a["memorisation-generated"])
+    fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.2 * n), squeeze=False)
+    for i in range(n):
+        for j, key in enumerate(("memorisation-generated", "memorisation-train", "memorisation-heldout")):
+            axes[i][j].imshow(a[key][i], cmap="gray", vmin=0, vmax=1)
+            axes[i][j].axis("off")
+        axes[i][1].set_title(f"nearest training, d={a['memorisation-pair-d-train'][i]:.3g}", fontsize=8)
+        axes[i][2].set_title(f"nearest held-out, d={a['memorisation-pair-d-heldout'][i]:.3g}", fontsize=8)
+        axes[i][0].set_title("generated", fontsize=8)
+    fig.suptitle("closest pairs (lowest d_train / d_heldout)", fontsize=10)
+    return "".join(parts + [_png(fig)])
 
 
 def _histograms(records: list[dict], sites: list[str]) -> str:
@@ -187,6 +232,7 @@ def build_report(run_dir: str | Path) -> Path:
                 _curves(records, [site], "evaluate", ["loss", "pixel-auroc"], f"site {site}: evaluation"),
                 "<h2>Lesion detection</h2>", _roc_pr({site: arrays[site]} if site in arrays else {}) or
                 "<p>No lesion evaluation at this site.</p>", _overlays(arrays.get(site, {})),
+                _privacy(records, site, final.get(site, {}), arrays.get(site, {})),
                 '<p><a href="index.html">back to the run</a></p>']
         (out / f"site-{site}.html").write_text(_page(f"medgen report — site {site}", page))
     return out / "index.html"

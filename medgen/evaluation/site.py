@@ -8,7 +8,9 @@ Only numbers leave the site (and, with ``evaluation.share_images``, a few overla
 - unsupervised lesion detection on the site's lesion subjects: pixel AUROC / AUPRC inside the
   brain, Dice at a threshold fixed on held-apart healthy subjects' slices, the best Dice over
   thresholds (an upper bound: it looks at the masks), slice-level AUROC — for every setting of the
-  family's ``anomaly_sweep()`` (e.g. the DDPM's noise level t).
+  family's ``anomaly_sweep()`` (e.g. the DDPM's noise level t);
+- at a training site, the memorisation audit (``memorisation.py``): generated samples' nearest
+  training vs held-out slices, and a loss-based membership-inference AUC.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from medgen.config import Config
 from medgen.data.dataset import HEALTHY, LESION, SiteSlices
-from medgen.evaluation import anomaly, distances, fid
+from medgen.evaluation import anomaly, distances, fid, memorisation
 from medgen.evaluation.samples import CLASS_NAMES
 from medgen.models import GenerativeModel
 
@@ -37,7 +39,9 @@ def generated(model: GenerativeModel, label: int, n: int, seed: int) -> np.ndarr
     return np.concatenate(out)
 
 
-def distance_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config) -> dict[str, float]:
+def distance_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config,
+                     fakes: dict[int, np.ndarray] | None = None) -> dict[str, float]:
+    """The distances per class; the generated sets are left in ``fakes`` (by label) when given."""
     metrics: dict[str, float] = {}
     weights = fid.find_weights(cfg.evaluation.inception_weights)
     for label in (HEALTHY, LESION):
@@ -48,6 +52,8 @@ def distance_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config) -> d
         rng = np.random.default_rng(cfg.seed)
         real = real[rng.permutation(len(real))[: cfg.evaluation.max_samples]]
         fake = generated(model, label, len(real), cfg.seed)
+        if fakes is not None:
+            fakes[label] = fake
         real_f, fake_f = distances.radiomics_features(real), distances.radiomics_features(fake)
         metrics[f"frd-{name}"] = distances.frd(real_f, fake_f)
         metrics[f"kid-{name}"], _ = distances.kid(real_f, fake_f)
@@ -108,12 +114,36 @@ def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config):
     return metrics, curves, overlays
 
 
-def evaluate_site(model: GenerativeModel, data: SiteSlices, cfg: Config) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def memorisation_metrics(model: GenerativeModel, fakes: dict[int, np.ndarray], train: SiteSlices,
+                         heldout: SiteSlices, cfg: Config) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The audit of the samples in ``fakes`` (or fresh ones when the distances made none) against the
+    site's training slices, held-out slices being ``heldout``; plus ``mia-auc`` when enabled."""
+    ev = cfg.evaluation
+    if not fakes:
+        fakes = {int(label): generated(model, int(label), min(ev.max_samples, int((train.labels == label).sum())),
+                                       cfg.seed) for label in np.unique(train.labels)}
+    metrics, arrays = memorisation.audit(np.concatenate(list(fakes.values())), train, heldout,
+                                         ev.memorisation_ratio, ev.share_images)
+    if ev.membership_inference:
+        metrics["mia-auc"] = memorisation.membership_auc(model, train, heldout, ev.max_samples, cfg.seed)
+    return metrics, arrays
+
+
+def evaluate_site(model: GenerativeModel, data: SiteSlices, cfg: Config, train: SiteSlices | None = None,
+                  heldout: SiteSlices | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """All full-evaluation numbers of one site, and the arrays the report draws (curves; overlays
-    only with ``evaluation.share_images``)."""
+    only with ``evaluation.share_images``). With the site's ``train`` slices (a training site), the
+    memorisation audit too, against ``heldout`` slices (default ``data``: the validation subjects)."""
     model.eval()
+    fakes: dict[int, np.ndarray] = {}
     with torch.no_grad():
-        metrics = distance_metrics(model, data, cfg)
+        metrics = distance_metrics(model, data, cfg, fakes)
     scores, curves, overlays = anomaly_metrics(model, data, cfg)
     metrics.update(scores)
-    return metrics, {**curves, **overlays}
+    heldout = data if heldout is None else heldout
+    audit: dict[str, np.ndarray] = {}
+    if train is not None and len(train) and len(heldout):
+        with torch.no_grad():
+            found, audit = memorisation_metrics(model, fakes, train, heldout, cfg)
+        metrics.update(found)
+    return metrics, {**curves, **overlays, **audit}
