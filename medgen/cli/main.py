@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("folders", nargs="+", type=Path, metavar="DIR")
     _config_args(check)
     check.set_defaults(func=cmd_data_check)
+
+    from medgen.cli.certs import add_parser as add_certs_parser
+
+    add_certs_parser(commands)
     return parser
 
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 
 import torch
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from medgen.client.task import evaluate_local, local_steps, proximal_term, site_data, site_seed, train_local
 from medgen.config import Config, load_config_text
 from medgen.data.check import counts_text, scan_headers
 from medgen.data.errors import DataError, SiteDataError
+from medgen.deployment.handshake import check_handshake
 from medgen.data.sites import discover_site
 from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
@@ -57,6 +59,13 @@ def _handler(fn):
         config = msg.content["config"]
         cfg = load_config_text(str(config["medgen-config"]))
         site, folder = bind_site(cfg, dict(context.node_config))
+        if "state-dir" in context.node_config:  # a deployed site keeps its state (privacy ledger) itself
+            config["node-state-dir"] = str(context.node_config["state-dir"])
+        if refusal := check_handshake(dict(context.run_config), cfg):
+            print(f"site {site}: REFUSED: {refusal}", file=sys.stderr, flush=True)
+            if msg.metadata.message_type == MessageType.QUERY:
+                return _refuse(msg, site, refusal)
+            raise SiteFailure(f"site {site}: {refusal}")
         try:
             return fn(msg, cfg, site, folder, int(config.get("round", 0)))
         except Exception as e:
@@ -68,7 +77,10 @@ def _handler(fn):
 def state_dir(msg: Message, site: str) -> Path:
     """The site's own state folder (privacy ledger): the SuperNode's ``state-dir`` node config in a
     deployment; in simulation ``<run>/sites/<site>``, named by the server."""
-    return Path(str(msg.content["config"]["state-root"])) / site
+    config = msg.content["config"]
+    if "node-state-dir" in config:
+        return Path(str(config["node-state-dir"]))
+    return Path(str(config["state-root"])) / site
 
 
 def data_summary(train, val) -> dict:
@@ -88,6 +100,14 @@ def _reply(msg: Message, site: str, metrics: dict, arrays: ArrayRecord | None = 
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content=content, reply_to=msg)
+
+
+def _refuse(msg: Message, site: str, reason: str) -> Message:
+    """The query reply of a site that will not take part: the server logs the reason, leaves the
+    site out and asks again next round."""
+    reply = _reply(msg, site, {})
+    reply.content["info"]["error"] = reason
+    return reply
 
 
 @app.query()

@@ -18,3 +18,22 @@ def make_server_app(cfg: Config, run: RunDir) -> ServerApp:
         run_federation(grid, cfg, run)
 
     return app
+
+
+# Deployment: `medgen-server start` submits this app to the SuperLink (see medgen/deployment/fab.py);
+# the run config carries the medgen config (YAML text) and the run directory.
+app = ServerApp()
+
+
+@app.main()
+def deployed(grid: Grid, context: Context) -> None:
+    from medgen.config import load_config_text
+    from medgen.deployment.grid import quick_replies
+    from medgen.server.errors import FederationError
+    from medgen.server.rundir import FileLog
+
+    rc = context.run_config
+    if not rc.get("medgen-config") or not rc.get("run-dir"):
+        raise FederationError("the run config lacks medgen-config / run-dir: start runs with `medgen-server start`")
+    run = RunDir(str(rc["run-dir"]))
+    run_federation(quick_replies(grid), load_config_text(str(rc["medgen-config"])), run, FileLog(run.path / "server.log"))

@@ -82,6 +82,19 @@ class RunDir:
         return json.loads(path.read_text()) if path.is_file() else {"status": "missing"}
 
 
+class FileLog:
+    """A log function that prints and appends each line to a file (a deployed ServerApp runs in
+    a process of the SuperLink's; `medgen-server` follows the file)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by ``RunDir.save_checkpoint`` (tensors on the CPU); DataError naming the
     file when it is missing or not a medgen checkpoint."""

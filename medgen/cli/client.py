@@ -1,0 +1,114 @@
+"""`medgen-client join --site A --server HOST:PORT --data DIR`: take part in a study as one site.
+Starts a Flower SuperNode bound to the site's data; the scans never leave this machine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from medgen.cli.main import _config_args
+from medgen.config import ConfigError, load_config
+
+SHARED = """\
+What this site sends to the server (nothing else leaves it):
+  - once per run: the site name and aggregate numbers about its data (slice and subject counts,
+    lesion-slice count, a 32-bin intensity histogram, voxel-size and orientation counts);
+  - each round it trains: the model weights after local training and its loss terms, the number of
+    examples and steps, the time taken (with DP-SGD: epsilon, delta, noise multiplier, sample rate);
+  - each evaluation: aggregate scores (losses, FRD/KID/precision/recall/MS-SSIM, lesion-detection
+    AUROC/AUPRC/Dice) and ROC/PR curves; anomaly-map overlays only if the study sets
+    evaluation.share_images: true.
+Never sent: scans, masks, slices, file names, subject identifiers, the privacy ledger."""
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def default_state_dir(site: str) -> Path:
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "medgen" / "sites" / site
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from medgen.deployment.certs import CertError, check_cert, check_private_key, check_site_name
+
+    site = check_site_name(args.site)
+    data = args.data.resolve()
+    if not data.is_dir():
+        raise CertError(f"--data {args.data}: not a folder")
+    if args.dry_run:
+        from medgen.data.check import check_site
+
+        cfg = load_config(args.config, args.overrides)
+        report = check_site(data, cfg.data)
+        print(report.summary(cfg.data))
+        print()
+        print(SHARED)
+        return report.exit_code
+    if not args.server:
+        raise ConfigError("--server HOST:PORT is required (the coordinator's SuperLink)")
+    ca, key = args.ca, args.key
+    if args.certs:
+        ca = ca or args.certs / "ca.pem"
+        key = key or args.certs / "sites" / f"{site}.key"
+    if args.insecure:
+        ca = key = None
+    else:
+        if ca is None or key is None:
+            raise CertError("TLS and site authentication need --ca CA.pem and --key SITE.key (or --certs DIR); "
+                            "--insecure joins a server started with --insecure")
+        ca, key = check_cert(ca, "--ca").resolve(), check_private_key(key).resolve()
+    from medgen.deployment.node import NodeOptions, join
+
+    opts = NodeOptions(site=site, server=args.server, data=data, ca=ca, key=key,
+                       state_dir=(args.state_dir or default_state_dir(site)).resolve(), port=args.port,
+                       worker=args.clientapp == "worker")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return join(opts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medgen-client", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    j = commands.add_parser("join", help="join a study as one site")
+    j.add_argument("--site", required=True, help="this site's name, as in the study's sites.train / sites.heldout")
+    j.add_argument("--server", help="the coordinator's SuperLink, HOST:PORT")
+    j.add_argument("--data", type=Path, required=True, help="this site's folder of NIfTI scans")
+    j.add_argument("--certs", type=Path, help="folder with ca.pem and sites/<site>.key")
+    j.add_argument("--ca", type=Path, help="the study's CA certificate (verifies the server)")
+    j.add_argument("--key", type=Path, help="this site's private key (made by `medgen certs site NAME`)")
+    j.add_argument("--state-dir", type=Path, help="where the site keeps its privacy ledger, slice cache and logs "
+                   "(default ~/.local/state/medgen/sites/<site>)")
+    j.add_argument("--port", type=int, help="local port of the SuperNode's Runtime API (default: a free one)")
+    j.add_argument("--clientapp", choices=["worker", "per-message"], default="worker",
+                   help="worker (default): one long-lived ClientApp process; per-message: Flower's default, "
+                   "a fresh process (and torch import) for every message")
+    j.add_argument("--dry-run", action="store_true", help="check the data and print what would be shared; do not join")
+    j.add_argument("--insecure", action="store_true", help="no TLS, no authentication (server started with --insecure)")
+    _config_args(j)
+    j.set_defaults(func=cmd_join)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medgen.data.errors import DataError, SiteDataError
+    from medgen.deployment.certs import CertError
+    from medgen.deployment.link import DeploymentError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, SiteDataError, CertError, DeploymentError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the SuperNode is stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

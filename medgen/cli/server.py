@@ -1,0 +1,84 @@
+"""`medgen-server start`: run a federated study on a Flower SuperLink (TLS + SuperNode
+authentication unless --insecure); writes the same run directory and reports as `medgen simulate`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from medgen.cli.main import _config_args
+from medgen.config import ConfigError, load_config
+from medgen.data.errors import DataError, SiteDataError
+from medgen.server.errors import FederationError
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from medgen.deployment.server import ServerOptions, find_site_keys, prepare_run, serve, tls_from_certs
+    from medgen.evaluation.report import build_report
+
+    if args.resume and args.config:
+        raise ConfigError("--resume uses the run's own config.yaml; give changes with --set, not --config")
+    # Check the flags and files before anything is written.
+    cfg = None if args.resume else load_config(args.config, args.overrides)
+    tls = keys = None
+    if not args.insecure:
+        tls = tls_from_certs(args.certs, args.ca, args.cert, args.key)
+    cfg, run = prepare_run(cfg, args.out, args.resume, args.overrides)
+    if not args.insecure:
+        keys = find_site_keys(cfg, args.site_keys or (args.certs / "sites" if args.certs else None))
+    opts = ServerOptions(host=args.address, port=args.port, tls=tls, site_keys=keys or {},
+                         state_db=args.state_db, health_timeout_s=args.health_timeout)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    serve(cfg, run, opts)
+    print(f"run directory: {run.path}\nreport: {build_report(run.path)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medgen-server", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start", help="start the SuperLink and run the study")
+    start.add_argument("--address", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
+    start.add_argument("--port", type=int, default=9092,
+                       help="the one port sites (and the Control API) connect to (default 9092)")
+    start.add_argument("--certs", type=Path, help="folder made by `medgen certs init` (ca.pem, server.pem, "
+                       "server.key, sites/<site>.pub)")
+    start.add_argument("--ca", type=Path, help="CA certificate (default <certs>/ca.pem)")
+    start.add_argument("--cert", type=Path, help="server certificate (default <certs>/server.pem)")
+    start.add_argument("--key", type=Path, help="server private key (default <certs>/server.key)")
+    start.add_argument("--site-keys", type=Path, help="folder of the sites' public keys <site>.pub "
+                       "(default <certs>/sites)")
+    start.add_argument("--state-db", type=Path, help="SuperLink state database file (default: in memory)")
+    start.add_argument("--out", type=Path, help="run directory (default runs/<time>-<family>-<strategy>)")
+    start.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run after its last completed round")
+    start.add_argument("--insecure", action="store_true",
+                       help="no TLS and no site authentication: for a closed test network only")
+    start.add_argument("--health-timeout", type=float, default=60.0, help="seconds to wait for the SuperLink")
+    _config_args(start)
+    start.set_defaults(func=cmd_start)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medgen.deployment.certs import CertError
+    from medgen.deployment.link import DeploymentError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, SiteDataError, FederationError, CertError, DeploymentError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: every child process is stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

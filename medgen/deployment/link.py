@@ -1,0 +1,136 @@
+"""The SuperLink side: start ``flower-superlink`` as a child, wait on its health endpoint, and talk
+to its Control API (register site keys, submit the run, follow it, stop it).
+
+In Flower 1.41 one HTTPS port serves everything: the Fleet API (SuperNodes), the Control API
+(``flwr`` CLI: register nodes, start / stop runs, read logs) and the Runtime API (the ServerApp
+process), plus ``GET /health``. The Control API has no login in the open-source build: anyone who
+can reach the port can start runs and register nodes — see README "Deployment".
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from medgen.deployment.certs import load_public_key
+from medgen.deployment.procs import Child, flower_bin, flower_env
+
+
+class DeploymentError(RuntimeError):
+    """The deployment cannot go on; the text says which process, flag or file."""
+
+
+@dataclass
+class TLS:
+    """Server-side TLS files; None means --insecure."""
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _verify(ca: Path | None) -> ssl.SSLContext | bool:
+    if ca is None:
+        return False
+    ctx = ssl.create_default_context(cafile=str(ca))
+    return ctx
+
+
+def url(address: str, tls: bool) -> str:
+    return f"{'https' if tls else 'http'}://{address}"
+
+
+def wait_healthy(address: str, ca: Path | None, timeout: float, child: Child | None = None) -> float:
+    """Poll ``GET /health`` until it answers 200; returns the seconds waited."""
+    t0 = time.monotonic()
+    verify = _verify(ca)
+    last = ""
+    while time.monotonic() - t0 < timeout:
+        if child is not None and not child.running():
+            raise DeploymentError(f"{child.name} exited with code {child.proc.returncode} before it was healthy; "
+                                  f"its log ({child.log_file}) ends:\n{child.tail()}")
+        try:
+            if httpx.get(f"{url(address, ca is not None)}/health", verify=verify, timeout=2.0).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(0.1)
+    raise DeploymentError(f"{address}/health did not answer within {timeout:g} s ({last})")
+
+
+def start_superlink(host: str, port: int, tls: TLS | None, state_db: Path | None, log_file: Path,
+                    flwr_home: Path, auth: bool = True) -> Child:
+    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation", "--isolation", "subprocess"]
+    if tls is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+        if auth:
+            cmd.append("--enable-supernode-auth")
+    if state_db is not None:
+        cmd += ["--database", str(state_db)]
+    return Child("SuperLink", cmd, log_file, env=flower_env(flwr_home))
+
+
+class Control:
+    """A Control API client (what the ``flwr`` CLI uses), without the CLI's config file."""
+
+    def __init__(self, address: str, ca: Path | None):
+        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        self.client = ControlHttpClient.from_server_address(
+            server_address=address, insecure=ca is None,
+            root_certificates=ca.read_bytes() if ca is not None else None,
+            interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
+
+    def close(self) -> None:
+        self.client.close()
+
+    def register(self, public_key: Path, name: str) -> int:
+        """Register a SuperNode public key; returns its node id. A key registered before (a
+        server restarted on the same --state-db) keeps its node."""
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+        key = public_key_to_bytes(load_public_key(public_key))
+        known = {n.public_key: n.node_id for n in self.nodes() if n.status != "unregistered"}
+        if key in known:
+            return known[key]
+        return int(self.client.RegisterNode(RegisterNodeRequest(public_key=key, name=name)).node_id)
+
+    def nodes(self) -> list:
+        from flwr.proto.control_pb2 import ListNodesRequest
+
+        return list(self.client.ListNodes(ListNodesRequest()).nodes_info)
+
+    def start_run(self, fab: bytes, run_config: dict) -> int:
+        import hashlib
+
+        from flwr.common.serde import fab_to_proto, user_config_to_proto
+        from flwr.proto.control_pb2 import StartRunRequest
+        from flwr.supercore.fab import Fab
+
+        req = StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+                              override_config=user_config_to_proto(run_config), federation="")
+        res = self.client.StartRun(req)
+        if not res.HasField("run_id"):
+            raise DeploymentError(f"the SuperLink did not start the run{': ' + res.note if res.HasField('note') else ''}")
+        return int(res.run_id)
+
+    def run_status(self, run_id: int) -> tuple[str, str, str]:
+        """(status, sub-status, details) of a run, e.g. ("finished", "completed", "")."""
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        run = self.client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
+        return run.status.status, run.status.sub_status, run.status.details
+
+    def stop_run(self, run_id: int) -> None:
+        from flwr.proto.control_pb2 import StopRunRequest
+
+        self.client.StopRun(StopRunRequest(run_id=run_id))

@@ -1,0 +1,181 @@
+"""`medgen-server start`: the coordinator's side of a real deployment.
+
+1. the run directory (as `medgen simulate`: a new one, or ``--resume`` an old one);
+2. a SuperLink child (TLS, SuperNode authentication), waited on through ``GET /health``;
+3. every site's public key (``<certs>/sites/<site>.pub``) registered with the SuperLink;
+4. the medgen ServerApp submitted as a run (a FAB naming ``medgen.server.app:app``; the medgen
+   config, the run directory and the handshake travel in the run config);
+5. progress followed (the ServerApp writes ``<run>/server.log``) until the run finishes; then
+   every child is stopped, whatever happened (also on Ctrl-C / SIGTERM).
+
+Everything Flower writes goes under ``<run>/deployment/`` (SuperLink log, Flower home).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medgen.config import Config, dump_config, load_config
+from medgen.deployment.certs import CertError, check_cert, load_public_key, site_public_keys
+from medgen.deployment.fab import build_fab
+from medgen.deployment.handshake import server_handshake
+from medgen.deployment.link import TLS, Control, DeploymentError, start_superlink, wait_healthy
+from medgen.deployment.procs import port_free, shielded
+from medgen.server.errors import FederationError
+from medgen.server.rundir import RunDir
+
+
+@dataclass
+class ServerOptions:
+    host: str = "0.0.0.0"
+    port: int = 9092
+    tls: TLS | None = None  # None: --insecure (no TLS, no SuperNode authentication)
+    site_keys: dict[str, Path] = field(default_factory=dict)  # site -> OpenSSH public key
+    state_db: Path | None = None
+    health_timeout_s: float = 60.0
+    connect_address: str | None = None  # how this process reaches the SuperLink (default: localhost:port)
+
+
+def tls_from_certs(certs: Path | None, ca: Path | None, cert: Path | None, key: Path | None) -> TLS:
+    """The server's TLS files: explicit flags win over ``<certs>/ca.pem, server.pem, server.key``."""
+    files = {"--ca": ca or (certs / "ca.pem" if certs else None),
+             "--cert": cert or (certs / "server.pem" if certs else None),
+             "--key": key or (certs / "server.key" if certs else None)}
+    missing = [flag for flag, path in files.items() if path is None]
+    if missing:
+        raise CertError(f"TLS needs {', '.join(missing)} (or --certs DIR made by `medgen certs init`); "
+                        f"--insecure runs without TLS")
+    check_cert(files["--ca"], "--ca")
+    check_cert(files["--cert"], "--cert")
+    if not files["--key"].is_file():
+        raise CertError(f"--key {files['--key']}: private key file not found")
+    return TLS(*(Path(p).resolve() for p in files.values()))
+
+
+def find_site_keys(cfg: Config, keys_dir: Path | None) -> dict[str, Path]:
+    """``<keys_dir>/<site>.pub`` for every site of the study; CertError naming the missing ones."""
+    if keys_dir is None:
+        raise CertError("SuperNode authentication needs the sites' public keys: --certs DIR (DIR/sites/<site>.pub) "
+                        "or --site-keys DIR (DIR/<site>.pub)")
+    found = site_public_keys(keys_dir.parent) if keys_dir.name == "sites" else \
+        {p.stem: p for p in sorted(keys_dir.glob("*.pub"))}
+    missing = [s for s in cfg.sites.all if s not in found]
+    if missing:
+        raise CertError(f"no public key for site(s) {', '.join(missing)} in {keys_dir} (expected "
+                        f"{keys_dir / (missing[0] + '.pub')}; the site makes it with `medgen certs site {missing[0]}`)")
+    for site in cfg.sites.all:
+        load_public_key(found[site])
+    return {s: found[s] for s in cfg.sites.all}
+
+
+def deployment_config(cfg: Config) -> Config:
+    """The config the sites receive: the data folder and cache are each site's own business."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": None, "cache_dir": None})})
+
+
+def prepare_run(cfg: Config | None, out: Path | None, resume: Path | None, overrides=()) -> tuple[Config, RunDir]:
+    if resume is not None:
+        run = RunDir(resume)
+        if not (run.path / "config.yaml").is_file():
+            raise FederationError(f"--resume {run.path}: not a run directory (no config.yaml)")
+        cfg = load_config(run.path / "config.yaml", overrides)
+    else:
+        from medgen.simulation import default_run_dir
+
+        cfg = cfg if cfg is not None else load_config(None, overrides)
+        run = RunDir(out or default_run_dir(cfg))
+        if run.last_checkpoint() is not None:
+            raise FederationError(f"{run.path} already holds a run; use --resume {run.path} or another --out")
+    cfg = deployment_config(cfg)
+    run.create(cfg)
+    run.path = run.path.resolve()
+    return cfg, RunDir(run.path)
+
+
+class Follower:
+    """Prints the new lines of the ServerApp's ``server.log``."""
+
+    def __init__(self, path: Path, log):
+        self.path, self.log, self.offset = path, log, path.stat().st_size if path.is_file() else 0
+
+    def poll(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open() as f:
+            f.seek(self.offset)
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            self.log(line)
+
+
+def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
+    """Run the federation on a SuperLink until it finishes; stop every child process before
+    returning or raising (KeyboardInterrupt / SystemExit included)."""
+    if opts.tls is not None and set(opts.site_keys) != set(cfg.sites.all):
+        raise CertError(f"public keys are needed for every site: {sorted(cfg.sites.all)}")
+    if not port_free(opts.host, opts.port):
+        raise DeploymentError(f"--port {opts.port}: something already listens on {opts.host}:{opts.port}")
+    work = run.path / "deployment"
+    work.mkdir(parents=True, exist_ok=True)
+    address = opts.connect_address or f"{'localhost' if opts.tls else '127.0.0.1'}:{opts.port}"
+    link = start_superlink(opts.host, opts.port, opts.tls, opts.state_db, work / "superlink.log", work / "flwr-home",
+                           auth=opts.tls is not None)
+    control = None
+    run_id = None
+    try:
+        waited = wait_healthy(address, opts.tls.ca if opts.tls else None, opts.health_timeout_s, link)
+        log(f"SuperLink up on {opts.host}:{opts.port} ({'TLS, SuperNode authentication' if opts.tls else 'INSECURE: no TLS, no authentication'}; "
+            f"{waited:.1f} s; log {link.log_file})")
+        control = Control(address, opts.tls.ca if opts.tls else None)
+        nodes = {}
+        for site, key in opts.site_keys.items():
+            nodes[site] = control.register(key, name=f"site-{site}")
+            log(f"site {site}: public key {key} registered (node {nodes[site]})")
+        run_config = {"medgen-config": dump_config(cfg), "run-dir": str(run.path), **server_handshake(cfg),
+                      "site-nodes": ",".join(f"{s}={n}" for s, n in nodes.items())}
+        follower = Follower(run.path / "server.log", log)
+        run_id = control.start_run(build_fab(run_config["medgen-version"]), run_config)
+        log(f"run {run_id} submitted; run directory {run.path}; waiting for the sites "
+            f"({', '.join(cfg.sites.all)})")
+        while True:
+            follower.poll()
+            if not link.running():
+                raise DeploymentError(f"the SuperLink exited (code {link.proc.returncode}); its log ends:\n{link.tail()}")
+            status, sub_status, details = control.run_status(run_id)
+            if status == "finished":
+                follower.poll()
+                break
+            time.sleep(1.0)
+        if sub_status != "completed" and run.status().get("status") != "failed":
+            run.set_status("failed", round=_last_round(run), error=f"Flower run {run_id} {sub_status}: {details}")
+        status = run.status()
+        if status.get("status") != "completed":
+            raise FederationError(f"the federation did not complete: {status.get('error', status.get('status'))} "
+                                  f"(run directory {run.path}; SuperLink log {link.log_file})")
+        return run
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) and run.status().get("status") == "running":
+            run.set_status("failed", round=_last_round(run),
+                           error=f"stopped by the coordinator ({type(e).__name__}); continue with --resume {run.path}")
+            log(f"stopping: continue later with `medgen-server start --resume {run.path}`")
+        raise
+    finally:
+        with shielded():
+            if control is not None:
+                if run_id is not None and link.running():
+                    try:
+                        if control.run_status(run_id)[0] != "finished":
+                            control.stop_run(run_id)
+                    except Exception:  # the link may be going down; stopping it below ends the run anyway
+                        pass
+                control.close()
+            link.stop()
+
+
+def _last_round(run: RunDir) -> int:
+    last = run.last_checkpoint()
+    return int(last.stem.split("-")[1]) if last is not None else 0

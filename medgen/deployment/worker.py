@@ -1,0 +1,124 @@
+"""A long-lived ClientApp process for a site's SuperNode (started with ``--isolation process``).
+
+Flower's default runs every message in a fresh ``flwr-clientapp`` process: torch and medgen are
+imported again for each query, training round and evaluation (seconds each on a small CPU). This
+worker imports them once and then, in a loop, takes the SuperNode's next task from its Runtime API
+(127.0.0.1 only), runs medgen's ClientApp on it in this process and hands the reply back — what
+``flwr-clientapp`` does, minus the process start.
+
+It runs medgen's own installed ClientApp only: a run whose app bundle names another ClientApp is
+answered with an error (a server cannot make the site execute code it did not install).
+
+    python -m medgen.deployment.worker --runtime-api-address 127.0.0.1:PORT [--parent-pid PID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+import tomllib
+import zipfile
+
+CLIENTAPP = "medgen.client.app:app"
+
+
+def fab_clientapp(fab_content: bytes) -> str:
+    """The ClientApp a Flower App Bundle names in its pyproject.toml."""
+    with zipfile.ZipFile(io.BytesIO(fab_content)) as z:
+        config = tomllib.loads(z.read("pyproject.toml").decode())
+    return str(config.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp", ""))
+
+
+def _runtime_client(address: str, token: str | None = None):
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
+    if token:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
+                                                 interceptors=interceptors,
+                                                 retry_invoker=make_simple_http_retry_invoker())
+
+
+def run_task(address: str, token: str, client_app) -> str:
+    """One task: pull the message, run the ClientApp, push the reply and the task's status."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    client = _runtime_client(address, token)
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = context = reply = None
+    sub_status, details = SubStatus.FAILED, "ClientApp task failed"
+    try:
+        message, context, run, fab = pull_task_input(client)
+        named = fab_clientapp(fab.content)
+        if named != CLIENTAPP:
+            raise RuntimeError(f"this site runs only medgen's ClientApp ({CLIENTAPP}); run {run.run_id} asks for "
+                               f"{named!r}")
+        reply = client_app(message=message, context=context)
+        sub_status, details = SubStatus.COMPLETED, ""
+    except Exception as ex:  # what flwr-clientapp does: the reply carries the error
+        print(f"ClientApp raised: {type(ex).__name__}: {ex}", file=sys.stderr, flush=True)
+        details = f"{type(ex)}:<'{ex}'>"
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+            push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+        finally:
+            heartbeat.stop()
+            client.close()
+    return sub_status
+
+
+def serve(address: str, poll_s: float = 0.1, parent_pid: int | None = None) -> None:
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
+    from medgen.client.app import app as client_app  # the expensive imports, once
+
+    client = _runtime_client(address)
+    print(f"medgen worker ready (pid {os.getpid()}), serving tasks of {address}", flush=True)
+    while parent_pid is None or _alive(parent_pid):
+        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-clientapp"]))
+        if res.HasField("task") and res.token:
+            t0 = time.perf_counter()
+            status = run_task(address, res.token, client_app)
+            print(f"task {res.task.task_id}: {status} in {time.perf_counter() - t0:.2f} s", flush=True)
+            continue
+        time.sleep(poll_s)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    parser.add_argument("--poll", type=float, default=0.1, help="seconds between task polls")
+    args = parser.parse_args(argv)
+    try:
+        serve(args.runtime_api_address, args.poll, args.parent_pid)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
