@@ -49,15 +49,21 @@ class SiteFailure(RuntimeError):
     """What a site reports to the server instead of its result; the text names the site."""
 
 
+def client_threads(cfg: Config) -> int:
+    """torch threads of a site's work: ``$MEDGEN_CLIENT_THREADS`` if set, else the CPUs a simulated
+    site reserves (``simulation.client_cpus``, at least 1)."""
+    return int(os.environ.get("MEDGEN_CLIENT_THREADS") or max(1, int(cfg.simulation.client_cpus)))
+
+
 def _handler(fn):
     """Bind the node to its site, then run ``fn(msg, cfg, site, folder, round)``; any failure is
     re-raised as SiteFailure naming the site, which Flower sends back as the reply's error."""
 
     @functools.wraps(fn)
     def wrapped(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(int(os.environ.get("MEDGEN_CLIENT_THREADS", "1")))
         config = msg.content["config"]
         cfg = load_config_text(str(config["medgen-config"]))
+        torch.set_num_threads(client_threads(cfg))
         site, folder = bind_site(cfg, dict(context.node_config))
         if "state-dir" in context.node_config:  # a deployed site keeps its state (privacy ledger) itself
             config["node-state-dir"] = str(context.node_config["state-dir"])
