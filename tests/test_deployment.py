@@ -1,0 +1,307 @@
+"""Real deployment: `medgen certs`, `medgen-server start` on a real Flower SuperLink with TLS and
+SuperNode authentication, `medgen-client join` SuperNodes, on a tiny phantom cohort. Nothing is
+mocked: the end-to-end tests run the real binaries over loopback. The site's side (handshake, what
+leaves a site) is also checked directly on the ClientApp, without processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from medgen.client.app import app as client_app
+from medgen.config import dump_config, load_config
+from medgen.deployment.certs import CertError, check_private_key, init_ca, make_site_keys
+from medgen.deployment.fab import build_fab
+from medgen.deployment.handshake import check_handshake, medgen_version, server_handshake
+from medgen.deployment.procs import free_port
+from medgen.deployment.worker import CLIENTAPP, fab_clientapp
+from medgen.models import build_model
+from medgen.server.rundir import RunDir, load_checkpoint
+from medgen.simulation import resolve_data
+
+BIN = Path(sys.executable).parent
+TINY = ["sites.train=[A,B]", "sites.heldout=[C]", "phantom.subjects_per_site=3", "train.local_steps=3",
+        "train.batch_size=8", "model.width=8", "model.latent_dim=16", "data.image_size=32",
+        "federation.samples_per_class=2", "federation.round_timeout_s=120"]
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """The tiny phantom cohort (sites A, B, C) and its slice cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    data = resolve_data(load_config(None, TINY + [f"data.cache_dir={cache}"]), log=lambda _: None).data
+    return Path(data.root), cache
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A CA, the server certificate, keys for A, B, C (registered) and for D (never registered)."""
+    folder = tmp_path_factory.mktemp("certs")
+    init_ca(folder)
+    for site in "ABC":
+        make_site_keys(folder, site)
+    outsider = tmp_path_factory.mktemp("outsider")
+    make_site_keys(outsider, "D")
+    return folder, outsider / "sites" / "D.key"
+
+
+def _context(cfg, site_folder: Path, run_config: dict, state_dir: Path | None = None) -> Context:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    node_config = {"site": site_folder.name, "data-dir": str(site_folder)}
+    if state_dir is not None:
+        node_config["state-dir"] = str(state_dir)
+    return Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config, node_config=node_config)
+
+
+def _message(cfg, kind: str, round_: int = 1, arrays=None, full: bool = False) -> Message:
+    from flwr.app import ArrayRecord
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1  # set by Flower's runtime
+    content = RecordDict({"config": ConfigRecord({"medgen-config": dump_config(cfg), "round": round_,
+                                                  "state-root": "/nonexistent", "full": int(full)})})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(arrays)
+    msg = Message(content=content, message_type=kind, dst_node_id=7)
+    msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    return msg
+
+
+# ----------------------------------------------------------------------------- certificates
+def test_certs_make_a_ca_a_server_certificate_and_site_keys(tmp_path):
+    made = init_ca(tmp_path, ["server.example.org", "10.0.0.5"])
+    assert made["hosts"] == ["localhost", "127.0.0.1", "::1", "server.example.org", "10.0.0.5"]
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(made["cert"].read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "server.example.org" in san.get_values_for_type(x509.DNSName)
+    assert oct(made["key"].stat().st_mode & 0o777) == "0o600" and oct(made["ca-key"].stat().st_mode & 0o777) == "0o600"
+    keys = make_site_keys(tmp_path, "A")
+    assert keys["pub"].read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert check_private_key(keys["key"]) == keys["key"]
+    with pytest.raises(CertError, match="ca.key already exists"):
+        init_ca(tmp_path)
+    with pytest.raises(CertError, match="site name"):
+        make_site_keys(tmp_path, "../evil")
+    with pytest.raises(CertError, match=r"--key .*A.pub: not an unencrypted OpenSSH private key"):
+        check_private_key(keys["pub"])
+
+
+def test_cli_errors_name_the_flag_or_file(tmp_path):
+    out = subprocess.run([BIN / "medgen-server", "start", "--port", str(free_port())], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "--ca" in out.stderr and "--insecure" in out.stderr
+    out = subprocess.run([BIN / "medgen-client", "join", "--site", "A", "--server", "localhost:1", "--data",
+                          str(tmp_path), "--ca", str(tmp_path / "nope.pem"), "--key", str(tmp_path / "k")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--ca" in out.stderr and "nope.pem" in out.stderr
+    out = subprocess.run([BIN / "medgen-client", "join", "--site", "A", "--data", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--data" in out.stderr and "missing" in out.stderr
+
+
+def test_client_dry_run_checks_the_data_and_says_what_is_shared(cohort):
+    root, cache = cohort
+    out = subprocess.run([BIN / "medgen-client", "join", "--site", "A", "--data", str(root / "A"), "--dry-run",
+                          "--set", f"data.cache_dir={cache}", "--set", "data.image_size=32"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "OK: usable" in out.stdout and "usable slices:" in out.stdout
+    assert "Never sent: scans, masks, slices" in out.stdout
+
+
+# ----------------------------------------------------------------------------- the site's side
+def test_fab_names_medgen_apps_and_the_worker_runs_only_medgen():
+    fab = build_fab(medgen_version())
+    assert fab_clientapp(fab) == CLIENTAPP
+
+
+def test_version_handshake_refuses_with_both_versions(cohort, tmp_path):
+    root, cache = cohort
+    cfg = load_config(None, TINY + [f"data.cache_dir={cache}"])
+    good = server_handshake(cfg)
+    assert check_handshake(good, cfg) is None and check_handshake({}, cfg) is None
+    bad = {**good, "medgen-version": "0.0.1"}
+    reply = client_app(_message(cfg, MessageType.QUERY), _context(cfg, root / "A", bad))
+    error = str(reply.content["info"]["error"])
+    assert "medgen version mismatch" in error and "0.0.1" in error and medgen_version() in error
+    # a model whose weights differ (other code, same config) is refused too
+    other = {**good, "model-fingerprint": "vae-0000000000000000"}
+    assert "model version mismatch" in check_handshake(other, cfg)
+
+
+def test_what_leaves_a_site_is_weights_and_aggregate_numbers(cohort, tmp_path):
+    """Inspect every message a site sends (query, train, full evaluation): weights with the global
+    model's keys and shapes, scalar numbers, short strings — no image-sized array, no path."""
+    root, cache = cohort
+    cfg = load_config(None, TINY + [f"data.cache_dir={cache}", "privacy.enabled=true",
+                                    "privacy.noise_multiplier=1.0"])
+    state = build_model(cfg).state_dict()
+    ctx = _context(cfg, root / "A", server_handshake(cfg), state_dir=tmp_path / "site-state")
+    replies = [client_app(_message(cfg, MessageType.QUERY), ctx),
+               client_app(_message(cfg, MessageType.TRAIN, arrays=state), ctx),
+               client_app(_message(cfg, MessageType.EVALUATE, arrays=state, full=True), ctx)]
+    for reply in replies:
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        assert set(reply.content.keys()) <= {"metrics", "info", "arrays", "artefacts"}
+        for key, value in reply.content["metrics"].items():
+            assert isinstance(value, (int, float)) or (isinstance(value, list) and len(value) <= 64), key
+        for key, value in reply.content["info"].items():
+            assert str(root) not in str(value) and ".nii" not in str(value), key
+        if "arrays" in reply.content:
+            sent = reply.content["arrays"].to_torch_state_dict()
+            assert sent.keys() == state.keys()
+            assert all(sent[k].shape == state[k].shape for k in state)
+        if "artefacts" in reply.content:  # curves only: images stay unless evaluation.share_images
+            for key, array in reply.content["artefacts"].items():
+                assert "overlay" not in key and np.asarray(array.numpy()).ndim <= 1, key
+    # the privacy ledger is written where the SuperNode's state-dir says, not where the server says
+    assert (tmp_path / "site-state" / "privacy-ledger.json").is_file()
+    assert replies[1].content["metrics"]["epsilon"] > 0
+
+
+# ----------------------------------------------------------------------------- end to end
+def _ours(marker: str) -> list[str]:
+    """Command lines of the live processes that mention ``marker`` (this test's folder)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmd and state != "Z" and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+class Deployment:
+    """A server and its sites as real processes, each in its own terminal-like subprocess."""
+
+    def __init__(self, tmp: Path, cohort, certs):
+        self.tmp, (self.root, self.cache), (self.certs, self.outsider_key) = tmp, cohort, certs
+        self.port = free_port()
+        self.env = {**os.environ, "MEDGEN_CACHE_DIR": str(self.cache), "MEDGEN_CLIENT_THREADS": "1"}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, args: list) -> subprocess.Popen:
+        log = (self.tmp / f"{name}.out").open("w")
+        proc = subprocess.Popen([str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                cwd=self.tmp)
+        self.procs[name] = proc
+        return proc
+
+    def server(self, *extra, name="server") -> subprocess.Popen:
+        sets = [x for kv in TINY for x in ("--set", kv)]
+        return self.start(name, [BIN / "medgen-server", "start", "--address", "127.0.0.1", "--port", self.port,
+                                 "--certs", self.certs, *extra, *sets])
+
+    def site(self, site: str, key: Path | None = None, data: Path | None = None) -> subprocess.Popen:
+        key = key or self.certs / "sites" / f"{site}.key"
+        return self.start(f"site-{site}", [BIN / "medgen-client", "join", "--site", site, "--server",
+                                           f"localhost:{self.port}", "--data", data or self.root / site,
+                                           "--ca", self.certs / "ca.pem", "--key", key,
+                                           "--state-dir", self.tmp / f"state-{site}"])
+
+    def output(self, name: str) -> str:
+        return (self.tmp / f"{name}.out").read_text()
+
+    def wait(self, name: str, timeout: float) -> int:
+        try:
+            return self.procs[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} still running after {timeout} s; its output:\n{self.output(name)[-3000:]}")
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def deployment(tmp_path, cohort, certs):
+    d = Deployment(tmp_path, cohort, certs)
+    yield d
+    d.stop_all()
+    deadline = time.monotonic() + 15
+    while _ours(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _ours(str(tmp_path)), "processes left behind:\n" + "\n".join(_ours(str(tmp_path)))
+
+
+def _wait_for(path: Path, d: Deployment, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        assert d.procs["server"].poll() is None, d.output("server")[-3000:]
+        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s:\n{d.output('server')[-3000:]}"
+        time.sleep(0.3)
+
+
+def test_loopback_deployment(deployment):
+    """One study over loopback with TLS and SuperNode authentication: sites A, B train, C is held out;
+    a fourth site with an unregistered key is refused. Site B is killed after round 1 (round 2 goes
+    on without it), the coordinator stops the server with SIGTERM after round 2 (nothing is left
+    running), B joins again, and `--resume` finishes round 3 with both sites and writes the report."""
+    d = deployment
+    run_dir = d.tmp / "run"
+    d.server("--out", run_dir, "--set", "federation.rounds=3", "--set", "federation.min_sites=1")
+    for site in "ABC":
+        d.site(site)
+    d.site("D", key=d.outsider_key, data=d.root / "A")  # a key the server never registered
+
+    _wait_for(run_dir / "checkpoints" / "round-0001.pt", d, 240)
+    d.procs["site-B"].send_signal(signal.SIGTERM)  # site B goes away mid-run
+    assert d.wait("site-B", 60) != 0
+    _wait_for(run_dir / "checkpoints" / "round-0002.pt", d, 240)
+    d.procs["server"].send_signal(signal.SIGTERM)
+    assert d.wait("server", 60) != 0
+    out = d.output("server")
+    assert "TLS, SuperNode authentication" in out and "site A: connected" in out
+    assert "round 1/3 site B: train" in out and "round 1 site C: evaluate (held-out)" in out
+    assert f"--resume {run_dir}" in out and "site D" not in out
+    run = RunDir(run_dir)
+    assert run.status()["status"] == "failed" and "--resume" in run.status()["error"]
+    # the SuperLink and the ServerApp it spawned are gone (the sites are still up)
+    assert not [p for p in _ours(str(run_dir)) if "flower-superlink" in p or "flwr-serverapp" in p]
+    records = run.records()
+    assert [r["site"] for r in records if r["phase"] == "train" and r["round"] == 2 and "loss" in r] == ["A"]
+    b_missing = [r["error"] for r in records if r["site"] == "B" and r["round"] == 2 and "error" in r]
+    assert b_missing and "offline" in b_missing[0]
+
+    # the unregistered site is refused, says so, and stops
+    assert d.wait("site-D", 120) == 2
+    assert "refused site D's key" in d.output("site-D")
+
+    # B comes back; the coordinator continues with --resume
+    d.site("B")
+    d.server("--resume", run_dir)
+    assert d.wait("server", 240) == 0, d.output("server")[-4000:]
+    out = d.output("server")
+    assert "resuming after round 2" in out and "round 3/3 site B: train" in out and "round 1/" not in out
+    records = run.records()
+    trained = [(r["round"], r["site"]) for r in records if r["phase"] == "train" and "loss" in r]
+    assert trained == [(1, "A"), (1, "B"), (2, "A"), (3, "A"), (3, "B")]
+    assert load_checkpoint(run.last_checkpoint())["round"] == 3 and run.status()["status"] == "completed"
+    assert (run_dir / "report" / "index.html").is_file() and (run_dir / "report" / "site-C.html").is_file()
+    heldout = [r for r in records if r["phase"] == "evaluate" and r["site"] == "C"]
+    assert heldout[-1]["round"] == 3 and "pixel-auroc" in heldout[-1]
+    assert (run.samples / "round-0003.png").is_file()
+    # each site's own files stay in its state directory
+    assert (d.tmp / "state-A" / "supernode.log").is_file() and (d.tmp / "state-A" / "flwr-home").is_dir()
