@@ -181,6 +181,28 @@ class SitesConfig(_Section):
         return self.train + self.heldout
 
 
+class CentralDPConfig(_Section):
+    """Central (server-side) DP with Flower's semantics: each site's update clipped, Gaussian noise on
+    the mean; a site-level guarantee (see README, "Central DP")."""
+
+    enabled: bool = Field(False, description="clip every site's update at the server and noise their mean")
+    noise_multiplier: float | None = Field(
+        None, gt=0.0, description="noise std / clipping norm (per site); null = solved from target_epsilon"
+    )
+    target_epsilon: float = Field(8.0, gt=0.0, description="site-level epsilon the noise is solved for, over federation.rounds")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="site-level delta")
+    clipping_norm: float = Field(1.0, gt=0.0, description="L2 bound of each site's update (initial value when adaptive)")
+    adaptive: bool = Field(False, description="adapt the clipping norm to a quantile of the update norms (Andrew et al. 2021)")
+    target_clipped_quantile: float = Field(
+        0.5, ge=0.0, le=1.0, description="adaptive: the clipping norm tracks this quantile of the sites' update "
+                                         "norms (Andrew et al.'s gamma: this share of updates left unclipped)"
+    )
+    clip_norm_lr: float = Field(0.2, gt=0.0, description="adaptive: geometric learning rate of the clipping norm")
+    clipped_count_stddev: float | None = Field(
+        None, ge=0.0, description="adaptive: noise on the clipped count; null = training sites / 20 (Flower's default)"
+    )
+
+
 class PrivacyConfig(_Section):
     enabled: bool = Field(False, description="DP-SGD (Opacus) at every training site")
     target_epsilon: float = Field(8.0, gt=0.0, description="epsilon the noise is solved for, over the planned rounds")
@@ -207,6 +229,8 @@ class PrivacyConfig(_Section):
             raise ValueError("budgets must be > 0")
         return v
 
+    central: CentralDPConfig = CentralDPConfig()
+
     def budget(self, site: str) -> float | None:
         return self.max_epsilon.get(site) if isinstance(self.max_epsilon, dict) else self.max_epsilon
 
@@ -228,6 +252,14 @@ class Config(_Section):
         if self.federation.min_sites is not None and self.federation.min_sites > len(self.sites.train):
             raise ValueError(f"federation.min_sites={self.federation.min_sites} is more than the "
                              f"{len(self.sites.train)} training sites")
+        central = self.privacy.central
+        if central.enabled and self.federation.strategy == "fedbn":
+            raise ValueError("privacy.central.enabled: federation.strategy=fedbn keeps each site's normalisation "
+                             "parameters out of the noised mean; use fedavg, fedprox, fedadam or fedyogi")
+        if central.enabled and central.adaptive:
+            from medgen.privacy.central import check_adaptive  # noqa: PLC0415  (needs flwr; only when used)
+
+            check_adaptive(self)
         return self
 
 

@@ -165,6 +165,26 @@ def final_metrics(records: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _central(records: list[dict]) -> str:
+    last = privacy_spent(records).get("global")
+    if not last or "central-epsilon" not in last:
+        return ""
+    return (f'<p>Central DP at the server: site-level (ε = {last["central-epsilon"]:.3g}, δ = {last["central-delta"]:g}) '
+            f'after round {last["round"]} — a guarantee for a whole site, not for a patient (README, "Central DP").</p>'
+            + _curves(records, ["global"], "train", ["central-epsilon", "central-clipping-norm", "central-noise-norm",
+                                                     "central-mean-norm"], "central DP, per round"))
+
+
+def privacy_spent(records: list[dict]) -> dict[str, dict]:
+    """The last privacy numbers of every site (DP-SGD's sample-level epsilon) and of "global" (central
+    DP's site-level epsilon): {site: {"round": r, "epsilon" | "central-epsilon": e, ...}}."""
+    out: dict[str, dict] = {}
+    for r in records:
+        if r["phase"] == "train" and ("epsilon" in r or "central-epsilon" in r):
+            out[r["site"]] = {k: v for k, v in r.items() if k == "round" or "epsilon" in k or "delta" in k}
+    return out
+
+
 def _page(title: str, body: list[str]) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>")
@@ -184,7 +204,8 @@ def build_report(run_dir: str | Path) -> Path:
     final = final_metrics(records)
     out = run.path / "report"
     out.mkdir(exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"status": status, "final": final}, indent=1))
+    (out / "metrics.json").write_text(json.dumps({"status": status, "final": final, "privacy": privacy_spent(records)},
+                                                 indent=1))
 
     summary = [[k, json.dumps(v)] for k, v in (
         ("model", cfg["model"]["family"]), ("strategy", cfg["federation"]["strategy"]),
@@ -210,6 +231,7 @@ def build_report(run_dir: str | Path) -> Path:
                                                   "problem"]), _histograms(records, sites),
         "<h2>Training</h2>", _curves(records, sites, "train", ["loss", "epsilon"], "training, per site") or
         "<p>No training in this run.</p>",
+        _central(records),
         "<h2>Evaluation over rounds</h2>",
         _curves(records, sites, "evaluate", ["loss", "frd-healthy", "pixel-auroc", "dice-at-threshold"],
                 "evaluation (training sites: validation subjects; held-out sites: all)"),

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from medgen.config import Config, dump_config
 from medgen.evaluation.samples import generate, save_grid
 from medgen.models import build_model
+from medgen.privacy.central import CentralDP
 from medgen.server.errors import FederationError
 from medgen.server.rundir import RunDir, load_checkpoint
 from medgen.server.strategy import State, Update, make_aggregator
@@ -126,6 +127,8 @@ class Federation:
         cfg, run = self.cfg, self.run
         model = build_model(cfg)
         aggregator = make_aggregator(cfg.federation, model.norm_keys())
+        if cfg.privacy.central.enabled:
+            aggregator = CentralDP(aggregator, cfg)
         state, start = model.state_dict(), 1
         last = run.last_checkpoint()
         if last is not None:
@@ -182,7 +185,8 @@ class Federation:
             state = aggregator.aggregate(state, updates)
             run.log(round_, "global", "train", {"sites": len(updates),
                                                 "num-examples": sum(u.num_examples for u in updates),
-                                                "round-time-s": time.perf_counter() - t0})
+                                                "round-time-s": time.perf_counter() - t0,
+                                                **aggregator.round_metrics()})
             if round_ % cfg.federation.eval_every == 0 or round_ == cfg.federation.rounds:
                 self.evaluate(round_, state)
             run.save_checkpoint(round_, state, aggregator.state(), cfg)

@@ -11,6 +11,7 @@
   restores them.
 
 Every aggregator's state round-trips through ``state()`` / ``load_state()`` for checkpoints.
+Central DP (``medgen.privacy.central.CentralDP``) wraps any of them but fedbn.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class FedAvg:
 
     def load_state(self, state: dict) -> None:
         pass
+
+    def round_metrics(self) -> dict[str, float]:
+        """Numbers about the last aggregation for the global train record (central DP's epsilon)."""
+        return {}
 
 
 class FedBN(FedAvg):
