@@ -305,3 +305,25 @@ def test_loopback_deployment(deployment):
     assert (run.samples / "round-0003.png").is_file()
     # each site's own files stay in its state directory
     assert (d.tmp / "state-A" / "supernode.log").is_file() and (d.tmp / "state-A" / "flwr-home").is_dir()
+
+
+def test_a_site_is_accepted_only_from_the_node_of_its_registered_key(cohort, tmp_path):
+    """With SuperNode authentication the server knows which node each site's key belongs to: a
+    node claiming another site's name is refused, with both node ids in the log and metrics."""
+    from test_federation import LocalGrid  # the real ClientApp behind an in-process transport
+
+    from medgen.server.errors import FederationError
+    from medgen.server.federation import run_federation
+
+    root, cache = cohort
+    cfg = load_config(None, TINY + [f"data.cache_dir={cache}", f"data.root={root}", "federation.rounds=1",
+                                    "federation.round_timeout_s=5"])
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    lines = []
+    # LocalGrid's node 100 + i is site i of sites.train + sites.heldout (A, B, C): swap A and B
+    with pytest.raises(FederationError, match="only 0 of 2 training sites"):
+        run_federation(LocalGrid(3), cfg, run, lines.append, site_nodes={"A": 101, "B": 100, "C": 102})
+    assert any("node 100 claims site 'A', but site A's registered key belongs to node 101" in x for x in lines)
+    errors = {r["site"]: r["error"] for r in run.records() if "error" in r}
+    assert "claims site" in errors["A"] and "claims site" in errors["B"] and "C" not in errors

@@ -36,4 +36,6 @@ def deployed(grid: Grid, context: Context) -> None:
     if not rc.get("medgen-config") or not rc.get("run-dir"):
         raise FederationError("the run config lacks medgen-config / run-dir: start runs with `medgen-server start`")
     run = RunDir(str(rc["run-dir"]))
-    run_federation(quick_replies(grid), load_config_text(str(rc["medgen-config"])), run, FileLog(run.path / "server.log"))
+    site_nodes = dict(pair.split("=") for pair in str(rc.get("site-nodes") or "").split(",") if pair)
+    run_federation(quick_replies(grid), load_config_text(str(rc["medgen-config"])), run,
+                   FileLog(run.path / "server.log"), {site: int(node) for site, node in site_nodes.items()})

@@ -53,8 +53,10 @@ def _summary(metrics: dict) -> str:
 
 
 class Federation:
-    def __init__(self, grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print):
+    def __init__(self, grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print,
+                 site_nodes: dict[str, int] | None = None):
         self.grid, self.cfg, self.run, self.log = grid, cfg, run, log
+        self.site_nodes = site_nodes or {}  # deployment: the node each site's registered key belongs to
         self.config_text = dump_config(cfg)
         self.nodes: dict[str, int] = {}
         self.exhausted: set[str] = set()  # sites that refused to train: their privacy budget is spent
@@ -102,13 +104,20 @@ class Federation:
                     info = reply.content["info"]
                     site = str(info["site"])
                     if "error" in info:
-                        self.log(f"site {site}: data unusable, left out for now: {info['error']}")
+                        self.log(f"site {site}: left out for now: {info['error']}")
                         self.run.log(0, site, "query", {"error": str(info["error"])})
                         continue
                     if site not in expected:
                         raise FederationError(f"a node is bound to site {site!r}, which is in neither sites.train "
                                               f"nor sites.heldout ({sorted(expected)})")
-                    if self.nodes.get(site, reply.metadata.src_node_id) != reply.metadata.src_node_id:
+                    node = reply.metadata.src_node_id
+                    if self.site_nodes.get(site, node) != node:
+                        reason = (f"node {node} claims site {site!r}, but site {site}'s registered key belongs to "
+                                  f"node {self.site_nodes[site]}: refused")
+                        self.log(f"site {site}: {reason}")
+                        self.run.log(0, site, "query", {"error": reason})
+                        continue
+                    if self.nodes.get(site, node) != node and self.nodes[site] in node_ids:
                         raise FederationError(f"two nodes claim site {site!r}")
                     self.nodes[site] = reply.metadata.src_node_id
                     summary = dict(reply.content["metrics"])
@@ -235,10 +244,13 @@ def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, 
         save_grid(run.samples / f"round-{round_:04d}.png", images, rows=2)
 
 
-def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print) -> State:
-    """Run (or resume) the federation; the run directory's status says how it ended."""
+def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print,
+                   site_nodes: dict[str, int] | None = None) -> State:
+    """Run (or resume) the federation; the run directory's status says how it ended. With
+    ``site_nodes`` (a deployment with SuperNode authentication) a site is accepted only from the
+    node its registered key belongs to."""
     run.set_status("running")
-    federation = Federation(grid, cfg, run, log)
+    federation = Federation(grid, cfg, run, log, site_nodes)
     try:
         state = federation.run_rounds()
     except Exception as e:
