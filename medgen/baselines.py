@@ -20,6 +20,7 @@ from medgen.data.dataset import concat_slices
 from medgen.models import build_model
 from medgen.privacy.dp import plan
 from medgen.privacy.ledger import PrivacyLedger
+from medgen.server.central_evaluation import SERVER_SITE, evaluate_server_data
 from medgen.server.errors import FederationError
 from medgen.evaluation.site import evaluate_site
 from medgen.server.federation import is_full_evaluation, record_evaluation
@@ -64,6 +65,9 @@ def train_baseline(cfg: Config, site: str | None = None, out: str | Path | None 
                     if len(val):
                         scores, artefacts[s] = evaluate_site(model, val, cfg)
                         results[s].update(scores)
+            if cfg.evaluation.server_data is not None:
+                results[SERVER_SITE], artefacts[SERVER_SITE] = evaluate_server_data(
+                    cfg, model.state_dict(), is_full_evaluation(cfg, round_))
             record_evaluation(run, cfg, round_, results, model.state_dict(), log, artefacts)
         run.save_checkpoint(round_, model.state_dict(), {}, cfg)
     run.set_status("completed", round=cfg.federation.rounds)

@@ -140,6 +140,10 @@ class EvaluationConfig(_Section):
     share_images: bool = Field(
         False, description="sites may send a few anomaly-map overlays and sample slices for the report"
     )
+    server_data: Path | None = Field(
+        None, description="a site folder the server itself holds: the global model is also evaluated on it, "
+                          "centrally, as site \"server\"; null = none"
+    )
     memorisation_ratio: float = Field(
         0.5, gt=0.0, le=1.0, description="memorisation audit: a sample is flagged when its nearest training slice "
                                          "is closer than this times its nearest held-out slice"
@@ -164,9 +168,9 @@ class SitesConfig(_Section):
     def _names(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("site names must be unique")
-        bad = [n for n in v if not n or "/" in n or n.startswith(".")]
+        bad = [n for n in v if not n or "/" in n or n.startswith(".") or n in ("global", "server")]
         if bad:
-            raise ValueError(f"{bad} are not usable as site (folder) names")
+            raise ValueError(f"{bad} are not usable as site (folder) names (\"global\" and \"server\" are reserved)")
         return v
 
     @model_validator(mode="after")

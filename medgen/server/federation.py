@@ -21,6 +21,7 @@ from medgen.config import Config, dump_config
 from medgen.evaluation.samples import generate, save_grid
 from medgen.models import build_model
 from medgen.privacy.central import CentralDP
+from medgen.server.central_evaluation import SERVER_SITE, evaluate_server_data, server_data
 from medgen.server.errors import FederationError
 from medgen.server.rundir import RunDir, load_checkpoint
 from medgen.server.strategy import State, Update, make_aggregator
@@ -148,6 +149,8 @@ class Federation:
             run.truncate_metrics(ckpt["round"])
             self.log(f"resuming after round {ckpt['round']} from {last}")
         min_sites = cfg.federation.min_sites or len(cfg.sites.train)
+        if cfg.evaluation.server_data is not None:
+            self.log(f"server data: {len(server_data(cfg))} slices for central evaluation")
         self.discover_sites(wait=True)
         ready = [s for s in cfg.sites.train if s in self.nodes]
         if len(ready) < min_sites and start <= cfg.federation.rounds:
@@ -212,6 +215,8 @@ class Federation:
             results[site] = dict(reply.content["metrics"])
             if "artefacts" in reply.content:
                 artefacts[site] = {k: v.numpy() for k, v in reply.content["artefacts"].items()}
+        if self.cfg.evaluation.server_data is not None:
+            results[SERVER_SITE], artefacts[SERVER_SITE] = evaluate_server_data(self.cfg, state, full)
         record_evaluation(self.run, self.cfg, round_, results, state, self.log, artefacts)
 
 
@@ -230,13 +235,14 @@ def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, 
             run.save_artefacts(round_, site, arrays)
     for site, metrics in results.items():
         run.log(round_, site, "evaluate", metrics)
-        role = "held-out" if site in cfg.sites.heldout else "validation"
+        role = "central" if site == SERVER_SITE else "held-out" if site in cfg.sites.heldout else "validation"
         log(f"round {round_} site {site}: evaluate ({role}) {_summary(metrics)}")
-    if results:
-        total = sum(r["num-examples"] for r in results.values())
-        keys = set.intersection(*(set(r) for r in results.values())) - {"num-examples"}
-        mean = {k: sum(r[k] * r["num-examples"] for r in results.values()) / total for k in sorted(keys)}
-        run.log(round_, "global", "evaluate", {**mean, "num-examples": total, "sites": len(results)})
+    sites = {s: m for s, m in results.items() if s != SERVER_SITE}  # the server's own data is not a site
+    if sites:
+        total = sum(r["num-examples"] for r in sites.values())
+        keys = set.intersection(*(set(r) for r in sites.values())) - {"num-examples"}
+        mean = {k: sum(r[k] * r["num-examples"] for r in sites.values()) / total for k in sorted(keys)}
+        run.log(round_, "global", "evaluate", {**mean, "num-examples": total, "sites": len(sites)})
     if cfg.federation.samples_per_class:
         model = build_model(cfg)
         model.load_state_dict(state)
