@@ -155,7 +155,7 @@ class EvaluationConfig(_Section):
 
 class SimulationConfig(_Section):
     ray_address: str | None = Field(None, description="existing Ray cluster (e.g. ray://host:10001); null = local")
-    client_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per simulated site")
+    client_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per simulated site (its torch threads too)")
     client_gpus: float = Field(0.0, ge=0.0, description="GPUs (fraction) reserved per simulated site")
 
 
