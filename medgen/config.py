@@ -89,6 +89,8 @@ class ModelConfig(_Section):
     guidance_scale: float = Field(1.0, ge=0.0, description="DDPM: classifier-free guidance (1 = none)")
     sampler: Literal["ddim", "ddpm"] = "ddim"
     ddim_steps: int = Field(50, ge=1, description="DDPM: DDIM sampling steps")
+    ddim_eta: float = Field(1.0, ge=0.0, le=1.0, description="DDPM: DDIM sampling noise (1: ancestral on the strided "
+                                                          "chain, cleaner from a briefly trained model; 0: deterministic)")
     anomaly_t: int = Field(200, ge=1, description="DDPM anomaly maps: noise to step t, then denoise")
     anomaly_noise: Literal["gaussian", "simplex"] = "gaussian"
 

@@ -122,7 +122,7 @@ def test_ddim_with_all_steps_matches_ancestral_sampling_on_a_toy(schedule):
     for kind in ("mixture", "gaussian"):
         for sampler in ("ddim", "ddpm"):
             model = make(f"model.sampler={sampler}", f"model.schedule={schedule}", "model.timesteps=1000",
-                         "model.ddim_steps=1000", size=size)
+                         "model.ddim_steps=1000", "model.ddim_eta=0", size=size)
             model.networks["unet_ema"].net = OptimalDenoiser(kind, model.abar, model.T)
             x = model.sample(torch.zeros(n, dtype=torch.long), seeded(0))  # [0, 1]: data * 0.5 + 0.5
             if kind == "mixture":
@@ -137,6 +137,18 @@ def test_ddim_with_all_steps_matches_ancestral_sampling_on_a_toy(schedule):
     assert abs(stats["mixture", "ddim"] - stats["mixture", "ddpm"]) < 0.12
     (m1, s1), (m2, s2) = stats["gaussian", "ddim"], stats["gaussian", "ddpm"]
     assert abs(m1 - m2) < 0.005 and abs(s1 - s2) < 0.005
+
+
+def test_ddim_with_eta_one_and_all_steps_is_ancestral_sampling():
+    """eta = 1 gives each DDIM jump the DDPM posterior's variance: over all T steps it is the
+    ancestral sampler itself (same noise draws, same result up to rounding)."""
+    samples = {}
+    for sampler in ("ddim", "ddpm"):
+        model = make(f"model.sampler={sampler}", "model.ddim_eta=1", "model.ddim_steps=100")
+        samples[sampler] = model.sample(torch.arange(4) % 2, seeded(3))
+    torch.testing.assert_close(samples["ddim"], samples["ddpm"], atol=1e-4, rtol=0)
+    strided = make("model.ddim_eta=1").sample(torch.arange(4) % 2, seeded(3))  # 10 of 100 steps
+    assert not torch.allclose(strided, samples["ddpm"], atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------ training

@@ -214,13 +214,20 @@ class DDPM(GenerativeModel):
         x0 = ((x - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
         return x0, (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
 
-    def _ddim(self, x: torch.Tensor, y: torch.Tensor, t_from: int, steps: int, scale: float) -> torch.Tensor:
-        """Deterministic DDIM (eta = 0) from step ``t_from`` to 0 in ``steps`` evenly spaced jumps."""
+    def _ddim(self, x: torch.Tensor, y: torch.Tensor, t_from: int, steps: int, scale: float,
+              eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDIM from step ``t_from`` to 0 in ``steps`` evenly spaced jumps t -> s. ``eta`` = 0:
+        deterministic; eta = 1: each jump draws fresh noise with the DDPM posterior's variance
+        sigma^2 = (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s) (Song et al., eq. 16), i.e.
+        ancestral sampling on the strided chain (noise drawn on CPU from ``generator``)."""
         times = torch.linspace(t_from, 0, steps + 1).round().long().unique_consecutive().tolist()
         for t, s in zip(times, times[1:]):
             x0, eps = self._x0(x, t, self._eps(x, t, y, scale))
-            a = float(self.abar[s])
-            x = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps
+            a_t, a_s = float(self.abar[t]), float(self.abar[s])
+            sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+            x = math.sqrt(a_s) * x0 + math.sqrt(max(0.0, 1 - a_s - sigma ** 2)) * eps
+            if sigma > 0:
+                x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
         return x
 
     def _ancestral(self, x: torch.Tensor, y: torch.Tensor, scale: float, generator) -> torch.Tensor:
@@ -237,14 +244,14 @@ class DDPM(GenerativeModel):
 
     def sample(self, labels, generator=None) -> torch.Tensor:
         """x_T ~ N(0, I) (all noise drawn on CPU from ``generator``), denoised by the EMA network with
-        ``model.sampler`` ("ddim": ``ddim_steps`` deterministic steps; "ddpm": ancestral, T steps)
+        ``model.sampler`` ("ddim": ``ddim_steps`` steps with noise ``ddim_eta``; "ddpm": ancestral, T steps)
         and guidance ``guidance_scale``: (n, 1, S, S) in [0, 1]."""
         m, s = self.cfg.model, self.cfg.data.image_size
         x = torch.randn(len(labels), 1, s, s, generator=generator)
         with self._eval_mode():
             x, y = x.to(self._device), labels.to(self._device)
             if m.sampler == "ddim":
-                x = self._ddim(x, y, self.T, min(m.ddim_steps, self.T), m.guidance_scale)
+                x = self._ddim(x, y, self.T, min(m.ddim_steps, self.T), m.guidance_scale, m.ddim_eta, generator)
             else:
                 x = self._ancestral(x, y, m.guidance_scale, generator)
             return ((x + 1) / 2).clamp(0, 1)
