@@ -1,11 +1,12 @@
 """Cost of each model family at the default config, and of DP-SGD against the plain step.
 
 For every family that builds: one training step (batch 32 at 64x64), the same step under DP-SGD
-(Opacus per-sample gradients, clipping and noise on the family's private networks — the baseline is
-the plain step measured in the same run), sampling time (for the DDPM: DDIM with ddim_steps vs
+(per-sample gradients, clipping and noise on the family's private networks) as medgen runs it and
+with Opacus' own GradSampleModule — one step of each in turn, ``--rounds`` times, the ratios taken
+per round and their median — sampling time (for the DDPM: DDIM with ddim_steps vs
 ancestral DDPM over all timesteps), and anomaly-map time per slice.
 
-Usage: python benchmarks/models.py [--families vae,gan,ddpm] [--repeats 10] [--threads 1]
+Usage: python benchmarks/models.py [--families vae,gan,ddpm] [--repeats 10] [--rounds 30] [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import torch
 
 from medgen.config import load_config
 from medgen.models import build_model
+from opacus import GradSampleModule
+
 from medgen.privacy.dp import DPPlan, private
+from medgen.privacy.grad_samplers import FastGradSampleModule
 
 
 def _time(fn, repeats: int) -> float:
@@ -41,18 +45,38 @@ def batch(n: int, size: int):
     return images, torch.arange(n) % 2, brain.expand(n, 1, size, size).bool()
 
 
-def measure(family: str, repeats: int, batch_size: int) -> dict:
+def measure(family: str, repeats: int, batch_size: int, rounds: int = 30) -> dict:
     cfg = load_config(None, [f"model.family={family}"])
     images, labels, brain = batch(batch_size, cfg.data.image_size)
     model = build_model(cfg)
     out = {"parameters": sum(p.numel() for p in model.parameters())}
     optimizers = model.make_optimizers()
-    out["train_step_ms"] = 1000 * _time(lambda: model.train_step(images, labels, optimizers, 100), repeats)
     dp = DPPlan(noise_multiplier=1.0, sample_rate=batch_size / 1000, steps=1, delta=1e-5, max_grad_norm=1.0,
                 unit="slice", units=1000)
-    with private(model, model.make_optimizers(), dp, seed=0) as dp_optimizers:
-        out["dp_train_step_ms"] = 1000 * _time(lambda: model.train_step(images, labels, dp_optimizers, 100), repeats)
-    out["dp_over_plain"] = out["dp_train_step_ms"] / out["train_step_ms"]
+    # three copies: plain, DP with Opacus' own GradSampleModule, DP as medgen runs it. One step of each in
+    # turn, `rounds` times: a busy machine slows the three of a round alike; ratios per round, then the median
+    opacus_model, medgen_model = build_model(cfg), build_model(cfg)
+    times: dict[str, list[float]] = {"plain": [], "opacus": [], "medgen": []}
+    with private(opacus_model, opacus_model.make_optimizers(), dp, seed=0, wrapper=GradSampleModule) as opacus_opt, \
+            private(medgen_model, medgen_model.make_optimizers(), dp, seed=0, wrapper=FastGradSampleModule) as medgen_opt:
+        steps = {"plain": lambda: model.train_step(images, labels, optimizers, 100),
+                 "opacus": lambda: opacus_model.train_step(images, labels, opacus_opt, 100),
+                 "medgen": lambda: medgen_model.train_step(images, labels, medgen_opt, 100)}
+        for kind, step in steps.items():
+            step()  # warm-up
+        for _ in range(rounds):
+            for kind, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[kind].append(1000 * (time.perf_counter() - start))
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    ratio = {k: [d / p for d, p in zip(times[k], times["plain"])] for k in ("opacus", "medgen")}
+    out["train_step_ms"] = median(times["plain"])
+    out["dp_train_step_ms"] = median(times["medgen"])
+    out["dp_opacus_hooks_step_ms"] = median(times["opacus"])
+    out["dp_over_plain"] = median(ratio["medgen"])
+    out["dp_opacus_hooks_over_plain"] = median(ratio["opacus"])
+    out["dp_over_plain_quartiles"] = [round(sorted(ratio["medgen"])[i * len(ratio["medgen"]) // 4], 3) for i in (1, 3)]
     n = 16
     out["sample_16_s"] = _time(lambda: model.sample(labels[:n].repeat(2)[:n]), max(1, repeats // 5))
     if family == "ddpm":
@@ -70,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default="vae,gan,ddpm")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved plain / DP steps per family")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = what one simulated site gets)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "models.json")
@@ -78,7 +103,7 @@ def main() -> None:
     results = {"machine": f"{platform.machine()}, {args.threads} torch thread(s), {platform.python_version()}"}
     for family in args.families.split(","):
         try:
-            results[family] = measure(family, args.repeats, args.batch_size)
+            results[family] = measure(family, args.repeats, args.batch_size, args.rounds)
         except NotImplementedError as e:
             results[family] = {"skipped": str(e)}
         print(family, json.dumps(results[family]), flush=True)

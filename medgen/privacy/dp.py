@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 
 from medgen.config import Config
 from medgen.data.dataset import SiteSlices
 from medgen.models import GenerativeModel
+from medgen.privacy.grad_samplers import FastGradSampleModule
 
 
 @dataclass(frozen=True)
@@ -81,15 +81,17 @@ def poisson_batches(data: SiteSlices, dp: DPPlan, generator: torch.Generator):
 
 
 @contextmanager
-def private(model: GenerativeModel, optimizers: dict[str, torch.optim.Optimizer], dp: DPPlan, seed: int):
-    """Inside the block, the family's private networks compute per-sample gradients and their
-    optimisers clip and add noise (seeded: a resumed round draws the same noise). On exit the
-    networks are unwrapped, so ``state_dict`` keys carry no ``_module.`` prefix."""
+def private(model: GenerativeModel, optimizers: dict[str, torch.optim.Optimizer], dp: DPPlan, seed: int,
+            wrapper=FastGradSampleModule):
+    """Inside the block, the family's private networks compute per-sample gradients (``wrapper``:
+    Opacus' hooks with our faster Conv2d sampler, ``grad_samplers.py``) and their optimisers clip and
+    add noise (seeded: a resumed round draws the same noise). On exit the networks are unwrapped, so
+    ``state_dict`` keys carry no ``_module.`` prefix."""
     inner = {}
     for name in model.private_networks:
         inner[name] = model.networks[name]
         noise = torch.Generator(device=next(inner[name].parameters()).device).manual_seed(seed)
-        model.networks[name] = GradSampleModule(inner[name], loss_reduction="mean")
+        model.networks[name] = wrapper(inner[name], loss_reduction="mean")
         optimizers[name] = DPOptimizer(optimizers[name], noise_multiplier=dp.noise_multiplier,
                                        max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size,
                                        loss_reduction="mean", generator=noise)
