@@ -46,7 +46,9 @@ def node_config(opts: NodeOptions) -> str:
 
 def supernode_command(opts: NodeOptions, port: int) -> list[str]:
     isolation = "process" if opts.worker else "subprocess"
-    cmd = [flower_bin("flower-supernode"), "--superlink", opts.server, "--node-config", node_config(opts),
+    # with the worker, Flower's SuperNode with a shorter idle poll (medgen/deployment/supernode.py)
+    supernode = [sys.executable, "-m", "medgen.deployment.supernode"] if opts.worker else [flower_bin("flower-supernode")]
+    cmd = [*supernode, "--superlink", opts.server, "--node-config", node_config(opts),
            "--host", "127.0.0.1", "--port", str(port), "--isolation", isolation]
     if opts.ca is None:
         cmd.append("--insecure")

@@ -45,25 +45,60 @@ def _runtime_client(address: str, token: str | None = None):
                                                  retry_invoker=make_simple_http_retry_invoker())
 
 
-def run_task(address: str, token: str, client_app) -> str:
-    """One task: pull the message, run the ClientApp, push the reply and the task's status."""
+def pull_task_input(client):
+    """Flower's ``pull_task_input`` (flwr.supernode.runtime.run_clientapp), but retrying the
+    message's objects from 0.05 s on: the SuperNode hands out the task while it is still
+    downloading the weights from the SuperLink, and Flower's retries start at 1 s and double."""
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf)
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.app import Message
+
+    from medgen.deployment.supernode import PULL_BACKOFF
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, **PULL_BACKOFF)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
+    return message, context, run, fab
+
+
+def run_task(address: str, token: str, client_app) -> tuple[str, dict[str, float]]:
+    """One task: pull the message, run the ClientApp, push the reply and the task's status.
+    Returns the status and the seconds spent pulling, in the app, and pushing."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     client = _runtime_client(address, token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     message = context = reply = None
     sub_status, details = SubStatus.FAILED, "ClientApp task failed"
+    times, t0 = {}, time.perf_counter()
     try:
         message, context, run, fab = pull_task_input(client)
+        times["pull"] = time.perf_counter() - t0
         named = fab_clientapp(fab.content)
         if named != CLIENTAPP:
             raise RuntimeError(f"this site runs only medgen's ClientApp ({CLIENTAPP}); run {run.run_id} asks for "
                                f"{named!r}")
+        t1 = time.perf_counter()
         reply = client_app(message=message, context=context)
+        times["app"] = time.perf_counter() - t1
         sub_status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # what flwr-clientapp does: the reply carries the error
         print(f"ClientApp raised: {type(ex).__name__}: {ex}", file=sys.stderr, flush=True)
@@ -71,6 +106,7 @@ def run_task(address: str, token: str, client_app) -> str:
         if message is not None:
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
     finally:
+        t2 = time.perf_counter()
         try:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
@@ -78,7 +114,8 @@ def run_task(address: str, token: str, client_app) -> str:
         finally:
             heartbeat.stop()
             client.close()
-    return sub_status
+        times["push"] = time.perf_counter() - t2
+    return sub_status, times
 
 
 def serve(address: str, poll_s: float = 0.1, parent_pid: int | None = None) -> None:
@@ -92,8 +129,9 @@ def serve(address: str, poll_s: float = 0.1, parent_pid: int | None = None) -> N
         res = client.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-clientapp"]))
         if res.HasField("task") and res.token:
             t0 = time.perf_counter()
-            status = run_task(address, res.token, client_app)
-            print(f"task {res.task.task_id}: {status} in {time.perf_counter() - t0:.2f} s", flush=True)
+            status, times = run_task(address, res.token, client_app)
+            split = ", ".join(f"{k} {v:.2f}" for k, v in times.items())
+            print(f"task {res.task.task_id}: {status} in {time.perf_counter() - t0:.2f} s ({split})", flush=True)
             continue
         time.sleep(poll_s)
 
