@@ -128,6 +128,28 @@ def test_fab_names_medgen_apps_and_the_worker_runs_only_medgen():
     assert fab_clientapp(fab) == CLIENTAPP
 
 
+def test_packed_weights_arrive_identical():
+    """Between the server and a site worker, each ArrayRecord travels as one array plus its layout
+    and is rebuilt exactly: names, order, dtypes (float, int, bool, double), shapes (0-d, empty)."""
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from medgen.deployment.packing import LAYOUT, pack, unpack
+
+    state = {"w": torch.randn(3, 4), "count": torch.tensor(5), "mask": torch.tensor([True, False]),
+             "empty": torch.zeros(0, 3), "double": torch.randn(2).double(), "strided": torch.randn(4, 4).t()}
+    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"round": 1}),
+                          "curves": ArrayRecord({"roc": Array(np.linspace(0, 1, 7))})})
+    assert pack(content) and len(content["arrays"]) == 1 and LAYOUT in content
+    assert unpack(content) and LAYOUT not in content and not unpack(content)
+    back = content["arrays"].to_torch_state_dict()
+    assert list(back) == list(state)
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and back[key].shape == value.shape and torch.equal(back[key], value)
+    np.testing.assert_array_equal(content["curves"]["roc"].numpy(), np.linspace(0, 1, 7))
+    assert content["config"]["round"] == 1
+
+
 def test_version_handshake_refuses_with_both_versions(cohort, tmp_path):
     root, cache = cohort
     cfg = load_config(None, TINY + [f"data.cache_dir={cache}"])

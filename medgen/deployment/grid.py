@@ -2,7 +2,8 @@
 (``send_and_receive``), which adds up to 3 s to every exchange, and it waits for a site whose
 SuperNode has gone away until the round timeout (and the SuperLink's own "node unavailable"
 error comes from the SuperLink's node id, not the site's). This version polls every ``poll_s``
-seconds and answers for a site that went offline at once, with an error under the site's node."""
+seconds and answers for a site that went offline at once, with an error under the site's node;
+to sites whose worker unpacks, the weights travel packed in one array (``packing.py``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 
 from flwr.app import Error, Message
 from flwr.serverapp import Grid
+
+from medgen.deployment.packing import TRANSPORT, pack, unpack
 
 OFFLINE = "its SuperNode went offline (disconnected or stopped) before it answered"
 
@@ -19,8 +22,13 @@ def quick_replies(grid: Grid, poll_s: float = 0.2, online_every_s: float = 2.0) 
     ``timeout``) that polls every ``poll_s`` s and checks every ``online_every_s`` s which
     destination nodes are still online."""
 
+    packing_nodes: set[int] = set()  # sites whose worker unpacks (medgen/deployment/packing.py)
+
     def send_and_receive(messages, *, timeout: float | None = None):
         messages = list(messages)
+        for msg in messages:
+            if msg.metadata.dst_node_id in packing_nodes and msg.has_content():
+                pack(msg.content)
         ids = list(grid.push_messages(messages))
         pending = {i: m for i, m in zip(ids, messages) if i}
         end = time.monotonic() + (timeout or 0.0)
@@ -34,6 +42,10 @@ def quick_replies(grid: Grid, poll_s: float = 0.2, online_every_s: float = 2.0) 
                     # error to the site it concerns, so that the server logs it under the site's name
                     reason = reply.error.reason if reply.has_error() else "a reply from another node"
                     reply = Message(Error(code=0, reason=f"{OFFLINE} ({reason})"), reply_to=msg)
+                if reply.has_content():
+                    unpack(reply.content)
+                    if TRANSPORT in reply.content:
+                        packing_nodes.add(reply.metadata.src_node_id)
                 replies.append(reply)
             if not pending or (timeout is not None and time.monotonic() >= end):
                 break

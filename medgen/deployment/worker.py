@@ -78,8 +78,10 @@ def pull_task_input(client):
 def run_task(address: str, token: str, client_app) -> tuple[str, dict[str, float]]:
     """One task: pull the message, run the ClientApp, push the reply and the task's status.
     Returns the status and the seconds spent pulling, in the app, and pushing."""
-    from flwr.app import Error, Message
+    from flwr.app import ConfigRecord, Error, Message, MessageType
     from flwr.common.constant import ErrorCode, SubStatus
+
+    from medgen.deployment.packing import TRANSPORT, pack, unpack
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -96,9 +98,15 @@ def run_task(address: str, token: str, client_app) -> tuple[str, dict[str, float
         if named != CLIENTAPP:
             raise RuntimeError(f"this site runs only medgen's ClientApp ({CLIENTAPP}); run {run.run_id} asks for "
                                f"{named!r}")
+        packed = unpack(message.content)  # the server packed the weights (medgen/deployment/packing.py)
         t1 = time.perf_counter()
         reply = client_app(message=message, context=context)
         times["app"] = time.perf_counter() - t1
+        if reply.has_content():
+            if message.metadata.message_type == MessageType.QUERY:
+                reply.content[TRANSPORT] = ConfigRecord({"packing": 1})  # tell the server we unpack
+            if packed:
+                pack(reply.content)
         sub_status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # what flwr-clientapp does: the reply carries the error
         print(f"ClientApp raised: {type(ex).__name__}: {ex}", file=sys.stderr, flush=True)
