@@ -2,6 +2,8 @@
 
 import json
 import re
+
+import numpy as np
 from html.parser import HTMLParser
 
 from medgen.evaluation.report import build_report, compare_runs
@@ -50,6 +52,10 @@ def test_report_sections_and_numbers(tiny_cohort, tmp_path):
     last = [r for r in run.records() if r["phase"] == "evaluate" and r["site"] == "C"][-1]
     assert final["C"]["pixel-auroc"] == last["pixel-auroc"] and final["C"]["frd-healthy"] == last["frd-healthy"]
     assert f"{last['pixel-auroc']:.4g}" in page.cells
+    # the recorded AUROC is the area under the ROC curve the site saved for the report
+    with np.load(run.path / "evaluation" / "round-0001" / "C.npz") as arrays:
+        area = np.trapezoid(arrays["roc-tpr"], arrays["roc-fpr"])
+    assert abs(area - last["pixel-auroc"]) < 0.01
 
     other = RunDir(tmp_path / "other")
     other.create(cfg)
