@@ -2,9 +2,9 @@
 
 import json
 import re
+from html.parser import HTMLParser
 
 import numpy as np
-from html.parser import HTMLParser
 
 from medgen.evaluation.report import build_report, compare_runs
 from medgen.server.federation import run_federation
