@@ -126,6 +126,7 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
                            auth=opts.tls is not None)
     control = None
     run_id = None
+    follower = Follower(run.path / "server.log", log)
     try:
         waited = wait_healthy(address, opts.tls.ca if opts.tls else None, opts.health_timeout_s, link)
         log(f"SuperLink up on {opts.host}:{opts.port} ({'TLS, SuperNode authentication' if opts.tls else 'INSECURE: no TLS, no authentication'}; "
@@ -137,7 +138,6 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
             log(f"site {site}: public key {key} registered (node {nodes[site]})")
         run_config = {"medgen-config": dump_config(cfg), "run-dir": str(run.path), **server_handshake(cfg),
                       "site-nodes": ",".join(f"{s}={n}" for s, n in nodes.items())}
-        follower = Follower(run.path / "server.log", log)
         run_id = control.start_run(build_fab(run_config["medgen-version"]), run_config)
         log(f"run {run_id} submitted; run directory {run.path}; waiting for the sites "
             f"({', '.join(cfg.sites.all)})")
@@ -158,6 +158,7 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
                                   f"(run directory {run.path}; SuperLink log {link.log_file})")
         return run
     except BaseException as e:
+        follower.poll()  # what the ServerApp wrote up to now
         if isinstance(e, (KeyboardInterrupt, SystemExit)) and run.status().get("status") == "running":
             run.set_status("failed", round=_last_round(run),
                            error=f"stopped by the coordinator ({type(e).__name__}); continue with --resume {run.path}")
