@@ -126,6 +126,7 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
                            auth=opts.tls is not None)
     control = None
     run_id = None
+    interrupted = False
     follower = Follower(run.path / "server.log", log)
     try:
         waited = wait_healthy(address, opts.tls.ca if opts.tls else None, opts.health_timeout_s, link)
@@ -159,10 +160,7 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
         return run
     except BaseException as e:
         follower.poll()  # what the ServerApp wrote up to now
-        if isinstance(e, (KeyboardInterrupt, SystemExit)) and run.status().get("status") == "running":
-            run.set_status("failed", round=_last_round(run),
-                           error=f"stopped by the coordinator ({type(e).__name__}); continue with --resume {run.path}")
-            log(f"stopping: continue later with `medgen-server start --resume {run.path}`")
+        interrupted = isinstance(e, (KeyboardInterrupt, SystemExit)) and type(e).__name__
         raise
     finally:
         with shielded():
@@ -175,6 +173,12 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
                         pass
                 control.close()
             link.stop()
+            # after the ServerApp is gone: its own last words (e.g. a push error as the link went
+            # down) must not hide that the coordinator stopped the run
+            if interrupted and run.status().get("status") != "completed":
+                run.set_status("failed", round=_last_round(run),
+                               error=f"stopped by the coordinator ({interrupted}); continue with --resume {run.path}")
+                log(f"stopping: continue later with `medgen-server start --resume {run.path}`")
 
 
 def _last_round(run: RunDir) -> int:
