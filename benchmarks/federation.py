@@ -40,7 +40,7 @@ from medgen.models import build_model
 from medgen.server.federation import record_evaluation
 from medgen.server.rundir import RunDir, load_checkpoint
 from medgen.server.strategy import FedAvg, Update
-from medgen.simulation import resolve_data, simulate
+from medgen.simulation import resolve_client_cpus, resolve_data, simulate
 
 try:  # the full evaluation (distances, anomaly detection) the sites run on some rounds
     from medgen.evaluation.site import evaluate_site
@@ -55,7 +55,7 @@ def _quiet(*_args, **_kwargs) -> None:
 
 def prepare(cfg: Config) -> Config:
     """Make the phantom cohort and its slice cache now (and load every site once in this process)."""
-    cfg = resolve_data(cfg, log=_quiet)
+    cfg = resolve_client_cpus(resolve_data(cfg, log=_quiet))
     for site in cfg.sites.all:
         site_data(cfg, site, Path(cfg.data.root) / site, heldout=site in cfg.sites.heldout)
     return cfg

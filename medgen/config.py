@@ -157,7 +157,9 @@ class EvaluationConfig(_Section):
 
 class SimulationConfig(_Section):
     ray_address: str | None = Field(None, description="existing Ray cluster (e.g. ray://host:10001); null = local")
-    client_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per simulated site (its torch threads too)")
+    client_cpus: float | None = Field(
+        None, gt=0.0, description="CPUs reserved per simulated site (its torch threads too); null = at least 2, "
+                                  "CPUs / training sites when more, never more than the machine has")
     client_gpus: float = Field(0.0, ge=0.0, description="GPUs (fraction) reserved per simulated site")
 
 

@@ -52,7 +52,7 @@ class SiteFailure(RuntimeError):
 def client_threads(cfg: Config) -> int:
     """torch threads of a site's work: ``$MEDGEN_CLIENT_THREADS`` if set, else the CPUs a simulated
     site reserves (``simulation.client_cpus``, at least 1)."""
-    return int(os.environ.get("MEDGEN_CLIENT_THREADS") or max(1, int(cfg.simulation.client_cpus)))
+    return int(os.environ.get("MEDGEN_CLIENT_THREADS") or max(1, int(cfg.simulation.client_cpus or 1)))
 
 
 def _handler(fn):
