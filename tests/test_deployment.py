@@ -24,6 +24,7 @@ from medgen.config import dump_config, load_config
 from medgen.deployment.certs import CertError, check_private_key, init_ca, make_site_keys
 from medgen.deployment.fab import build_fab
 from medgen.deployment.handshake import check_handshake, medgen_version, server_handshake
+from medgen.deployment.node import NodeOptions, site_env
 from medgen.deployment.procs import free_port
 from medgen.deployment.worker import CLIENTAPP, fab_clientapp
 from medgen.models import build_model
@@ -352,3 +353,11 @@ def test_a_site_is_accepted_only_from_the_node_of_its_registered_key(cohort, tmp
     assert any("node 100 claims site 'A', but site A's registered key belongs to node 101" in x for x in lines)
     errors = {r["site"]: r["error"] for r in run.records() if "error" in r}
     assert "claims site" in errors["A"] and "claims site" in errors["B"] and "C" not in errors
+
+
+def test_a_site_trains_on_all_its_cores_unless_told(monkeypatch, tmp_path):
+    opts = NodeOptions("A", "localhost:9092", tmp_path / "A", tmp_path / "state", None, None)
+    monkeypatch.delenv("MEDGEN_CLIENT_THREADS", raising=False)
+    assert site_env(opts)["MEDGEN_CLIENT_THREADS"] == str(os.cpu_count())
+    monkeypatch.setenv("MEDGEN_CLIENT_THREADS", "3")
+    assert site_env(opts)["MEDGEN_CLIENT_THREADS"] == "3"

@@ -66,6 +66,8 @@ def worker_command(port: int, parent_pid: int) -> list[str]:
 
 def site_env(opts: NodeOptions) -> dict[str, str]:
     extra = {} if os.environ.get("MEDGEN_CACHE_DIR") else {"MEDGEN_CACHE_DIR": str(opts.state_dir / "cache")}
+    if not os.environ.get("MEDGEN_CLIENT_THREADS"):  # a site trains on its whole machine unless told otherwise
+        extra["MEDGEN_CLIENT_THREADS"] = str(os.cpu_count() or 1)
     return flower_env(opts.state_dir / "flwr-home", extra)
 
 
