@@ -11,14 +11,13 @@ import hashlib
 import json
 import logging
 import os
-import time
 import warnings
 from pathlib import Path
 
-from medgen.config import Config, load_config
+from medgen.config import Config
 from medgen.data.dataset import cache_root
 from medgen.server.errors import FederationError
-from medgen.server.rundir import RunDir
+from medgen.server.rundir import RunDir, open_run
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -58,10 +57,6 @@ def resolve_client_cpus(cfg: Config) -> Config:
     return cfg.model_copy(update={"simulation": cfg.simulation.model_copy(update={"client_cpus": value})})
 
 
-def default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.family}-{cfg.federation.strategy}"
-
-
 def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: str | Path | None = None,
              overrides: list[str] | tuple[str, ...] = (), log=print) -> RunDir:
     """Run (or, with ``resume``, continue) a simulated federation; returns its run directory.
@@ -69,16 +64,7 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
     With ``resume`` the config is the run's own ``config.yaml`` plus ``overrides`` (e.g. more
     rounds). Raises FederationError when the run fails; finished rounds stay in the run directory.
     """
-    if resume is not None:
-        run = RunDir(resume)
-        if not (run.path / "config.yaml").is_file():
-            raise FederationError(f"--resume {run.path}: not a run directory (no config.yaml)")
-        cfg = load_config(run.path / "config.yaml", overrides)
-    else:
-        cfg = cfg if cfg is not None else load_config(None, overrides)
-        run = RunDir(out or default_run_dir(cfg))
-        if run.last_checkpoint() is not None:
-            raise FederationError(f"{run.path} already holds a run; use --resume {run.path} or another --out")
+    cfg, run = open_run(cfg, out, resume, overrides)
     run.create(cfg)
     data_cfg = resolve_client_cpus(resolve_data(cfg, log))
 

@@ -17,14 +17,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medgen.config import Config, dump_config, load_config
+from medgen.config import Config, dump_config
 from medgen.deployment.certs import CertError, check_cert, load_public_key, site_public_keys
 from medgen.deployment.fab import build_fab
 from medgen.deployment.handshake import server_handshake
 from medgen.deployment.link import TLS, Control, DeploymentError, start_superlink, wait_healthy
 from medgen.deployment.procs import port_free, shielded
 from medgen.server.errors import FederationError
-from medgen.server.rundir import RunDir
+from medgen.server.rundir import RunDir, open_run
 
 
 @dataclass
@@ -76,18 +76,7 @@ def deployment_config(cfg: Config) -> Config:
 
 
 def prepare_run(cfg: Config | None, out: Path | None, resume: Path | None, overrides=()) -> tuple[Config, RunDir]:
-    if resume is not None:
-        run = RunDir(resume)
-        if not (run.path / "config.yaml").is_file():
-            raise FederationError(f"--resume {run.path}: not a run directory (no config.yaml)")
-        cfg = load_config(run.path / "config.yaml", overrides)
-    else:
-        from medgen.simulation import default_run_dir
-
-        cfg = cfg if cfg is not None else load_config(None, overrides)
-        run = RunDir(out or default_run_dir(cfg))
-        if run.last_checkpoint() is not None:
-            raise FederationError(f"{run.path} already holds a run; use --resume {run.path} or another --out")
+    cfg, run = open_run(cfg, out, resume, overrides)
     cfg = deployment_config(cfg)
     run.create(cfg)
     run.path = run.path.resolve()

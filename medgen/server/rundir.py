@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medgen.config import Config, dump_config
+from medgen.config import Config, dump_config, load_config
 from medgen.fileio import atomic_write
+from medgen.server.errors import FederationError
 
 _CHECKPOINT = re.compile(r"round-(\d{4,})\.pt$")
 
@@ -109,3 +110,25 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or not {"round", "model", "config"} <= ckpt.keys():
         raise DataError(path, "not a medgen checkpoint (needs round, model and config)")
     return ckpt
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.family}-{cfg.federation.strategy}"
+
+
+def open_run(cfg: Config | None, out: str | Path | None, resume: str | Path | None,
+             overrides=()) -> tuple[Config, RunDir]:
+    """The config and run directory of a new run (``out``, default ``runs/<time>-<family>-<strategy>``;
+    ``cfg`` or the defaults plus ``overrides``), or of the run that ``resume`` continues (its own
+    config.yaml plus ``overrides``, e.g. more rounds). FederationError for a ``resume`` folder that
+    is not a run, or an ``out`` that already holds one."""
+    if resume is not None:
+        run = RunDir(resume)
+        if not (run.path / "config.yaml").is_file():
+            raise FederationError(f"--resume {run.path}: not a run directory (no config.yaml)")
+        return load_config(run.path / "config.yaml", overrides), run
+    cfg = cfg if cfg is not None else load_config(None, overrides)
+    run = RunDir(out or default_run_dir(cfg))
+    if run.last_checkpoint() is not None:
+        raise FederationError(f"{run.path} already holds a run; use --resume {run.path} or another --out")
+    return cfg, run
