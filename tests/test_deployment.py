@@ -296,6 +296,10 @@ def test_loopback_deployment(deployment):
     assert d.wait("site-B", 60) != 0
     d.site("C")  # the server has been waiting for C: round 1 starts now, without B
     _wait_until((run_dir / "checkpoints" / "round-0001.pt").is_file, d, 240, "round-0001.pt")
+    # the unregistered site is refused, says so, and stops (checked while the server is surely up:
+    # after the SIGTERM below its next attempt would be a connection failure, not a refusal)
+    assert d.wait("site-D", 120) == 2
+    assert "refused site D's key" in d.output("site-D")
     d.procs["server"].send_signal(signal.SIGTERM)
     assert d.wait("server", 60) != 0
     out = d.output("server")
@@ -309,10 +313,6 @@ def test_loopback_deployment(deployment):
     assert [r["site"] for r in records if r["phase"] == "train" and r["round"] == 1 and "loss" in r] == ["A"]
     b_missing = [r["error"] for r in records if r["site"] == "B" and r["round"] == 1 and "error" in r]
     assert b_missing and "offline" in b_missing[0]
-
-    # the unregistered site is refused, says so, and stops
-    assert d.wait("site-D", 120) == 2
-    assert "refused site D's key" in d.output("site-D")
 
     # B comes back; the coordinator continues with --resume
     d.site("B")
