@@ -1,7 +1,7 @@
 """Central evaluation: the global model scored on a dataset the server itself holds
 (``evaluation.server_data``, a site folder), exactly as a held-out site scores its own data. Its
 records carry the site name ``"server"`` and stay out of the ``"global"`` mean over the sites.
-The images are already at the server, so its report may show them (overlays, closest pairs)."""
+The images are already at the server, so its report may show them (anomaly-map overlays)."""
 
 from __future__ import annotations
 
