@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from medgen.cli.main import _config_args
+from medgen.cli.main import _config_args, run_command
 from medgen.config import ConfigError, load_config
 
 SHARED = """\
@@ -95,19 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medgen.data.errors import DataError, SiteDataError
     from medgen.deployment.certs import CertError
     from medgen.deployment.link import DeploymentError
 
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, DataError, SiteDataError, CertError, DeploymentError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the SuperNode is stopped", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv, (CertError, DeploymentError), "the SuperNode is stopped")
 
 
 if __name__ == "__main__":

@@ -172,13 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, errors: tuple = (),
+                interrupted: str | None = None) -> int:
+    """Parse ``argv`` and run its command. A config, data or federation error (or one of ``errors``)
+    prints ``error: ...`` and exits 2; with ``interrupted``, Ctrl-C prints it and exits 130."""
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, SiteDataError, FederationError) as e:
+    except (ConfigError, DataError, SiteDataError, FederationError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

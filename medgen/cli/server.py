@@ -8,10 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
-from medgen.cli.main import _config_args
+from medgen.cli.main import _config_args, run_command
 from medgen.config import ConfigError, load_config
-from medgen.data.errors import DataError, SiteDataError
-from medgen.server.errors import FederationError
 
 
 def _on_sigterm(signum, frame):
@@ -69,15 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from medgen.deployment.certs import CertError
     from medgen.deployment.link import DeploymentError
 
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, DataError, SiteDataError, FederationError, CertError, DeploymentError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: every child process is stopped", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv, (CertError, DeploymentError), "every child process is stopped")
 
 
 if __name__ == "__main__":
