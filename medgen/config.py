@@ -83,6 +83,10 @@ class ModelConfig(_Section):
     gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
     inversion_steps: int = Field(100, ge=1, description="GAN anomaly maps: latent optimisation steps per batch")
     timesteps: int = Field(1000, ge=10, le=10_000, description="DDPM: diffusion steps")
+    preconditioning: Literal["edm", "none"] = Field(
+        "edm", description="DDPM: 'edm' scales the U-Net's input and output per noise level and weights the "
+                           "eps-loss so every level counts alike (Karras et al. 2022); 'none': plain eps-MSE (Ho et al.)")
+    sigma_data: float = Field(0.5, gt=0.0, description="DDPM (edm preconditioning): std of the images scaled to [-1, 1]")
     schedule: Literal["cosine", "linear"] = "cosine"
     attention: bool = Field(True, description="DDPM: self-attention at the lowest resolutions")
     cond_drop: float = Field(0.1, ge=0.0, lt=1.0, description="DDPM: label dropout for classifier-free guidance")

@@ -112,8 +112,22 @@ class OptimalDenoiser(nn.Module):
         return (x - a ** 0.5 * x0) / (1 - a) ** 0.5
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
-def test_ddim_with_all_steps_matches_ancestral_sampling_on_a_toy(schedule):
+class Preconditioned(nn.Module):
+    """What the U-Net has to output under the DDPM's preconditioning for eps_hat to be ``eps_net``'s
+    noise: F(c_in x) = (eps(x) - c_skip x) / c_out."""
+
+    def __init__(self, eps_net: nn.Module, model: DDPM):
+        super().__init__()
+        self.eps_net, self.scalings, self.T = eps_net, model.scalings.double(), model.T
+
+    def forward(self, x_in, t, y):
+        c_in, c_skip, c_out = self.scalings[int(round(float(t[0]) * self.T / 1000)), :3].tolist()
+        x = x_in.double() / c_in
+        return ((self.eps_net(x, t, y) - c_skip * x) / c_out).float()
+
+
+@pytest.mark.parametrize("schedule, preconditioning", [("cosine", "edm"), ("linear", "edm"), ("cosine", "none")])
+def test_ddim_with_all_steps_matches_ancestral_sampling_on_a_toy(schedule, preconditioning):
     """With the exact denoiser, DDIM (T steps, deterministic) and DDPM ancestral sampling both
     reproduce the data distribution, and agree with each other. (T = 1000: with the fixed
     posterior variance beta~_t, ancestral sampling under-disperses by ~10 % at T = 100.)"""
@@ -122,8 +136,10 @@ def test_ddim_with_all_steps_matches_ancestral_sampling_on_a_toy(schedule):
     for kind in ("mixture", "gaussian"):
         for sampler in ("ddim", "ddpm"):
             model = make(f"model.sampler={sampler}", f"model.schedule={schedule}", "model.timesteps=1000",
-                         "model.ddim_steps=1000", "model.ddim_eta=0", size=size)
-            model.networks["unet_ema"].net = OptimalDenoiser(kind, model.abar, model.T)
+                         "model.ddim_steps=1000", "model.ddim_eta=0", f"model.preconditioning={preconditioning}",
+                         size=size)
+            exact = OptimalDenoiser(kind, model.abar, model.T)
+            model.networks["unet_ema"].net = Preconditioned(exact, model) if preconditioning == "edm" else exact
             x = model.sample(torch.zeros(n, dtype=torch.long), seeded(0))  # [0, 1]: data * 0.5 + 0.5
             if kind == "mixture":
                 per_image = x.mean(dim=(1, 2, 3))
@@ -152,6 +168,38 @@ def test_ddim_with_eta_one_and_all_steps_is_ancestral_sampling():
 
 
 # ------------------------------------------------------------------------------------ training
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+def test_edm_preconditioning(sigma_data):
+    """eps_hat = c_skip x_t + c_out F(c_in x_t); c_in x_t has unit variance for images of std
+    sigma_data; the loss is the eps-MSE weighted by 1 / c_out^2 (checked in float64 away from
+    abar ~ 0, where the direct form cancels); an untrained F still gives eps_hat ~ x_t at t = T."""
+    model = make(f"model.sigma_data={sigma_data}", "model.timesteps=1000")
+    c_in, c_skip, c_out, _ = model.scalings.double().T
+    abar = model.abar
+    x0 = sigma_data * torch.randn(20000, dtype=torch.float64)
+    for t in (1, 300, 700, 999):
+        x_t = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * torch.randn_like(x0)
+        assert abs(float((c_in[t] * x_t).std()) - 1) < 0.03
+    images, labels, _ = disc_batch(4)
+    net = model.networks["unet"]
+    for step in (5, 300, 900):
+        t = torch.full((4,), step)
+        noise = torch.randn(images.shape, generator=seeded(step))
+        x_t = abar[step].sqrt() * (2 * images.double() - 1) + (1 - abar[step]).sqrt() * noise.double()
+        with torch.no_grad():
+            eps_hat = model._predict(net, x_t.float(), t, labels).double()
+            assert torch.allclose(eps_hat, c_skip[step] * x_t + c_out[step] * net((c_in[step] * x_t).float(),
+                                  t.float(), labels).double(), atol=1e-5)
+            weighted = float(((eps_hat - noise.double()) ** 2).mean() / c_out[step] ** 2)
+            assert float(model._loss(net, images, labels, t, noise)) == pytest.approx(weighted, rel=1e-3)
+    x = torch.randn(4, 1, SIZE, SIZE)
+    plain = make("model.preconditioning=none")
+    with torch.no_grad():
+        assert float((model._predict(net, x, torch.full((4,), model.T), labels) - x).abs().max()) < 1e-3
+        assert torch.equal(plain._predict(plain.networks["unet"], x, torch.full((4,), 50), labels),
+                           plain.networks["unet"](x, torch.full((4,), 500.0), labels))
+
+
 def test_train_step_evaluate_and_ema():
     model = make()
     images, labels, _ = disc_batch()

@@ -1,12 +1,16 @@
-"""A small conditional U-Net that predicts the noise of a diffusion model (used by ``ddpm.py``).
+"""A small conditional U-Net, the denoiser of the diffusion model (used by ``ddpm.py``).
 
-``UNet(x, t, y)``: noisy images x (B, 1, S, S) (about [-1, 1] plus noise), time t (B,) float in
+``UNet(x, t, y)``: noisy images x (B, 1, S, S) (about unit variance), time t (B,) float in
 [0, 1000] (the DDPM rescales its steps to that range, so the embedding does not depend on the
 number of steps), labels y (B,) int64 (0 healthy, 1 lesion, 2 "no label" for classifier-free
-guidance) -> predicted noise (B, 1, S, S).
+guidance) -> (B, 1, S, S): the noise, or the scaled part of it that the DDPM's preconditioning
+leaves to the network.
 
-Layout: a 2x2 pixel-unshuffle stem (space-to-depth: the network works from S/2 down, and a
-pixel-shuffle head restores S x S; at full resolution the same U-Net trained >10x slower on CPU),
+Layout: one convolution at full resolution (``width`` / 2 channels), then a 2x2 pixel-unshuffle
+(space-to-depth: the U-Net works from S/2 down; with its first level at full resolution it trained
+2.5x slower on CPU), and at the end a pixel-shuffle back to S x S, a residual connection to the
+full-resolution features and a last convolution there (without it, each pixel's 2x2 phase had its
+own output channel: briefly trained models showed a 2-px grid and speckled backgrounds),
 resolution levels S/2, S/4, ... down to 8x8 (or the first odd size), channels doubling from
 ``width`` up to ``cap`` x width; one pre-activation residual block per level on the way down and
 one (reading the skip connection) on the way up, a middle block of two residual blocks, and
@@ -93,7 +97,9 @@ class UNet(nn.Module):
         self.width, emb = width, 4 * width
         self.time_mlp = nn.Sequential(nn.Linear(width, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.label = label_embedding(emb, N_LABELS)
-        self.stem = nn.Conv2d(patch ** 2, chans[0], 3, padding=1)
+        full = max(1, width // 2)
+        self.full_in = nn.Conv2d(1, full, 3, padding=1)
+        self.stem = nn.Conv2d(full * patch ** 2, chans[0], 3, padding=1)
         self.down = nn.ModuleList(ResBlock(a, b, emb, groups) for a, b in zip(chans[:1] + chans[:-1], chans))
         self.downsample = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1) for c in chans[:-1])
         attn = (lambda: SelfAttention(chans[-1], groups)) if attention else nn.Identity
@@ -103,12 +109,14 @@ class UNet(nn.Module):
         self.upsample = nn.ModuleList(
             nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1))
             for a, b in zip(chans[:0:-1], chans[-2::-1]))
-        self.out_norm, self.out = _norm(chans[0], groups), nn.Conv2d(chans[0], patch ** 2, 3, padding=1)
+        self.out_norm, self.out = _norm(chans[0], groups), nn.Conv2d(chans[0], full * patch ** 2, 3, padding=1)
+        self.full_norm, self.full_out = _norm(full, groups), nn.Conv2d(full, 1, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, 1, S, S), t (B,) float in [0, 1000], y (B,) int64 in {0, 1, 2} -> noise (B, 1, S, S)."""
+        """x (B, 1, S, S), t (B,) float in [0, 1000], y (B,) int64 in {0, 1, 2} -> (B, 1, S, S)."""
         emb = self.time_mlp(timestep_embedding(t, self.width)) + self.label(y)
-        h, skips, last = self.stem(F.pixel_unshuffle(x, self.patch)), [], len(self.down) - 1
+        full = self.full_in(x)
+        h, skips, last = self.stem(F.pixel_unshuffle(full, self.patch)), [], len(self.down) - 1
         for i, block in enumerate(self.down):
             h = block(h, emb)
             h = self.down_attn(h) if i == last else h
@@ -119,4 +127,5 @@ class UNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
             h = self.up_attn(h) if i == 0 else h
             h = self.upsample[i](h) if i < last else h
-        return F.pixel_shuffle(self.out(F.silu(self.out_norm(h))), self.patch)
+        h = F.pixel_shuffle(self.out(F.silu(self.out_norm(h))), self.patch) + full
+        return self.full_out(F.silu(self.full_norm(h)))
