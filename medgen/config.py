@@ -95,7 +95,9 @@ class ModelConfig(_Section):
     ddim_steps: int = Field(50, ge=1, description="DDPM: DDIM sampling steps")
     ddim_eta: float = Field(1.0, ge=0.0, le=1.0, description="DDPM: DDIM sampling noise (1: ancestral on the strided "
                                                           "chain, cleaner from a briefly trained model; 0: deterministic)")
-    anomaly_t: int = Field(200, ge=1, description="DDPM anomaly maps: noise to step t, then denoise")
+    anomaly_t: int | None = Field(
+        None, ge=1, description="DDPM anomaly maps: noise to step t, then denoise; null = 600 of 1000 steps, "
+                                "scaled to model.timesteps")
     anomaly_noise: Literal["gaussian", "simplex"] = "gaussian"
 
 

@@ -4,6 +4,7 @@ Small on purpose (32x32, width 8, 100 steps): the generic contract lives in test
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -297,8 +298,29 @@ def test_anomaly_map(noise):
         make("model.anomaly_t=200")
 
 
-@pytest.mark.parametrize("timesteps, expected", [(1000, [25, 50, 100, 200, 300]), (100, [2, 5, 10, 20, 30]),
-                                                 (10, [1, 2, 3])])
-def test_anomaly_sweep(timesteps, expected):
-    model = make(f"model.timesteps={timesteps}", "model.anomaly_t=1")
+@pytest.mark.parametrize("timesteps, anomaly_t, expected", [
+    (1000, "null", [600, 25, 50, 100, 200, 300]), (100, "null", [60, 2, 5, 10, 20, 30]),
+    (100, "20", [20, 2, 5, 10, 30]), (10, "null", [6, 1, 2, 3])])
+def test_anomaly_sweep(timesteps, anomaly_t, expected):
+    """The configured t first (the headline scores and the overlays), then the seeds' levels."""
+    model = make(f"model.timesteps={timesteps}", f"model.anomaly_t={anomaly_t}")
     assert model.anomaly_sweep() == [{"t": t} for t in expected]
+    images, _, brain = disc_batch(2)
+    assert torch.equal(model.anomaly_map(images, brain), model.anomaly_map(images, brain, **model.anomaly_sweep()[0]))
+
+
+def test_site_evaluation_reports_the_configured_t_as_the_headline():
+    """Every t of the sweep gets its own scores; the configured one's are also the unsuffixed
+    ``pixel-auroc`` (what the report's curves and `medgen report --compare` read), with its ROC."""
+    from medgen.data.dataset import SiteSlices
+    from medgen.evaluation.site import anomaly_metrics
+
+    model = make("model.anomaly_t=30")
+    images, labels, brain = disc_batch(8)
+    lesion = (images[:, 0] < 0.45) & brain[:, 0] & (labels == LESION)[:, None, None]
+    data = SiteSlices("S", images[:, 0].numpy(), brain[:, 0].numpy(), lesion.numpy(), labels.numpy(),
+                      np.array([f"s{i // 2}" if i % 2 else f"h{i // 2}" for i in range(8)]), np.arange(8))
+    metrics, curves, _ = anomaly_metrics(model, data, model.cfg)
+    assert {f"pixel-auroc@t={t}" for t in (30, 2, 5, 10, 20)} <= metrics.keys()
+    assert metrics["pixel-auroc"] == metrics["pixel-auroc@t=30"] != metrics["pixel-auroc@t=2"]
+    assert np.array_equal(curves["roc-tpr"], curves["roc-tpr@t=30"])

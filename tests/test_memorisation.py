@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from medgen.config import load_config
+from medgen.config import ConfigError, load_config
 from medgen.data.dataset import load_site
 from medgen.data.phantom import synthesize_cohort
 from medgen.evaluation import memorisation
@@ -135,7 +135,11 @@ def test_audit_in_the_sites_evaluation_metrics_and_report(cohort, tmp_path):
     assert page.images >= 3  # ratio histogram + closest pairs (+ curves)
 
     # `medgen evaluate` on the training site's folder: the run's own split gives the same audit
-    scored = evaluate_checkpoint(run.last_checkpoint(), cohort / "A", out=tmp_path / "eval", log=lambda _: None)
+    with pytest.raises(ConfigError, match=r"--set model.width=32: .*model.anomaly_t"):
+        evaluate_checkpoint(run.last_checkpoint(), cohort / "A", overrides=["model.width=32"], log=lambda _: None)
+    scored = evaluate_checkpoint(run.last_checkpoint(), cohort / "A", out=tmp_path / "eval", log=lambda _: None,
+                                 overrides=["model.inversion_steps=3"])  # inference-only: allowed
+    assert "inversion_steps: 3" in (scored.path / "config.yaml").read_text()
     again = [r for r in scored.records() if r["phase"] == "evaluate"][-1]
     assert again["site"] == "A" and again["memorisation-baseline"] == record["memorisation-baseline"]
     assert "Privacy and memorisation" in Page((scored.path / "report" / "site-A.html").read_text()).headings

@@ -95,7 +95,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medgen.evaluation.evaluate import evaluate_checkpoint
 
     if args.config:
-        raise ConfigError("evaluate uses the checkpoint's own config; change data.* / evaluation.* with --set")
+        raise ConfigError("evaluate uses the checkpoint's own config; change data.*, evaluation.* or "
+                          "sampling / anomaly-map keys (e.g. model.anomaly_t) with --set")
     run = evaluate_checkpoint(args.checkpoint, args.data, out=args.out, site=args.site, overrides=args.overrides)
     print(f"run directory: {run.path}")
     return 0

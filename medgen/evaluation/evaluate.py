@@ -13,6 +13,10 @@ from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
 from medgen.server.rundir import RunDir, load_checkpoint
 
+# model keys that change how a trained model samples or scores, not its weights
+INFERENCE_KEYS = frozenset(f"model.{k}" for k in ("guidance_scale", "sampler", "ddim_steps", "ddim_eta",
+                                                  "anomaly_t", "anomaly_noise", "inversion_steps"))
+
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str | Path | None = None,
                         site: str | None = None, overrides: list[str] | tuple[str, ...] = (), log=print) -> RunDir:
@@ -22,12 +26,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str |
     samples with its training vs validation subjects (the run's own split).
 
     The config is the checkpoint's own (the model must be rebuilt exactly); ``overrides`` may change
-    the ``data`` and ``evaluation`` sections only, e.g. ``data.on_bad_file=skip``."""
+    the ``data`` and ``evaluation`` sections and the model's sampling and anomaly-map settings
+    (``INFERENCE_KEYS``), e.g. ``data.on_bad_file=skip``, ``model.anomaly_t=400``."""
     ckpt = load_checkpoint(checkpoint)
     cfg = load_config_text(ckpt["config"])
     for item in overrides:
-        if not item.split("=", 1)[0].strip().startswith(("data.", "evaluation.")):
-            raise ConfigError(f"--set {item}: only data.* and evaluation.* can change when evaluating a checkpoint")
+        key = item.split("=", 1)[0].strip()
+        if not (key.startswith(("data.", "evaluation.")) or key in INFERENCE_KEYS):
+            raise ConfigError(f"--set {item}: evaluating a checkpoint can change data.*, evaluation.* and "
+                              f"{', '.join(sorted(INFERENCE_KEYS))} only (the rest built the weights)")
     cfg = with_overrides(cfg, overrides)
     data_dir = Path(data_dir)
     site = site or data_dir.resolve().name

@@ -8,7 +8,8 @@ Only numbers leave the site (and, with ``evaluation.share_images``, a few overla
 - unsupervised lesion detection on the site's lesion subjects: pixel AUROC / AUPRC inside the
   brain, Dice at a threshold fixed on held-apart healthy subjects' slices, the best Dice over
   thresholds (an upper bound: it looks at the masks), slice-level AUROC — for every setting of the
-  family's ``anomaly_sweep()`` (e.g. the DDPM's noise level t);
+  family's ``anomaly_sweep()`` (e.g. the DDPM's noise level t, as ``pixel-auroc@t=600``), the
+  first (configured) one also without a suffix;
 - at a training site, the memorisation audit (``memorisation.py``): generated samples' nearest
   training vs held-out slices, and a loss-based membership-inference AUC.
 """
@@ -95,7 +96,7 @@ def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config):
     calib_idx = np.sort(rng.permutation(np.flatnonzero(calib))[:n])
     scored_idx = np.sort(rng.permutation(np.flatnonzero(scored))[:n])
     metrics, curves, overlays = {}, {}, {}
-    for setting in model.anomaly_sweep():
+    for i, setting in enumerate(model.anomaly_sweep()):
         tag = _suffix(setting)
         maps = _maps(model, data, scored_idx, setting)
         calib_maps = _maps(model, data, calib_idx, setting)
@@ -103,10 +104,12 @@ def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config):
             if len(calib_idx) else float("nan")
         report = anomaly.anomaly_report(maps, data.lesion[scored_idx], data.brain[scored_idx],
                                         data.labels[scored_idx], threshold)
-        metrics.update({k.replace('_', '-') + tag: float(v) for k, v in report.items()})
         fpr, tpr = anomaly.roc_curve(maps, data.lesion[scored_idx], data.brain[scored_idx])
         rec, prec = anomaly.pr_curve(maps, data.lesion[scored_idx], data.brain[scored_idx])
-        curves.update({f"roc-fpr{tag}": fpr, f"roc-tpr{tag}": tpr, f"pr-recall{tag}": rec, f"pr-precision{tag}": prec})
+        for suffix in {tag, ""} if i == 0 else {tag}:  # the configured setting is also the headline
+            metrics.update({k.replace('_', '-') + suffix: float(v) for k, v in report.items()})
+            curves.update({f"roc-fpr{suffix}": fpr, f"roc-tpr{suffix}": tpr, f"pr-recall{suffix}": rec,
+                           f"pr-precision{suffix}": prec})
         if cfg.evaluation.share_images and not overlays:
             pick = scored_idx[np.argsort(-data.lesion[scored_idx].sum((1, 2)))[:4]]
             overlays = {"overlay-images": data.images[pick], "overlay-lesion": data.lesion[pick].astype(np.uint8),

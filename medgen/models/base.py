@@ -65,7 +65,8 @@ class GenerativeModel(ABC):
 
     def anomaly_sweep(self) -> list[dict]:
         """Settings of ``anomaly_map`` worth comparing (e.g. the DDPM's noise level t); evaluation
-        scores each without knowing what they mean."""
+        scores each without knowing what they mean. The first is the configured one: its scores are
+        also the headline ones (``pixel-auroc`` without a suffix) and its maps are the overlays."""
         return [{}]
 
     # ---------------------------------------------------------------- weights
