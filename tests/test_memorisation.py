@@ -9,6 +9,7 @@ import torch
 
 from medgen.config import ConfigError, load_config
 from medgen.data.dataset import load_site
+from medgen.data.errors import DataError
 from medgen.data.phantom import synthesize_cohort
 from medgen.evaluation import memorisation
 from medgen.evaluation.evaluate import evaluate_checkpoint
@@ -140,6 +141,12 @@ def test_audit_in_the_sites_evaluation_metrics_and_report(cohort, tmp_path):
     scored = evaluate_checkpoint(run.last_checkpoint(), cohort / "A", out=tmp_path / "eval", log=lambda _: None,
                                  overrides=["model.inversion_steps=3"])  # inference-only: allowed
     assert "inversion_steps: 3" in (scored.path / "config.yaml").read_text()
+    foreign = torch.load(run.last_checkpoint(), weights_only=True)  # e.g. written by another medgen version
+    foreign["model"] = {k: v for k, v in foreign["model"].items() if k != "vae.stem.weight"}
+    torch.save(foreign, tmp_path / "foreign.pt")
+    with pytest.raises(DataError, match=r"foreign.pt: its weights do not fit the vae model .*Missing key"):
+        evaluate_checkpoint(tmp_path / "foreign.pt", cohort / "A", out=tmp_path / "e2", log=lambda _: None)
+    assert not (tmp_path / "e2").exists()
     again = [r for r in scored.records() if r["phase"] == "evaluate"][-1]
     assert again["site"] == "A" and again["memorisation-baseline"] == record["memorisation-baseline"]
     assert "Privacy and memorisation" in Page((scored.path / "report" / "site-A.html").read_text()).headings

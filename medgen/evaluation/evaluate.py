@@ -11,7 +11,7 @@ from medgen.evaluation.report import build_report
 from medgen.evaluation.samples import generate, save_grid
 from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
-from medgen.server.rundir import RunDir, load_checkpoint
+from medgen.server.rundir import RunDir, load_checkpoint, load_weights
 
 # model keys that change how a trained model samples or scores, not its weights
 INFERENCE_KEYS = frozenset(f"model.{k}" for k in ("guidance_scale", "sampler", "ddim_steps", "ddim_eta",
@@ -36,13 +36,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str |
             raise ConfigError(f"--set {item}: evaluating a checkpoint can change data.*, evaluation.* and "
                               f"{', '.join(sorted(INFERENCE_KEYS))} only (the rest built the weights)")
     cfg = with_overrides(cfg, overrides)
+    model = build_model(cfg)
+    load_weights(model, ckpt, checkpoint)
     data_dir = Path(data_dir)
     site = site or data_dir.resolve().name
     run = RunDir(out or Path("runs") / f"evaluate-{site}-{Path(checkpoint).stem}")
     run.create(cfg)
     data = load_site(data_dir, cfg.data, site)
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
     log(f"evaluating {checkpoint} (round {ckpt['round']}, {cfg.model.family}) on {data_dir}: {len(data)} slices")
     metrics = evaluate_local(model, data, cfg)
     # a training site of the checkpoint's run: its own subject split gives the memorisation audit's

@@ -23,7 +23,7 @@ from medgen.models import build_model
 from medgen.privacy.central import CentralDP
 from medgen.server.central_evaluation import SERVER_SITE, evaluate_server_data, server_data
 from medgen.server.errors import FederationError
-from medgen.server.rundir import RunDir, load_checkpoint
+from medgen.server.rundir import RunDir, load_checkpoint, load_weights
 from medgen.server.strategy import State, Update, make_aggregator
 
 
@@ -145,6 +145,7 @@ class Federation:
             ckpt = load_checkpoint(last)
             state, start = ckpt["model"], ckpt["round"] + 1
             self.last_round = ckpt["round"]
+            load_weights(model, ckpt, last)  # they must fit this config's model
             aggregator.load_state(ckpt["aggregator"])
             run.truncate_metrics(ckpt["round"])
             self.log(f"resuming after round {ckpt['round']} from {last}")

@@ -112,6 +112,19 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def load_weights(model, ckpt: dict, path: str | Path) -> None:
+    """Load the checkpoint ``ckpt`` (read from ``path``) into ``model``, a GenerativeModel;
+    DataError naming the file when its weights do not fit the model."""
+    from medgen.data.errors import DataError
+
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as e:
+        detail = " ".join(str(e).split())
+        raise DataError(path, f"its weights do not fit the {model.family} model that the config builds (a "
+                              f"checkpoint of another config or medgen version?): {detail[:300]}") from None
+
+
 def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.family}-{cfg.federation.strategy}"
 
