@@ -65,3 +65,21 @@ def test_report_sections_and_numbers(tiny_cohort, tmp_path):
     assert [(r["run"], r["site"]) for r in rows] == [("run", "C"), ("other", "C")]
     assert rows[0]["pixel-auroc"] == rows[1]["pixel-auroc"]  # same seed, same config: same numbers
     assert Page(compare.read_text()).images == 1
+
+
+def test_site_page_tables_detection_by_anomaly_setting(tiny_cohort, tmp_path):
+    """A family with an anomaly sweep (the DDPM's t): the site page tables every setting's scores,
+    the configured one first, with their ROC curves."""
+    cfg = tiny_cfg(tiny_cohort, "model.family=ddpm", "model.timesteps=50", "model.ddim_steps=5",
+                   "model.anomaly_t=20", "federation.rounds=1", "evaluation.max_samples=4")
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    run_federation(LocalGrid(3), cfg, run, log=lambda _: None)
+    build_report(run.path)
+    last = [r for r in run.records() if r["phase"] == "evaluate" and r["site"] == "C"][-1]
+    cells = Page((run.path / "report" / "site-C.html").read_text()).cells
+    settings = [c for c in cells if c.startswith("t=")]
+    assert settings == ["t=20", "t=1", "t=2", "t=5", "t=10", "t=15"]
+    row = cells.index("t=20")
+    assert cells[row + 1] == f"{last['pixel-auroc@t=20']:.4g}" == f"{last['pixel-auroc']:.4g}"
+    assert cells[cells.index("t=5") + 5] == f"{last['slice-auroc@t=5']:.4g}"

@@ -23,6 +23,7 @@ HEADLINE = ["loss", "frd-healthy", "frd-lesion", "kid-healthy", "kid-lesion", "p
             "ms-ssim-healthy", "ms-ssim-lesion", "fid-healthy", "fid-lesion", "pixel-auroc", "pixel-auprc",
             "dice-at-threshold", "best-dice-upper-bound", "slice-auroc", "epsilon", "memorisation-fraction",
             "memorisation-baseline", "mia-auc"]
+DETECTION = ["pixel-auroc", "pixel-auprc", "dice-at-threshold", "best-dice-upper-bound", "slice-auroc"]
 AUDIT = ["memorisation-fraction", "memorisation-baseline", "memorisation-ratio-median", "memorisation-baseline-median",
          "nn-train-rms", "nn-heldout-rms", "memorisation-samples", "mia-auc"]
 _STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -82,6 +83,26 @@ def _roc_pr(arrays: dict[str, dict]) -> str:
     pr.set(xlabel="recall", ylabel="precision", title="pixel precision-recall")
     roc.legend(fontsize=8)
     return _png(fig)
+
+
+def _by_setting(metrics: dict, a: dict) -> str:
+    """Lesion detection per anomaly-map setting (keys such as ``pixel-auroc@t=600``: the family's
+    ``anomaly_sweep``, the configured setting first) as a table, with their ROC curves."""
+    settings = list(dict.fromkeys(k.split("@", 1)[1] for k in metrics if "@" in k))
+    if len(settings) < 2:
+        return ""
+    rows = [[s] + [metrics.get(f"{k}@{s}", "") for k in DETECTION] for s in settings]
+    parts = ['<p class="note">By anomaly-map setting (the first is the configured one, shown above):</p>',
+             _table(rows, ["setting", *DETECTION])]
+    if all(f"roc-fpr@{s}" in a for s in settings):
+        fig, ax = plt.subplots(figsize=(4.4, 3.4))
+        for s in settings:
+            ax.plot(a[f"roc-fpr@{s}"], a[f"roc-tpr@{s}"], label=s)
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title="pixel ROC by setting")
+        ax.legend(fontsize=8)
+        parts.append(_png(fig))
+    return "".join(parts)
 
 
 def _overlays(a: dict) -> str:
@@ -253,7 +274,8 @@ def build_report(run_dir: str | Path) -> Path:
                 _curves(records, [site], "train", ["loss", "epsilon"], f"site {site}: training"),
                 _curves(records, [site], "evaluate", ["loss", "pixel-auroc"], f"site {site}: evaluation"),
                 "<h2>Lesion detection</h2>", _roc_pr({site: arrays[site]} if site in arrays else {}) or
-                "<p>No lesion evaluation at this site.</p>", _overlays(arrays.get(site, {})),
+                "<p>No lesion evaluation at this site.</p>",
+                _by_setting(final.get(site, {}), arrays.get(site, {})), _overlays(arrays.get(site, {})),
                 _privacy(records, site, final.get(site, {}), arrays.get(site, {})),
                 '<p><a href="index.html">back to the run</a></p>']
         (out / f"site-{site}.html").write_text(_page(f"medgen report — site {site}", page))
