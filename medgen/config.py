@@ -101,6 +101,12 @@ class ModelConfig(_Section):
     anomaly_noise: Literal["gaussian", "simplex"] = "gaussian"
 
 
+# the model keys that change how trained weights sample or score, not the weights themselves:
+# the only ones `medgen evaluate` lets a checkpoint's config change
+INFERENCE_KEYS = frozenset(f"model.{k}" for k in ("guidance_scale", "sampler", "ddim_steps", "ddim_eta",
+                                                  "anomaly_t", "anomaly_noise", "inversion_steps"))
+
+
 class TrainConfig(_Section):
     local_steps: int | None = Field(100, ge=1, description="optimiser steps per site per round")
     local_epochs: float | None = Field(None, gt=0, description="instead of local_steps: passes over the site's data")

@@ -5,17 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from medgen.client.task import evaluate_local
-from medgen.config import ConfigError, load_config_text, with_overrides
+from medgen.config import INFERENCE_KEYS, ConfigError, load_config_text, with_overrides
 from medgen.data.dataset import load_site
 from medgen.evaluation.report import build_report
 from medgen.evaluation.samples import generate, save_grid
 from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
 from medgen.server.rundir import RunDir, load_checkpoint, load_weights
-
-# model keys that change how a trained model samples or scores, not its weights
-INFERENCE_KEYS = frozenset(f"model.{k}" for k in ("guidance_scale", "sampler", "ddim_steps", "ddim_eta",
-                                                  "anomaly_t", "anomaly_noise", "inversion_steps"))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str | Path | None = None,

@@ -13,10 +13,9 @@ v = Var(x_t) = 1 - abar + abar sigma_data^2, c_in = 1 / sqrt(v) gives F unit-var
 c_skip x_t = sqrt(1 - abar) x_t / v is the best linear guess of eps (so at high noise, where eps is
 almost x_t, the network no longer has to reproduce its input to within abar^1/2 to predict a
 usable x_0), and c_out = sqrt(abar sigma_data^2 / v). The eps-MSE is weighted by 1 / c_out^2,
-i.e. F is trained on a unit-variance target at every noise level. On the phantom cohort after
-500 steps, plain eps-MSE predicts x_0 worse than the mean image for t > 0.8 T and its samples are
-textured noise; with EDM scaling they are brain-shaped (benchmarks/ddpm_training.py).
-``"none"``: F predicts eps directly with the plain MSE of Ho et al.
+i.e. F is trained on a unit-variance target at every noise level (measured against the plain
+loss in benchmarks/ddpm_training.py). ``"none"``: F predicts eps directly with the plain MSE of
+Ho et al.
 
 Networks: ``unet`` (trained; sees real images, so it is the one DP-SGD wraps) and ``unet_ema``
 (an :class:`EMA` of it: exchanged, aggregated and checkpointed like any weights; sampling,
@@ -24,10 +23,8 @@ evaluation and anomaly maps use it). Anomaly maps follow AnoDDPM (Wyatt et al. 2
 image to step t with Gaussian or multi-octave simplex noise, denoise with the healthy label (DDIM,
 deterministic), score the squared difference. The network is trained with Gaussian noise only
 (AnoDDPM also trains on simplex noise); ``model.anomaly_t`` counts steps of this chain, so it
-must not exceed ``model.timesteps`` (null: 0.6 T). Gaussian noise has to reach far into the chain
-before the large, dark lesions of the phantom cohort are healed rather than reproduced: after
-examples/ddpm-cpu.yaml, held-out pixel AUROC 0.72 at t = 300, 0.88 at 500, 0.91 at 600, 0.93 at 700
-(lesion slices of site D).
+must not exceed ``model.timesteps`` (null: 0.6 T, where the phantom's large, dark lesions are
+healed rather than reproduced; detection against t: README, "Model families").
 """
 
 from __future__ import annotations
