@@ -96,15 +96,20 @@ class ModelConfig(_Section):
     ddim_eta: float = Field(1.0, ge=0.0, le=1.0, description="DDPM: DDIM sampling noise (1: ancestral on the strided "
                                                           "chain, cleaner from a briefly trained model; 0: deterministic)")
     anomaly_t: int | None = Field(
-        None, ge=1, description="DDPM anomaly maps: noise to step t, then denoise; null = 600 of 1000 steps, "
+        None, ge=1, description="DDPM anomaly maps: noise to step t, then denoise; null = 800 of 1000 steps, "
                                 "scaled to model.timesteps")
     anomaly_noise: Literal["gaussian", "simplex"] = "gaussian"
+    anomaly_steps: int = Field(
+        1, ge=1, description="DDPM anomaly maps: DDIM steps from anomaly_t back to t = 0 (1: the network's "
+                             "one-step estimate of the healthy image; AnoDDPM denoises step by step)")
+    anomaly_draws: int = Field(8, ge=1, description="DDPM anomaly maps: noise draws whose squared errors are averaged")
 
 
 # the model keys that change how trained weights sample or score, not the weights themselves:
 # the only ones `medgen evaluate` lets a checkpoint's config change
 INFERENCE_KEYS = frozenset(f"model.{k}" for k in ("guidance_scale", "sampler", "ddim_steps", "ddim_eta",
-                                                  "anomaly_t", "anomaly_noise", "inversion_steps"))
+                                                  "anomaly_t", "anomaly_noise", "anomaly_steps", "anomaly_draws",
+                                                  "inversion_steps"))
 
 
 class TrainConfig(_Section):

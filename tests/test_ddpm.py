@@ -288,6 +288,8 @@ def test_anomaly_map(noise):
     assert torch.all(amap[~brain] == 0) and amap[brain].sum() > 0
     assert torch.equal(amap, model.anomaly_map(images, brain))  # deterministic
     assert not torch.equal(amap, model.anomaly_map(images, brain, t=5))  # the setting is used
+    for key in ("model.anomaly_steps=4", "model.anomaly_draws=1"):  # so are the config's
+        assert not torch.allclose(amap, make(f"model.anomaly_noise={noise}", key).anomaly_map(images, brain))
     assert all(net.training for net in model.networks.values())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(TypeError):
@@ -299,8 +301,8 @@ def test_anomaly_map(noise):
 
 
 @pytest.mark.parametrize("timesteps, anomaly_t, expected", [
-    (1000, "null", [600, 25, 50, 100, 200, 300]), (100, "null", [60, 2, 5, 10, 20, 30]),
-    (100, "20", [20, 2, 5, 10, 30]), (10, "null", [6, 1, 2, 3])])
+    (1000, "null", [800, 25, 50, 100, 200, 300]), (100, "null", [80, 2, 5, 10, 20, 30]),
+    (100, "20", [20, 2, 5, 10, 30]), (10, "null", [8, 1, 2, 3])])
 def test_anomaly_sweep(timesteps, anomaly_t, expected):
     """The configured t first (the headline scores and the overlays), then the seeds' levels."""
     model = make(f"model.timesteps={timesteps}", f"model.anomaly_t={anomaly_t}")

@@ -224,8 +224,10 @@ def test_vae_image_sizes(size):
 
 
 def test_anomaly_map_is_higher_inside_an_inserted_lesion(family):
-    """Trained on healthy discs only, every family scores an inserted bright blob above the healthy
-    tissue around it (measured after 300 steps: VAE 4.6x, GAN 3.1x, DDPM 2.3x; untrained DDPM < 1)."""
+    """Trained on healthy discs only, every family scores an inserted dark blob (like the phantom's
+    stroke lesions) far above the healthy tissue around it. Measured after 300 steps: VAE 26x,
+    GAN 14x, DDPM 6.3x; untrained 0.9-1.4x. (A bright blob tells less: 2.5-4.6x trained, but
+    already 1.5-2.2x untrained, since any shrinkage towards mid-grey errs most at the extremes.)"""
     model = build_model(make_cfg(family), seed=0)
     images, labels, brain = batch(16)
     healthy = images[labels == HEALTHY]
@@ -236,7 +238,7 @@ def test_anomaly_map_is_higher_inside_an_inserted_lesion(family):
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, SIZE), torch.linspace(-1, 1, SIZE), indexing="ij")
     blob = (xx + 0.35) ** 2 + (yy - 0.3) ** 2 < 0.04  # inside the brain, away from the training lesions
     test = healthy[:4].clone()
-    test[:, :, blob] = 1.0
+    test[:, :, blob] = 0.1
     amap = model.anomaly_map(test, brain[:4])[:, 0]
     tissue = brain[:4, 0] & ~blob
-    assert amap[:, blob].mean() > 1.5 * amap[tissue].mean()
+    assert amap[:, blob].mean() > 3 * amap[tissue].mean()

@@ -86,7 +86,7 @@ def _roc_pr(arrays: dict[str, dict]) -> str:
 
 
 def _by_setting(metrics: dict, a: dict) -> str:
-    """Lesion detection per anomaly-map setting (keys such as ``pixel-auroc@t=600``: the family's
+    """Lesion detection per anomaly-map setting (keys such as ``pixel-auroc@t=800``: the family's
     ``anomaly_sweep``, the configured setting first) as a table, with their ROC curves."""
     settings = list(dict.fromkeys(k.split("@", 1)[1] for k in metrics if "@" in k))
     if len(settings) < 2:

@@ -8,7 +8,7 @@ Only numbers leave the site (and, with ``evaluation.share_images``, a few overla
 - unsupervised lesion detection on the site's lesion subjects: pixel AUROC / AUPRC inside the
   brain, Dice at a threshold fixed on held-apart healthy subjects' slices, the best Dice over
   thresholds (an upper bound: it looks at the masks), slice-level AUROC — for every setting of the
-  family's ``anomaly_sweep()`` (e.g. the DDPM's noise level t, as ``pixel-auroc@t=600``), the
+  family's ``anomaly_sweep()`` (e.g. the DDPM's noise level t, as ``pixel-auroc@t=800``), the
   first (configured) one also without a suffix;
 - at a training site, the memorisation audit (``memorisation.py``): generated samples' nearest
   training vs held-out slices, and a loss-based membership-inference AUC.

@@ -21,10 +21,11 @@ Networks: ``unet`` (trained; sees real images, so it is the one DP-SGD wraps) an
 (an :class:`EMA` of it: exchanged, aggregated and checkpointed like any weights; sampling,
 evaluation and anomaly maps use it). Anomaly maps follow AnoDDPM (Wyatt et al. 2022): noise the
 image to step t with Gaussian or multi-octave simplex noise, denoise with the healthy label (DDIM,
-deterministic), score the squared difference. The network is trained with Gaussian noise only
-(AnoDDPM also trains on simplex noise); ``model.anomaly_t`` counts steps of this chain, so it
-must not exceed ``model.timesteps`` (null: 0.6 T, where the phantom's large, dark lesions are
-healed rather than reproduced; detection against t: README, "Model families").
+deterministic; by default in one jump), score the squared difference, averaged over several noise
+draws. The network is trained with Gaussian noise only (AnoDDPM also trains on simplex noise);
+``model.anomaly_t`` counts steps of this chain, so it must not exceed ``model.timesteps`` (null:
+0.8 T, where the phantom's large, dark lesions are healed rather than reproduced; detection
+against t: README, "Model families").
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class DDPM(GenerativeModel):
         self.T = m.timesteps
         self.abar = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod(m.schedule, self.T)])  # (T + 1,)
         self.scalings = preconditioning(self.abar, m.preconditioning, m.sigma_data)
-        self.anomaly_t = m.anomaly_t or max(1, round(0.6 * self.T))
+        self.anomaly_t = m.anomaly_t or max(1, round(0.8 * self.T))
 
     @property
     def _unet(self) -> UNet:
@@ -300,11 +301,16 @@ class DDPM(GenerativeModel):
             return ((x + 1) / 2).clamp(0, 1)
 
     def anomaly_map(self, images, brain=None, **setting) -> torch.Tensor:
-        """AnoDDPM: noise images (B, 1, S, S) in [0, 1] to step ``t`` (setting ``t``, default
-        ``model.anomaly_t``) with ``model.anomaly_noise`` (Gaussian or simplex, from a fixed seed),
-        denoise to t = 0 with the healthy label (DDIM, t / (T / ddim_steps) steps, configured
-        guidance), score (x - x_hat)^2 Gaussian-smoothed (sigma 1 px) and zeroed outside ``brain``.
-        Same shape as ``images``, >= 0, deterministic."""
+        """AnoDDPM-style: noise images (B, 1, S, S) in [0, 1] to step ``t`` (setting ``t``, default
+        ``model.anomaly_t``) with ``model.anomaly_noise`` (Gaussian or simplex), denoise to t = 0 with
+        the healthy label (deterministic DDIM in ``model.anomaly_steps`` jumps, configured guidance) and
+        score (x - x_hat)^2, averaged over ``model.anomaly_draws`` noise draws from a fixed seed,
+        Gaussian-smoothed (sigma 1 px) and zeroed outside ``brain``. Same shape as ``images``, >= 0,
+        deterministic.
+
+        One jump is the network's estimate of E[x_0 | x_t, healthy]: where the chain would paint
+        texture of its own into every pixel (error everywhere), this estimate is smooth where the
+        slice is typical and errs where it is not (README, "Model families", for the measurements)."""
         unknown = set(setting) - {"t"}
         if unknown:
             raise TypeError(f"ddpm anomaly_map: unknown settings {sorted(unknown)} (known: t)")
@@ -313,17 +319,16 @@ class DDPM(GenerativeModel):
         if not 1 <= t <= self.T:
             raise ValueError(f"ddpm anomaly_map: t={t} outside 1..{self.T} (model.timesteps)")
         g = torch.Generator().manual_seed(self.cfg.seed)
-        if m.anomaly_noise == "simplex":
-            noise = simplex_noise(images.shape, g)
-        else:
-            noise = torch.randn(images.shape, generator=g)
-        steps = max(1, t // max(1, self.T // min(m.ddim_steps, self.T)))
         with self._eval_mode():
             x, a = images.to(self._device), float(self.abar[t])
-            x_t = math.sqrt(a) * (2 * x - 1) + math.sqrt(1 - a) * noise.to(x.device)
             healthy = torch.full((len(x),), HEALTHY, dtype=torch.long, device=x.device)
-            x_hat = (self._ddim(x_t, healthy, t, steps, m.guidance_scale) + 1) / 2
-            return smooth_score((x - x_hat) ** 2, None if brain is None else brain.to(x.device))
+            score = torch.zeros_like(x)
+            for _ in range(m.anomaly_draws):
+                noise = simplex_noise(x.shape, g) if m.anomaly_noise == "simplex" else torch.randn(x.shape, generator=g)
+                x_t = math.sqrt(a) * (2 * x - 1) + math.sqrt(1 - a) * noise.to(x.device)
+                x_hat = (self._ddim(x_t, healthy, t, min(m.anomaly_steps, t), m.guidance_scale) + 1) / 2
+                score = score + (x - x_hat) ** 2
+            return smooth_score(score / m.anomaly_draws, None if brain is None else brain.to(x.device))
 
     def anomaly_sweep(self) -> list[dict]:
         """The configured t first, then AnoDDPM's noise levels t = 25, 50, 100, 200, 300 of 1000,
