@@ -151,7 +151,8 @@ class EvaluationConfig(_Section):
     max_samples: int = Field(64, ge=4, description="generated images per class for the distances")
     max_anomaly_slices: int = Field(200, ge=4, description="slices per site scored for anomaly detection")
     healthy_quantile: float = Field(
-        0.95, gt=0.5, lt=1.0, description="Dice threshold: this quantile of healthy validation pixels' scores"
+        0.99, gt=0.5, lt=1.0, description="Dice threshold: this quantile of healthy validation pixels' scores "
+                                          "(0.99: about 1% of healthy brain pixels flagged)"
     )
     inception_weights: Path | None = Field(
         None, description="pytorch-fid InceptionV3 weights; null = the torch hub cache; FID is skipped without them"

@@ -225,23 +225,22 @@ class ConditionalGAN(GenerativeModel):
         with self._eval_mode():
             return self._net("generator_ema")(z.to(self._device), labels.to(self._device))
 
-    def invert(self, images: torch.Tensor, brain: torch.Tensor | None = None, steps: int | None = None,
-               starts: int = 8, lr: float = 0.05, prior: float = 1e-3) -> torch.Tensor:
+    def invert(self, images: torch.Tensor, steps: int | None = None, starts: int = 8, lr: float = 0.05,
+               prior: float = 1e-3) -> torch.Tensor:
         """Healthy reconstruction G_ema(z*, healthy) of ``images`` (B, 1, S, S): z starts at the
         best of z = 0 and ``starts - 1`` seeded N(0, I) draws, then ``steps`` (default
-        ``model.inversion_steps``) Adam steps minimise the MSE inside ``brain`` + prior * mean(z^2).
+        ``model.inversion_steps``) Adam steps minimise the MSE over the whole slice + prior * mean(z^2).
+        The whole slice, not the brain alone: preprocessing zeroes everything outside the brain, and
+        fitting that background pins down the brain's outline (measured: README, "Model families").
         Weights, their requires_grad flags and the train/eval modes are left as they were."""
         net, x = self._net("generator_ema"), images.to(self._device)
-        mask = torch.ones_like(x) if brain is None else brain.to(x.device, x.dtype)
-        mask = mask.reshape(x.shape) if mask.numel() == x.numel() else mask.expand_as(x)
         healthy = torch.full((len(x),), HEALTHY, device=x.device)
         g = torch.Generator().manual_seed(self.cfg.seed)
         draws = torch.randn(starts - 1, *x.shape[:1], self.cfg.model.latent_dim, generator=g)
         candidates = torch.cat([torch.zeros_like(draws[:1]), draws]).to(x.device)
 
-        def error(z):  # (B,) masked MSE + latent prior
-            return (((net(z, healthy) - x) ** 2) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1) \
-                + prior * (z ** 2).mean(1)
+        def error(z):  # (B,) MSE + latent prior
+            return ((net(z, healthy) - x) ** 2).flatten(1).mean(1) + prior * (z ** 2).mean(1)
 
         with self._eval_mode():
             errors = torch.stack([error(z) for z in candidates])  # (starts, B)
@@ -260,5 +259,5 @@ class ConditionalGAN(GenerativeModel):
         Slower than the VAE's single pass: every batch runs an optimisation (``inversion_steps``
         forward + backward passes of G)."""
         x = images.to(self._device)
-        score = (x - self.invert(x, brain, **setting)) ** 2
+        score = (x - self.invert(x, **setting)) ** 2
         return smooth_score(score, None if brain is None else brain.to(x.device))
