@@ -4,6 +4,8 @@ Each generic test runs for every name in FAMILIES; add a family there when it la
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -242,3 +244,19 @@ def test_anomaly_map_is_higher_inside_an_inserted_lesion(family):
     amap = model.anomaly_map(test, brain[:4])[:, 0]
     tissue = brain[:4, 0] & ~blob
     assert amap[:, blob].mean() > 3 * amap[tissue].mean()
+
+
+def test_gpu_config_runs_every_family():
+    """examples/gpu.yaml (128 px, width 64) builds every family; one step, samples and maps on
+    the CPU (inference shortened: the sizes are what is checked)."""
+    config = Path(__file__).parent.parent / "examples" / "gpu.yaml"
+    images = torch.rand(2, 1, 128, 128)
+    labels, brain = torch.tensor([HEALTHY, LESION]), torch.ones(2, 1, 128, 128, dtype=torch.bool)
+    for family in FAMILIES:
+        cfg = load_config(config, [f"model.family={family}", "train.device=cpu", "model.inversion_steps=2",
+                                   "model.ddim_steps=2", "model.anomaly_draws=1"])
+        model = build_model(cfg, seed=0)
+        loss = model.train_step(images, labels, model.make_optimizers(), 0)["loss"]
+        assert torch.isfinite(torch.tensor(loss))
+        assert model.sample(labels, seeded(0)).shape == images.shape
+        assert model.anomaly_map(images, brain).shape == images.shape
