@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from medgen.config import Config, dump_config, load_config
+from medgen.data.errors import DataError
 from medgen.fileio import atomic_write
 from medgen.server.errors import FederationError
 
@@ -115,8 +116,6 @@ def load_checkpoint(path: str | Path) -> dict:
 def load_weights(model, ckpt: dict, path: str | Path) -> None:
     """Load the checkpoint ``ckpt`` (read from ``path``) into ``model``, a GenerativeModel;
     DataError naming the file when its weights do not fit the model."""
-    from medgen.data.errors import DataError
-
     try:
         model.load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as e:
