@@ -83,6 +83,9 @@ class ModelConfig(_Section):
     gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
     inversion_steps: int = Field(100, ge=1, description="GAN anomaly maps: latent optimisation steps per batch")
     timesteps: int = Field(1000, ge=10, le=10_000, description="DDPM: diffusion steps")
+    space: Literal["latent", "pixel"] = Field(
+        "latent", description="DDPM: diffuse the 4 x S/4 x S/4 latents of an autoencoder trained with it ('latent', "
+                              "Rombach et al. 2022; cleaner samples in a CPU budget) or the images ('pixel')")
     preconditioning: Literal["edm", "none"] = Field(
         "edm", description="DDPM: 'edm' scales the U-Net's input and output per noise level and weights the "
                            "eps-loss so every level counts alike (Karras et al. 2022); 'none': plain eps-MSE (Ho et al.)")
@@ -333,9 +336,15 @@ def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Confi
 
 
 def load_config_text(text: str) -> Config:
-    """A config from YAML text (how the server hands the run's config to the sites)."""
+    """A config from YAML text written by medgen (how the server hands the run's config to the
+    sites, and what a checkpoint holds). A DDPM's text without ``model.space`` is from before the
+    latent space (2026-12-01): a pixel-space model."""
     try:
-        return Config.model_validate(yaml.safe_load(text) or {})
+        raw = yaml.safe_load(text) or {}
+        model = raw.get("model") if isinstance(raw, dict) else None
+        if isinstance(model, dict) and model.get("family") == "ddpm":
+            model.setdefault("space", "pixel")
+        return Config.model_validate(raw)
     except (yaml.YAMLError, ValidationError) as e:
         raise ConfigError(f"invalid config text: {e}") from None
 

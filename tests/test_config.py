@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medgen.config import Config, ConfigError, dump_config, load_config
+from medgen.config import Config, ConfigError, dump_config, load_config, load_config_text
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "phantom.yaml"
 
@@ -89,3 +89,15 @@ def test_schema_rejects_assignment_errors():
     cfg = Config()
     with pytest.raises(Exception):
         cfg.data.image_size = 3
+
+
+def test_written_ddpm_config_keeps_its_space():
+    """The space a DDPM was built in survives a round trip through medgen's config text; text written
+    before model.space existed (checkpoints of 2026-12-01 and earlier) is a pixel-space model."""
+    for space in ("latent", "pixel"):
+        cfg = load_config(None, ["model.family=ddpm", f"model.space={space}"])
+        assert load_config_text(dump_config(cfg)).model.space == space
+    old = yaml.safe_load(dump_config(load_config(None, ["model.family=ddpm"])))
+    del old["model"]["space"]
+    assert load_config_text(yaml.safe_dump(old)).model.space == "pixel"
+    assert load_config(None, ["model.family=ddpm"]).model.space == "latent"  # a user's config: the default

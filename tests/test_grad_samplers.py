@@ -31,10 +31,10 @@ def test_conv2d_per_sample_gradients_equal_brute_force(stride, dilation, bias, s
     assert (out.shape[-1] ** 2 >= MIN_POSITIONS) == (size == 20 and stride == 1)  # both paths are covered
 
 
-@pytest.mark.parametrize("family", ["vae", "gan", "ddpm"])
-def test_dp_step_equals_opacus_grad_sample_module(family):
+@pytest.mark.parametrize("family, space", [("vae", "pixel"), ("gan", "pixel"), ("ddpm", "pixel"), ("ddpm", "latent")])
+def test_dp_step_equals_opacus_grad_sample_module(family, space):
     cfg = load_config(None, [f"model.family={family}", "data.image_size=32", "model.width=8", "model.latent_dim=16",
-                             "model.timesteps=50", "model.anomaly_t=20"])
+                             "model.timesteps=50", "model.anomaly_t=20", f"model.space={space}"])
     torch.manual_seed(0)
     images, labels = torch.rand(6, 1, 32, 32), torch.tensor([0, 1] * 3)
     dp = DPPlan(noise_multiplier=0.7, sample_rate=0.1, steps=1, delta=1e-5, max_grad_norm=0.5, unit="slice", units=60)

@@ -116,9 +116,10 @@ def test_federation_accounts_epsilon_and_stops_exhausted_site(tiny_cohort, tmp_p
     assert (run.path / "sites" / "A" / "privacy-ledger.json").is_file()
 
 
-@pytest.mark.parametrize("family", ["gan", "ddpm"])
-def test_dp_wraps_only_the_private_networks(tiny_cohort, family):
-    cfg = tiny_cfg(tiny_cohort, f"model.family={family}", "privacy.enabled=true", "privacy.noise_multiplier=1.0",
+@pytest.mark.parametrize("family, space", [("gan", "pixel"), ("ddpm", "pixel"), ("ddpm", "latent")])
+def test_dp_wraps_only_the_private_networks(tiny_cohort, family, space):
+    cfg = tiny_cfg(tiny_cohort, f"model.family={family}", f"model.space={space}", "privacy.enabled=true",
+                   "privacy.noise_multiplier=1.0",
                    "privacy.unit=slice", "train.batch_size=8", "model.timesteps=100", "model.anomaly_t=20")
     data, _ = site_data(cfg, "A", tiny_cohort.root / "A")
     model = build_model(cfg)

@@ -2,30 +2,42 @@
 schedule of Nichol & Dhariwal 2021, DDIM sampling of Song et al. 2021 and classifier-free
 guidance of Ho & Salimans 2022).
 
-Images (B, 1, S, S) in [0, 1] are scaled to [-1, 1]; the model predicts the noise eps of
-x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for t in 1..T (abar_0 = 1 is clean data) and trains
-on the eps-MSE. Labels 0 healthy / 1 lesion are replaced by 2 ("no label") with probability
-``model.cond_drop`` so the same network also predicts unconditionally (guidance).
+Images (B, 1, S, S) in [0, 1] are scaled to [-1, 1] (or encoded: latent space, below) into the
+clean data x_0; the model predicts the noise eps of x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+for t in 1..T (abar_0 = 1 is clean data) and trains on the eps-MSE. Labels 0 healthy / 1 lesion
+are replaced by 2 ("no label") with probability ``model.cond_drop`` so the same network also
+predicts unconditionally (guidance).
 
 ``model.preconditioning="edm"`` (default) wraps the U-Net (``unet.py``) F as in Karras et al. 2022
 (EDM), written for the eps of this chain: eps_hat = c_skip x_t + c_out F(c_in x_t, t). With
 v = Var(x_t) = 1 - abar + abar sigma_data^2, c_in = 1 / sqrt(v) gives F unit-variance inputs,
 c_skip x_t = sqrt(1 - abar) x_t / v is the best linear guess of eps (so at high noise, where eps is
 almost x_t, the network no longer has to reproduce its input to within abar^1/2 to predict a
-usable x_0), and c_out = sqrt(abar sigma_data^2 / v). The eps-MSE is weighted by 1 / c_out^2,
+usable x_0), and c_out = sqrt(abar sigma_data^2 / v) (sigma_data: ``model.sigma_data`` for images,
+1 for the standardised latents). The eps-MSE is weighted by 1 / c_out^2,
 i.e. F is trained on a unit-variance target at every noise level (measured against the plain
 loss in benchmarks/ddpm_training.py). ``"none"``: F predicts eps directly with the plain MSE of
 Ho et al.
 
-Networks: ``unet`` (trained; sees real images, so it is the one DP-SGD wraps) and ``unet_ema``
-(an :class:`EMA` of it: exchanged, aggregated and checkpointed like any weights; sampling,
-evaluation and anomaly maps use it). Anomaly maps follow AnoDDPM (Wyatt et al. 2022): noise the
-image to step t with Gaussian or multi-octave simplex noise, denoise with the healthy label (DDIM,
-deterministic; by default in one jump), score the squared difference, averaged over several noise
-draws. The network is trained with Gaussian noise only (AnoDDPM also trains on simplex noise);
-``model.anomaly_t`` counts steps of this chain, so it must not exceed ``model.timesteps`` (null:
-0.8 T, where the phantom's large, dark lesions are healed rather than reproduced; detection
-against t: README, "Model families").
+``model.space="latent"`` (default) diffuses the latents (B, 4, S/4, S/4) of an autoencoder
+(``autoencoder.py``) instead of the images, as latent diffusion does (Rombach et al. 2022; for brain
+MRI Pinaya et al. 2022): each step trains the autoencoder on its reconstruction MSE (the decoder
+sees the latents with noise added, so it also decodes the slightly-off latents that sampling ends
+in) and the U-Net (2 x ``model.width``, at S/4) on the detached latents; sampling decodes. Trained
+together, not in two stages, so a federated round stays one step type. In a CPU budget it is the
+cleaner generator: 5 x 100 federated steps give smooth brain slices, where pixel space gives
+grainy ones (measurements: README, "Model families"). ``"pixel"``: the U-Net diffuses the images.
+
+Networks: ``unet`` (pixel space) or ``ldm`` (latent space: autoencoder + U-Net in one module),
+trained and seeing real images, so it is the one DP-SGD wraps, and ``unet_ema`` / ``ldm_ema`` (an
+:class:`EMA` of it: exchanged, aggregated and checkpointed like any weights; sampling, evaluation
+and anomaly maps use it). Anomaly maps follow AnoDDPM (Wyatt et al. 2022): noise the
+image (or its latents) to step t with Gaussian or multi-octave simplex noise, denoise with the
+healthy label (DDIM, deterministic; by default in one jump), decode, score the squared difference
+to the image, averaged over several noise draws. The network is trained with Gaussian noise only
+(AnoDDPM also trains on simplex noise); ``model.anomaly_t`` counts steps of this chain, so it must
+not exceed ``model.timesteps`` (null: 0.8 T, where the phantom's large, dark lesions are healed
+rather than reproduced; detection against t: README, "Model families").
 """
 
 from __future__ import annotations
@@ -38,11 +50,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from medgen.config import Config
+from medgen.models.autoencoder import DOWNSAMPLING, LATENT_CHANNELS, Autoencoder
 from medgen.models.base import HEALTHY, GenerativeModel
 from medgen.models.layers import smooth_score
 from medgen.models.unet import UNet
 
 NO_LABEL = 2  # the "unconditional" label of classifier-free guidance
+# std of the noise added to the latents the decoder trains on: it learns to decode the slightly
+# off latents that sampling ends in (FRD after 500 steps, README "Model families": 0.5 beat 0.3, 0.1)
+DECODER_NOISE = 0.5
+# weight of the autoencoder's reconstruction MSE in the latent space's loss. The two terms train
+# disjoint parameters, and Adam normalises each parameter's steps, so it matters only under DP-SGD,
+# which clips their joint per-sample gradient: at 10 the two parts' per-sample gradient norms are
+# alike (measured after 200 steps on site A: 0.6 reconstruction, 1.6 diffusion; 0.06 at weight 1)
+RECON_WEIGHT = 10.0
 
 
 def alphas_cumprod(schedule: str, timesteps: int) -> torch.Tensor:
@@ -151,41 +172,78 @@ class EMA(nn.Module):
         return d
 
 
+class LatentDenoiser(nn.Module):
+    """The latent diffusion's network: an ``autoencoder`` and the ``unet`` that denoises its
+    latents (``forward`` is the U-Net's). One module, so that DP-SGD clips the per-sample gradients
+    of both parts together: one Gaussian mechanism per step, which is what the ledger accounts."""
+
+    def __init__(self, autoencoder: Autoencoder, unet: UNet):
+        super().__init__()
+        self.autoencoder, self.unet = autoencoder, unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, y)
+
+
 class DDPM(GenerativeModel):
     """Label-conditional diffusion model; see the module docstring."""
 
     family = "ddpm"
-    private_networks = ("unet",)
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        m = cfg.model
+        m, size = cfg.model, cfg.data.image_size
         if m.anomaly_t is not None and m.anomaly_t > m.timesteps:
             raise ValueError(f"model.anomaly_t={m.anomaly_t} is beyond model.timesteps={m.timesteps}: "
                              "anomaly maps noise to step anomaly_t of the chain")
-        unet = UNet(cfg.data.image_size, m.width, m.norm_groups, m.attention)
-        self.networks = {"unet": unet, "unet_ema": EMA(unet)}
+        self.latent = m.space == "latent"
+        if self.latent:
+            side = size // DOWNSAMPLING
+            net = LatentDenoiser(Autoencoder(max(4, m.width // 2), m.norm_groups),
+                                 UNet(side, 2 * m.width, m.norm_groups, m.attention, patch=1, channels=LATENT_CHANNELS))
+            self.shape, self._name, sigma_data = (LATENT_CHANNELS, side, side), "ldm", 1.0  # standardised latents
+        else:
+            net = UNet(size, m.width, m.norm_groups, m.attention)
+            self.shape, self._name, sigma_data = (1, size, size), "unet", m.sigma_data
+        self.networks = {self._name: net, f"{self._name}_ema": EMA(net)}
+        self.private_networks = (self._name,)
         self.T = m.timesteps
         self.abar = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod(m.schedule, self.T)])  # (T + 1,)
-        self.scalings = preconditioning(self.abar, m.preconditioning, m.sigma_data)
+        self.scalings = preconditioning(self.abar, m.preconditioning, sigma_data)
         self.anomaly_t = m.anomaly_t or max(1, round(0.8 * self.T))
 
     @property
-    def _unet(self) -> UNet:
+    def _net(self) -> nn.Module:
         """The bare trained network, also when privacy has wrapped it (Opacus keeps it as ``_module``)."""
-        net = self.networks["unet"]
+        net = self.networks[self._name]
         return getattr(net, "_module", net)
 
     @property
     def _ema(self) -> EMA:
-        return self.networks["unet_ema"]
+        return self.networks[f"{self._name}_ema"]
 
     @property
     def _device(self) -> torch.device:
-        return next(self._unet.parameters()).device
+        return next(self._net.parameters()).device
 
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"unet": torch.optim.Adam(self.networks["unet"].parameters(), lr=self.cfg.train.lr)}
+        return {self._name: torch.optim.Adam(self.networks[self._name].parameters(), lr=self.cfg.train.lr)}
+
+    def _to_x0(self, net: nn.Module, images: torch.Tensor, decoder_noise: float = 0.0,
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The diffusion's clean data for images (B, 1, S, S) in [0, 1], and the autoencoder's
+        reconstruction MSE (None in pixel space). Pixel space: the images scaled to [-1, 1]. Latent
+        space: ``net``'s (a LatentDenoiser's) latents, detached (the diffusion loss trains only the
+        U-Net), and the MSE of decoding them with ``decoder_noise`` added."""
+        if not self.latent:
+            return 2 * images - 1, None
+        z = net.autoencoder.encode(images)
+        noisy = z + decoder_noise * torch.randn_like(z) if decoder_noise else z
+        return z.detach(), F.mse_loss(net.autoencoder.decode(noisy), images)
+
+    def _to_images(self, x_0: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``_to_x0`` with the EMA network: (B, 1, S, S) in [0, 1]."""
+        return self._ema.net.autoencoder.decode(x_0) if self.latent else ((x_0 + 1) / 2).clamp(0, 1)
 
     # ---------------------------------------------------------------- training
     def _times(self, u: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -203,42 +261,52 @@ class DDPM(GenerativeModel):
         c_in, c_skip, c_out, _ = self._scaling(t, x_t.device)
         return c_skip * x_t + c_out * net(c_in * x_t, t * (1000.0 / self.T), labels)
 
-    def _loss(self, net: nn.Module, images, labels, t, noise) -> torch.Tensor:
-        """eps-MSE of ``net`` on images (B, 1, S, S) in [0, 1] noised to steps t (B,) with ``noise``,
+    def _loss(self, net: nn.Module, x_0, labels, t, noise) -> torch.Tensor:
+        """eps-MSE of ``net`` on clean data x_0 (B, *self.shape) noised to steps t (B,) with ``noise``,
         weighted by 1 / c_out^2: the MSE of F against (eps - c_skip x_t) / c_out, written in x_0 and
         eps (at abar_T ~ 1e-9 the difference of two nearly equal float32 terms would be noise)."""
-        x_0 = 2 * images - 1
-        abar = self.abar.to(images.device, torch.float32)[t].view(-1, 1, 1, 1)
+        abar = self.abar.to(x_0.device, torch.float32)[t].view(-1, 1, 1, 1)
         x_t = abar.sqrt() * x_0 + (1 - abar).sqrt() * noise
-        c_in, _, c_out, k_x0 = self._scaling(t, images.device)
+        c_in, _, c_out, k_x0 = self._scaling(t, x_0.device)
         return F.mse_loss(net(c_in * x_t, t * (1000.0 / self.T), labels), c_out * noise - k_x0 * x_0)
+
+    def _terms(self, diffusion: torch.Tensor, recon: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``loss`` = diffusion (+ recon: the latent space's autoencoder), and the parts of a sum."""
+        if recon is None:
+            return {"loss": diffusion}
+        return {"loss": diffusion + RECON_WEIGHT * recon, "diffusion": diffusion, "recon": recon}
 
     def train_step(self, images, labels, optimizers, step, extra_loss=None) -> dict[str, float]:
         """One Adam step of the eps-MSE (t uniform, labels dropped to "no label" with probability
-        ``cond_drop``), then one EMA update. Returns ``loss`` (+ extra_loss), like ``evaluate``."""
+        ``cond_drop``; in latent space plus the autoencoder's reconstruction loss), then one EMA
+        update. Returns ``loss`` (+ extra_loss) and, in latent space, ``diffusion`` and ``recon``,
+        like ``evaluate``."""
         self.train()
         n, device = len(images), images.device
-        opt = optimizers["unet"]
+        opt = optimizers[self._name]
         opt.zero_grad(set_to_none=True)
         t = self._times(torch.rand(()), torch.randperm(n)).to(device)
         labels = torch.where((torch.rand(n) < self.cfg.model.cond_drop).to(device), NO_LABEL, labels)
-        loss = self._loss(self.networks["unet"], images, labels, t, torch.randn_like(images))
-        if extra_loss is not None:
-            loss = loss + extra_loss()
+        x_0, recon = self._to_x0(self._net, images, DECODER_NOISE)
+        terms = self._terms(self._loss(self.networks[self._name], x_0, labels, t, torch.randn_like(x_0)), recon)
+        loss = terms["loss"] + extra_loss() if extra_loss is not None else terms["loss"]
         loss.backward()
         opt.step()
-        self._ema.update(self._unet, self.cfg.model.ema_decay)
-        return {"loss": float(loss.detach())}
+        self._ema.update(self._net, self.cfg.model.ema_decay)
+        return {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(loss.detach())}
 
     def evaluate(self, images, labels) -> dict[str, float]:
         """eps-MSE of the EMA network with the true labels at stratified steps and noise drawn from a
-        fixed seed (deterministic for a given batch): ``loss``."""
+        fixed seed (deterministic for a given batch): ``loss``; in latent space also ``diffusion`` and
+        ``recon`` (decoded without noise)."""
         g = torch.Generator().manual_seed(self.cfg.seed)
         t = self._times(torch.rand((), generator=g), torch.randperm(len(images), generator=g))
-        noise = torch.randn(images.shape, generator=g)
+        noise = torch.randn((len(images), *self.shape), generator=g)
         with self._eval_mode():
             d = self._device
-            return {"loss": float(self._loss(self._ema, images.to(d), labels.to(d), t.to(d), noise.to(d)))}
+            x_0, recon = self._to_x0(self._ema.net, images.to(d))
+            return {k: float(v) for k, v in self._terms(
+                self._loss(self._ema, x_0, labels.to(d), t.to(d), noise.to(d)), recon).items()}
 
     # ---------------------------------------------------------------- generation
     def _eps(self, x: torch.Tensor, t: int, y: torch.Tensor, scale: float) -> torch.Tensor:
@@ -253,9 +321,11 @@ class DDPM(GenerativeModel):
         return free + scale * (cond - free)
 
     def _x0(self, x: torch.Tensor, t: int, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted clean image clipped to [-1, 1], and the noise consistent with it."""
+        """Predicted clean data (an image: clipped to [-1, 1]; latents have no bounds), and the
+        noise consistent with it."""
         a = float(self.abar[t])
-        x0 = ((x - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
+        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        x0 = x0 if self.latent else x0.clamp(-1, 1)
         return x0, (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
 
     def _ddim(self, x: torch.Tensor, y: torch.Tensor, t_from: int, steps: int, scale: float,
@@ -289,16 +359,16 @@ class DDPM(GenerativeModel):
     def sample(self, labels, generator=None) -> torch.Tensor:
         """x_T ~ N(0, I) (all noise drawn on CPU from ``generator``), denoised by the EMA network with
         ``model.sampler`` ("ddim": ``ddim_steps`` steps with noise ``ddim_eta``; "ddpm": ancestral, T steps)
-        and guidance ``guidance_scale``: (n, 1, S, S) in [0, 1]."""
-        m, s = self.cfg.model, self.cfg.data.image_size
-        x = torch.randn(len(labels), 1, s, s, generator=generator)
+        and guidance ``guidance_scale`` (in latent space, then decoded): (n, 1, S, S) in [0, 1]."""
+        m = self.cfg.model
+        x = torch.randn(len(labels), *self.shape, generator=generator)
         with self._eval_mode():
             x, y = x.to(self._device), labels.to(self._device)
             if m.sampler == "ddim":
                 x = self._ddim(x, y, self.T, min(m.ddim_steps, self.T), m.guidance_scale, m.ddim_eta, generator)
             else:
                 x = self._ancestral(x, y, m.guidance_scale, generator)
-            return ((x + 1) / 2).clamp(0, 1)
+            return self._to_images(x)
 
     def anomaly_map(self, images, brain=None, **setting) -> torch.Tensor:
         """AnoDDPM-style: noise images (B, 1, S, S) in [0, 1] to step ``t`` (setting ``t``, default
@@ -321,12 +391,14 @@ class DDPM(GenerativeModel):
         g = torch.Generator().manual_seed(self.cfg.seed)
         with self._eval_mode():
             x, a = images.to(self._device), float(self.abar[t])
+            x_0, _ = self._to_x0(self._ema.net, x)
             healthy = torch.full((len(x),), HEALTHY, dtype=torch.long, device=x.device)
             score = torch.zeros_like(x)
             for _ in range(m.anomaly_draws):
-                noise = simplex_noise(x.shape, g) if m.anomaly_noise == "simplex" else torch.randn(x.shape, generator=g)
-                x_t = math.sqrt(a) * (2 * x - 1) + math.sqrt(1 - a) * noise.to(x.device)
-                x_hat = (self._ddim(x_t, healthy, t, min(m.anomaly_steps, t), m.guidance_scale) + 1) / 2
+                noise = (simplex_noise(x_0.shape, g) if m.anomaly_noise == "simplex"
+                         else torch.randn(x_0.shape, generator=g))
+                x_t = math.sqrt(a) * x_0 + math.sqrt(1 - a) * noise.to(x.device)
+                x_hat = self._to_images(self._ddim(x_t, healthy, t, min(m.anomaly_steps, t), m.guidance_scale))
                 score = score + (x - x_hat) ** 2
             return smooth_score(score / m.anomaly_draws, None if brain is None else brain.to(x.device))
 

@@ -1,10 +1,11 @@
 """A small conditional U-Net, the denoiser of the diffusion model (used by ``ddpm.py``).
 
-``UNet(x, t, y)``: noisy images x (B, 1, S, S) (about unit variance), time t (B,) float in
-[0, 1000] (the DDPM rescales its steps to that range, so the embedding does not depend on the
-number of steps), labels y (B,) int64 (0 healthy, 1 lesion, 2 "no label" for classifier-free
-guidance) -> (B, 1, S, S): the noise, or the scaled part of it that the DDPM's preconditioning
-leaves to the network.
+``UNet(x, t, y)``: noisy images x (B, C, S, S) (about unit variance; C = 1, or the latent
+diffusion's 4 channels), time t (B,) float in [0, 1000] (the DDPM rescales its steps to that
+range, so the embedding does not depend on the number of steps), labels y (B,) int64 (0 healthy,
+1 lesion, 2 "no label" for classifier-free guidance) -> (B, C, S, S): the noise, or the scaled
+part of it that the DDPM's preconditioning leaves to the network. In latent space the U-Net runs
+with ``patch`` 1 (no pixel-unshuffle: the latents are already small).
 
 Layout: one convolution at full resolution (``width`` / 2 channels), then a 2x2 pixel-unshuffle
 (space-to-depth: the U-Net works from S/2 down; with its first level at full resolution it trained
@@ -87,10 +88,11 @@ class SelfAttention(nn.Module):
 
 class UNet(nn.Module):
     """Noise predictor; see the module docstring. ``image_size`` must be a multiple of 8 (every
-    halving is exact: 32, 64, 128, ... all work)."""
+    halving is exact: 32, 64, 128, ... all work; with ``patch`` 1, also 8 and 16). ``channels``:
+    of the input and of the output (1 for images; 4 for the latent diffusion's latents)."""
 
     def __init__(self, image_size: int, width: int = 16, groups: int = 8, attention: bool = True, cap: int = 4,
-                 patch: int = 2):
+                 patch: int = 2, channels: int = 1):
         super().__init__()
         chans = level_channels(width, len(level_sizes(image_size // patch, bottom=8)), cap)
         self.patch = patch
@@ -98,7 +100,7 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(width, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.label = label_embedding(emb, N_LABELS)
         full = max(1, width // 2)
-        self.full_in = nn.Conv2d(1, full, 3, padding=1)
+        self.full_in = nn.Conv2d(channels, full, 3, padding=1)
         self.stem = nn.Conv2d(full * patch ** 2, chans[0], 3, padding=1)
         self.down = nn.ModuleList(ResBlock(a, b, emb, groups) for a, b in zip(chans[:1] + chans[:-1], chans))
         self.downsample = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1) for c in chans[:-1])
@@ -110,10 +112,10 @@ class UNet(nn.Module):
             nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1))
             for a, b in zip(chans[:0:-1], chans[-2::-1]))
         self.out_norm, self.out = _norm(chans[0], groups), nn.Conv2d(chans[0], full * patch ** 2, 3, padding=1)
-        self.full_norm, self.full_out = _norm(full, groups), nn.Conv2d(full, 1, 3, padding=1)
+        self.full_norm, self.full_out = _norm(full, groups), nn.Conv2d(full, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, 1, S, S), t (B,) float in [0, 1000], y (B,) int64 in {0, 1, 2} -> (B, 1, S, S)."""
+        """x (B, C, S, S), t (B,) float in [0, 1000], y (B,) int64 in {0, 1, 2} -> (B, C, S, S)."""
         emb = self.time_mlp(timestep_embedding(t, self.width)) + self.label(y)
         full = self.full_in(x)
         h, skips, last = self.stem(F.pixel_unshuffle(full, self.patch)), [], len(self.down) - 1
