@@ -10,7 +10,7 @@
   run's own records: a round's evaluation lasts from its aggregation record to its last evaluation
   record.
 
-Usage: python benchmarks/evaluation.py [--quick] [--families vae,gan,ddpm] [--threads 1]
+Usage: python benchmarks/evaluation.py [--quick] [--families vae,gan,ddpm,ddpm:pixel] [--threads 1]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from medgen.client.task import site_data
+from families import overrides as family_overrides
 from medgen.config import load_config
 from medgen.evaluation.distances import radiomics_features
 from medgen.evaluation.fid import InceptionFeatures
@@ -59,7 +60,7 @@ def features(images: torch.Tensor, brain: torch.Tensor, tmp: Path) -> dict:
 
 
 def family_costs(family: str, quick: bool) -> dict:
-    cfg = resolve_data(load_config(None, [f"model.family={family}"]), log=lambda *_: None)
+    cfg = resolve_data(load_config(None, family_overrides(family)), log=lambda *_: None)
     if quick:
         cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
             update={"max_samples": 16, "max_anomaly_slices": 16})})
@@ -105,7 +106,7 @@ def evaluation_share(quick: bool, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small evaluation sets, a 2-round run")
-    parser.add_argument("--families", default="vae,gan,ddpm")
+    parser.add_argument("--families", default="vae,gan,ddpm,ddpm:pixel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = what one simulated site gets)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -6,7 +6,7 @@ with Opacus' own GradSampleModule — one step of each in turn, ``--rounds`` tim
 per round and their median — sampling time (for the DDPM: DDIM with ddim_steps vs
 ancestral DDPM over all timesteps), and anomaly-map time per slice.
 
-Usage: python benchmarks/models.py [--families vae,gan,ddpm] [--repeats 10] [--rounds 30] [--threads 1]
+Usage: python benchmarks/models.py [--families vae,gan,ddpm,ddpm:pixel] [--repeats 10] [--rounds 30] [--threads 1]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from families import overrides as family_overrides
 from medgen.config import load_config
 from medgen.models import build_model
 from opacus import GradSampleModule
@@ -46,7 +47,7 @@ def batch(n: int, size: int):
 
 
 def measure(family: str, repeats: int, batch_size: int, rounds: int = 30) -> dict:
-    cfg = load_config(None, [f"model.family={family}"])
+    cfg = load_config(None, family_overrides(family))
     images, labels, brain = batch(batch_size, cfg.data.image_size)
     model = build_model(cfg)
     out = {"parameters": sum(p.numel() for p in model.parameters())}
@@ -79,7 +80,7 @@ def measure(family: str, repeats: int, batch_size: int, rounds: int = 30) -> dic
     out["dp_over_plain_quartiles"] = [round(sorted(ratio["medgen"])[i * len(ratio["medgen"]) // 4], 3) for i in (1, 3)]
     n = 16
     out["sample_16_s"] = _time(lambda: model.sample(labels[:n].repeat(2)[:n]), max(1, repeats // 5))
-    if family == "ddpm":
+    if cfg.model.family == "ddpm":
         ancestral = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"sampler": "ddpm"})}))
         ancestral.load_state_dict(model.state_dict())
         out["sample_4_ddpm_all_steps_s"] = _time(lambda: ancestral.sample(labels[:4]), 1)
@@ -92,7 +93,7 @@ def measure(family: str, repeats: int, batch_size: int, rounds: int = 30) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", default="vae,gan,ddpm")
+    parser.add_argument("--families", default="vae,gan,ddpm,ddpm:pixel")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=30, help="interleaved plain / DP steps per family")
     parser.add_argument("--batch-size", type=int, default=32)
