@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from medgen.client.task import site_data
-from families import overrides as family_overrides
 from medgen.config import load_config
 from medgen.evaluation.distances import radiomics_features
 from medgen.evaluation.fid import InceptionFeatures
@@ -33,6 +32,8 @@ from medgen.evaluation.inception import FIDInceptionV3
 from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
 from medgen.simulation import resolve_data, simulate
+
+from families import overrides as family_overrides  # benchmarks/families.py (the script's folder)
 
 
 def _rate(fn, n: int, repeats: int = 3) -> float:

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from families import overrides as family_overrides
 from medgen.config import load_config
 from medgen.models import build_model
 from opacus import GradSampleModule
 
 from medgen.privacy.dp import DPPlan, private
 from medgen.privacy.grad_samplers import FastGradSampleModule
+
+from families import overrides as family_overrides  # benchmarks/families.py (the script's folder)
 
 
 def _time(fn, repeats: int) -> float:

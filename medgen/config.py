@@ -337,12 +337,12 @@ def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Confi
 
 def load_config_text(text: str) -> Config:
     """A config from YAML text written by medgen (how the server hands the run's config to the
-    sites, and what a checkpoint holds). A DDPM's text without ``model.space`` is from before the
-    latent space (2026-12-01): a pixel-space model."""
+    sites, and what a checkpoint holds). Text without ``model.space`` is from before the latent
+    space (2026-12-01), so its DDPM was a pixel-space one (the other families ignore the key)."""
     try:
         raw = yaml.safe_load(text) or {}
         model = raw.get("model") if isinstance(raw, dict) else None
-        if isinstance(model, dict) and model.get("family") == "ddpm":
+        if isinstance(model, dict):
             model.setdefault("space", "pixel")
         return Config.model_validate(raw)
     except (yaml.YAMLError, ValidationError) as e:
