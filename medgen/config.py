@@ -184,9 +184,43 @@ class SimulationConfig(_Section):
     client_gpus: float = Field(0.0, ge=0.0, description="GPUs (fraction) reserved per simulated site")
 
 
+class SitePolicy(_Section):
+    """What a site agrees to, kept at the site (``medgen-client join --policy FILE``) and checked
+    against every config the server sends before any data is read. The defaults are the safe ones:
+    a site that writes no policy gets them."""
+
+    require_dp: bool = Field(True, description="refuse to train without DP-SGD (privacy.enabled)")
+    max_epsilon: float | None = Field(
+        10.0, gt=0.0, description="the site's hard privacy budget over its whole lifetime (every round of every "
+                                  "study in its ledger), accounted at the site's own delta; null = none")
+    delta: float | None = Field(
+        None, gt=0.0, lt=1.0, description="the delta at which the site accounts its budget; null = 1/(10 n) for its "
+                                          "n training subjects (the server's privacy.delta never lowers epsilon here)")
+    min_noise_multiplier: float = Field(0.5, ge=0.0, description="refuse DP-SGD with less noise than this")
+    max_grad_norm: float = Field(10.0, gt=0.0, description="refuse a per-sample clipping norm above this")
+    privacy_unit: Literal["slice", "subject"] = Field(
+        "subject", description="the weakest protected unit accepted: subject refuses privacy.unit=slice")
+    share_images: bool = Field(
+        False, description="may anomaly-map overlays and the memorisation audit's image pairs leave the site "
+                           "(false: never, whatever the study asks)")
+    allow_families: list[Literal["vae", "gan", "ddpm"]] = Field(
+        ["vae", "gan", "ddpm"], description="model families the site trains")
+    max_local_steps: int = Field(10_000, ge=1, description="refuse more optimiser steps per round than this")
+    allowed_studies: list[str] = Field(
+        [], description="study names or config fingerprints the site agreed to; [] = every study (in a deployment: "
+                        "every study signed by the coordinator's study key)")
+    cache_dir: Path | None = Field(
+        None, description="the site's slice cache; null = $MEDGEN_CACHE_DIR, else <state-dir>/cache in a deployment")
+    inception_weights: Path | None = Field(
+        None, description="pytorch-fid InceptionV3 weights at the site; null = the torch hub cache")
+
+
 class SitesConfig(_Section):
     train: list[str] = Field(["A", "B", "C"], min_length=1)
     heldout: list[str] = Field(["D"])
+    policies: dict[str, SitePolicy] = Field(
+        {}, description="simulation only: each simulated site's policy (as its policy file would say); a site "
+                        "without one checks nothing. Deployed sites ignore this and read their own --policy file")
 
     @field_validator("train", "heldout")
     @classmethod
@@ -203,6 +237,9 @@ class SitesConfig(_Section):
         both = set(self.train) & set(self.heldout)
         if both:
             raise ValueError(f"heldout: sites {sorted(both)} are also in sites.train; held-out sites never train")
+        unknown = set(self.policies) - set(self.train) - set(self.heldout)
+        if unknown:
+            raise ValueError(f"policies: sites {sorted(unknown)} are in neither sites.train nor sites.heldout")
         return self
 
     @property
@@ -335,6 +372,23 @@ def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Confi
         raise ConfigError("invalid config (--set overrides):\n" + _explain(e)) from None
 
 
+def load_policy(path: str | Path) -> SitePolicy:
+    """A site's policy file (YAML mapping of SitePolicy keys); ConfigError naming the file and key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read site policy {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"site policy {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"site policy {path}: top level must be a mapping of policy keys")
+    try:
+        return SitePolicy.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid site policy {path}:\n{_explain(e, SitePolicy)}") from None
+
+
 def load_config_text(text: str) -> Config:
     """A config from YAML text written by medgen (how the server hands the run's config to the
     sites, and what a checkpoint holds). Text without ``model.space`` is from before the latent
@@ -366,8 +420,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = Config
+def _allowed_keys(loc: tuple[Any, ...], model: type[BaseModel]) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
@@ -376,13 +429,13 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _explain(error: ValidationError) -> str:
+def _explain(error: ValidationError, root: type[BaseModel] | None = None) -> str:
     lines = []
     for err in error.errors():
         loc = tuple(p for p in err["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1])
+            allowed = _allowed_keys(loc[:-1], root or Config)
             lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed)}")
             continue
         msg = err["msg"].removeprefix("Value error, ")

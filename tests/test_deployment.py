@@ -157,8 +157,8 @@ def test_version_handshake_refuses_with_both_versions(cohort, tmp_path):
     good = server_handshake(cfg)
     assert check_handshake(good, cfg) is None and check_handshake({}, cfg) is None
     bad = {**good, "medgen-version": "0.0.1"}
-    reply = client_app(_message(cfg, MessageType.QUERY), _context(cfg, root / "A", bad))
-    error = str(reply.content["info"]["error"])
+    reply = client_app(_message(cfg, MessageType.QUERY), _context(cfg, root / "A", bad, tmp_path / "state"))
+    error = str(reply.content["info"]["refused"])
     assert "medgen version mismatch" in error and "0.0.1" in error and medgen_version() in error
     # a model whose weights differ (other code, same config) is refused too
     other = {**good, "model-fingerprint": "vae-0000000000000000"}

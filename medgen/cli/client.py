@@ -13,15 +13,19 @@ from medgen.cli.main import _config_args, run_command
 from medgen.config import ConfigError, load_config
 
 SHARED = """\
-What this site sends to the server (nothing else leaves it):
+What this site sends to the server (nothing else leaves it; each message is logged first in
+<state-dir>/sent-messages.jsonl):
   - once per run: the site name and aggregate numbers about its data (slice and subject counts,
     lesion-slice count, a 32-bin intensity histogram, voxel-size and orientation counts);
   - each round it trains: the model weights after local training and its loss terms, the number of
     examples and steps, the time taken (with DP-SGD: epsilon, delta, noise multiplier, sample rate);
   - each evaluation: aggregate scores (losses, FRD/KID/precision/recall/MS-SSIM, lesion-detection
-    AUROC/AUPRC/Dice) and ROC/PR curves; anomaly-map overlays only if the study sets
-    evaluation.share_images: true.
-Never sent: scans, masks, slices, file names, subject identifiers, the privacy ledger."""
+    AUROC/AUPRC/Dice, memorisation-audit distances) and ROC/PR curves; images (anomaly-map overlays,
+    the memorisation audit's sample/training-slice pairs) only if the site policy's share_images is
+    true AND the study asks for them;
+  - a refusal or an error: its reason, with file paths and file names replaced by <path> / <file>.
+Never sent: scans, masks, slices (unless share_images), file names, paths, subject identifiers, the
+privacy ledger, the DP secret, the policy file."""
 
 
 def _on_sigterm(signum, frame):
@@ -40,15 +44,10 @@ def cmd_join(args: argparse.Namespace) -> int:
     data = args.data.resolve()
     if not data.is_dir():
         raise CertError(f"--data {args.data}: not a folder")
+    state_dir = (args.state_dir or default_state_dir(site)).resolve()
+    policy_file = (args.policy or state_dir / "policy.yaml").resolve()
     if args.dry_run:
-        from medgen.data.check import check_site
-
-        cfg = load_config(args.config, args.overrides)
-        report = check_site(data, cfg.data)
-        print(report.summary(cfg.data))
-        print()
-        print(SHARED)
-        return report.exit_code
+        return _dry_run(site, data, policy_file, args)
     if not args.server:
         raise ConfigError("--server HOST:PORT is required (the coordinator's SuperLink)")
     ca, key = args.ca, args.key
@@ -64,11 +63,51 @@ def cmd_join(args: argparse.Namespace) -> int:
         ca, key = check_cert(ca, "--ca").resolve(), check_private_key(key).resolve()
     from medgen.deployment.node import NodeOptions, join
 
-    opts = NodeOptions(site=site, server=args.server, data=data, ca=ca, key=key,
-                       state_dir=(args.state_dir or default_state_dir(site)).resolve(), port=args.port,
-                       worker=args.clientapp == "worker")
+    from medgen.client.policy import ensure_policy, policy_text
+
+    policy, created = ensure_policy(policy_file)
+    if created:
+        print(f"site {site}: no policy file yet; wrote the safe defaults to {policy_file} (edit it to change "
+              f"what this site agrees to):\n{policy_text(policy)}")
+    else:
+        print(f"site {site}: policy {policy_file}")
+    opts = NodeOptions(site=site, server=args.server, data=data, ca=ca, key=key, state_dir=state_dir,
+                       port=args.port, worker=args.clientapp == "worker", policy=policy_file)
     signal.signal(signal.SIGTERM, _on_sigterm)
     return join(opts)
+
+
+def _dry_run(site: str, data: Path, policy_file: Path, args: argparse.Namespace) -> int:
+    """Check the data, show the policy and, with ``--config``, whether this site would serve that
+    study; print what would be shared. Writes nothing."""
+    from medgen.client.policy import policy_text, violations
+    from medgen.config import SitePolicy, load_policy
+    from medgen.data.check import check_site
+
+    cfg = load_config(args.config, args.overrides)
+    report = check_site(data, cfg.data)
+    print(report.summary(cfg.data))
+    policy = load_policy(policy_file) if policy_file.is_file() else SitePolicy()
+    where = policy_file if policy_file.is_file() else f"{policy_file} (not written yet: the safe defaults)"
+    print(f"\nsite policy {where}:\n{policy_text(policy)}")
+    if args.config is not None or args.overrides:
+        found = violations(cfg, policy, site, ("", ""))
+        print("this site would REFUSE that study:\n" + "\n".join(f"  - {v}" for v in found) if found
+              else "this site's policy allows that study")
+    print(SHARED)
+    return report.exit_code
+
+
+def cmd_sent(args: argparse.Namespace) -> int:
+    """Summarise the site's sent-message log: what left this site, per kind of message."""
+    from medgen.client import sent_log
+
+    state_dir = (args.state_dir or default_state_dir(args.site)).resolve()
+    entries = sent_log.read(state_dir)
+    print(f"site {args.site}: {len(entries)} messages sent ({state_dir / sent_log.FILE})")
+    for kind, status, n, size, keys, images in sent_log.summary(entries):
+        print(f"  {kind:9s} {status:8s} x{n:<5d} {size:>12,d} bytes  images: {images}\n      {keys}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--certs", type=Path, help="folder with ca.pem and sites/<site>.key")
     j.add_argument("--ca", type=Path, help="the study's CA certificate (verifies the server)")
     j.add_argument("--key", type=Path, help="this site's private key (made by `medgen certs site NAME`)")
-    j.add_argument("--state-dir", type=Path, help="where the site keeps its privacy ledger, slice cache and logs "
-                   "(default ~/.local/state/medgen/sites/<site>)")
+    j.add_argument("--state-dir", type=Path, help="where the site keeps its policy, privacy ledger, DP secret, "
+                   "slice cache and logs (default ~/.local/state/medgen/sites/<site>)")
+    j.add_argument("--policy", type=Path, help="the site's policy file (default <state-dir>/policy.yaml, written "
+                   "with the safe defaults on first join)")
     j.add_argument("--port", type=int, help="local port of the SuperNode's Runtime API (default: a free one)")
     j.add_argument("--clientapp", choices=["worker", "per-message"], default="worker",
                    help="worker (default): one long-lived ClientApp process; per-message: Flower's default, "
@@ -91,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--insecure", action="store_true", help="no TLS, no authentication (server started with --insecure)")
     _config_args(j)
     j.set_defaults(func=cmd_join)
+    s = commands.add_parser("sent", help="what this site has sent: a summary of its sent-message log")
+    s.add_argument("--site", required=True)
+    s.add_argument("--state-dir", type=Path, help="the site's state folder (default ~/.local/state/medgen/sites/<site>)")
+    s.set_defaults(func=cmd_sent)
     return parser
 
 

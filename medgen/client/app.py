@@ -1,48 +1,93 @@
-"""The site: a Flower ClientApp. It receives the global weights and the run's config, trains or
-evaluates on its own slices, and sends back weights and aggregate numbers — never images.
+"""The site: a Flower ClientApp. It receives the global weights and the run's config, checks the
+config against the site's policy, trains or evaluates on its own slices, and sends back weights and
+aggregate numbers — never images unless its policy allows them. Every message it sends is written
+to its sent-message log first (``sent_log.py``).
 
-Binding a node to its site: in a deployment the SuperNode's node config names it
-(``site="A" data-dir="/data/A"``); in simulation the node's ``partition-id`` indexes
-``sites.train + sites.heldout`` and the folder is ``data.root/<site>``.
+Binding a node to its site: in a deployment the SuperNode's node config names the site and its
+own folders (``site="A" data-dir="/data/A" state-dir="..." policy="..."``, written by
+``medgen-client join``), and nothing in the server's config can move them; in simulation the
+node's ``partition-id`` indexes ``sites.train + sites.heldout``, the folder is
+``data.root/<site>``, the state folder ``<run>/sites/<site>`` and the policy
+``sites.policies[<site>]``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from medgen.client import sent_log
+from medgen.client.policy import budget, budget_delta, plan_violations, refusal_text, site_config, violations
 from medgen.client.task import evaluate_local, local_steps, proximal_term, site_data, site_seed, train_local
-from medgen.config import Config, load_config_text
+from medgen.config import Config, SitePolicy, load_config_text, load_policy
 from medgen.data.check import counts_text, scan_headers
 from medgen.data.errors import DataError, SiteDataError
-from medgen.deployment.handshake import check_handshake
 from medgen.data.sites import discover_site
+from medgen.deployment.handshake import check_handshake
 from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
-from medgen.privacy.dp import plan
+from medgen.privacy.dp import plan, secret_seed, site_secret
 from medgen.privacy.ledger import BudgetExceeded, PrivacyLedger
 
 app = ClientApp()
+POLICY_FILE = "policy.yaml"
 
 
-def bind_site(cfg: Config, node_config: dict) -> tuple[str, Path]:
-    """(site name, site folder) of this node."""
+@dataclass(frozen=True)
+class Site:
+    """A node's site: its name, data folder, state folder (privacy ledger, DP secret, sent-message
+    log) and policy (None: a simulated site without one checks nothing)."""
+
+    name: str
+    folder: Path
+    state: Path
+    policy: SitePolicy | None
+    deployed: bool
+
+
+def bind_site(cfg: Config, node_config: dict, message_config: dict) -> Site:
+    """The site of this node. Deployed (``site`` in the node config): every folder and the policy
+    come from the node config; a policy file that does not exist means the safe defaults.
+    Simulated: from the run's config."""
     if "site" in node_config:
-        site = str(node_config["site"])
-        folder = Path(str(node_config.get("data-dir") or Path(str(cfg.data.root)) / site))
-    else:
-        site = cfg.sites.all[int(node_config["partition-id"])]
-        if cfg.data.root is None:
-            raise ValueError("data.root is not set: the simulation must resolve the cohort folder first")
-        folder = Path(cfg.data.root) / site
-    return site, folder
+        name = str(node_config["site"])
+        missing = [k for k in ("data-dir", "state-dir") if not node_config.get(k)]
+        if missing:
+            raise ValueError(f"site {name}: the SuperNode's node config lacks {', '.join(missing)}; start it with "
+                             f"`medgen-client join`, which names the site's own folders")
+        state = Path(str(node_config["state-dir"]))
+        policy_file = Path(str(node_config.get("policy") or state / POLICY_FILE))
+        policy = load_policy(policy_file) if policy_file.is_file() else SitePolicy()
+        return Site(name, Path(str(node_config["data-dir"])), state, policy, True)
+    name = cfg.sites.all[int(node_config["partition-id"])]
+    if cfg.data.root is None:
+        raise ValueError("data.root is not set: the simulation must resolve the cohort folder first")
+    return Site(name, Path(cfg.data.root) / name, Path(str(message_config["state-root"])) / name,
+                cfg.sites.policies.get(name), False)
+
+
+def site_cache(site: Site) -> Path | None:
+    """A deployed site's slice cache: its policy's, else ``$MEDGEN_CACHE_DIR``, else in its state
+    folder. A simulated site keeps the run's (None), unless its policy names one."""
+    own = site.policy.cache_dir if site.policy else None
+    if not site.deployed:
+        return own
+    return own or Path(os.environ.get("MEDGEN_CACHE_DIR") or site.state / "cache")
+
+
+def study_identity(config: dict) -> tuple[str, str]:
+    """(study name, config fingerprint) of a message: what a policy's ``allowed_studies`` names."""
+    text = str(config["medgen-config"])
+    return str(config.get("study-name", "")), hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class SiteFailure(RuntimeError):
@@ -55,38 +100,57 @@ def client_threads(cfg: Config) -> int:
     return int(os.environ.get("MEDGEN_CLIENT_THREADS") or max(1, int(cfg.simulation.client_cpus or 1)))
 
 
+_KIND = {MessageType.QUERY: "query", MessageType.TRAIN: "train", MessageType.EVALUATE: "evaluate"}
+
+
 def _handler(fn):
-    """Bind the node to its site, then run ``fn(msg, cfg, site, folder, round)``; any failure is
-    re-raised as SiteFailure naming the site, which Flower sends back as the reply's error."""
+    """Bind the node to its site and check the study (handshake, the site's policy) before any
+    data is read; put back what the site owns (its cache, its image policy); run
+    ``fn(msg, cfg, site, round)``. Every reply, refusal and error goes to the site's sent-message
+    log before it leaves; an error's text names the problem, not the site's paths (the site's own
+    log, stderr, keeps them)."""
 
     @functools.wraps(fn)
     def wrapped(msg: Message, context: Context) -> Message:
         config = msg.content["config"]
         cfg = load_config_text(str(config["medgen-config"]))
         torch.set_num_threads(client_threads(cfg))
-        site, folder = bind_site(cfg, dict(context.node_config))
-        if "state-dir" in context.node_config:  # a deployed site keeps its state (privacy ledger) itself
-            config["node-state-dir"] = str(context.node_config["state-dir"])
-        if refusal := check_handshake(dict(context.run_config), cfg):
-            print(f"site {site}: REFUSED: {refusal}", file=sys.stderr, flush=True)
-            if msg.metadata.message_type == MessageType.QUERY:
-                return _refuse(msg, site, refusal)
-            raise SiteFailure(f"site {site}: {refusal}")
         try:
-            return fn(msg, cfg, site, folder, int(config.get("round", 0)))
+            site = bind_site(cfg, dict(context.node_config), dict(config))
+        except Exception as e:  # no site folders to log to: only the reason goes back
+            print(f"medgen ClientApp: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            raise SiteFailure(f"{type(e).__name__}: {sent_log.redact(str(e))}") from None
+        kind, round_ = msg.metadata.message_type, int(config.get("round", 0))
+        entry = {"run": int(context.run_id), "kind": _KIND.get(kind, kind), "round": round_}
+        refusal = check_handshake(dict(context.run_config), cfg)
+        if refusal is None and site.policy is not None:
+            found = violations(cfg, site.policy, site.name, study_identity(dict(config)))
+            refusal = refusal_text(site.name, found) if found else None
+        if refusal:
+            print(f"site {site.name}: REFUSED: {refusal}", file=sys.stderr, flush=True)
+            if kind == MessageType.EVALUATE:
+                sent_log.append(site.state, {**entry, "status": "error", "error": refusal})
+                raise SiteFailure(f"site {site.name}: {refusal}")
+            return _sent(site, entry, _refuse(msg, site.name, refusal), cfg)
+        cfg = site_config(cfg, site.policy, site_cache(site))
+        try:
+            reply = fn(msg, cfg, site, round_)
         except Exception as e:
-            raise SiteFailure(f"site {site}: {type(e).__name__}: {e}") from e
+            print(f"site {site.name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            text = f"site {site.name}: {type(e).__name__}: {sent_log.redact(str(e))}"
+            sent_log.append(site.state, {**entry, "status": "error", "error": text})
+            raise SiteFailure(text) from None
+        return _sent(site, entry, reply, cfg)
 
     return wrapped
 
 
-def state_dir(msg: Message, site: str) -> Path:
-    """The site's own state folder (privacy ledger): the SuperNode's ``state-dir`` node config in a
-    deployment; in simulation ``<run>/sites/<site>``, named by the server."""
-    config = msg.content["config"]
-    if "node-state-dir" in config:
-        return Path(str(config["node-state-dir"]))
-    return Path(str(config["state-root"])) / site
+def _sent(site: Site, entry: dict, reply: Message, cfg: Config) -> Message:
+    info = reply.content["info"]
+    status = "refused" if "refused" in info else "error" if "error" in info else "reply"
+    sent_log.append(site.state, {**entry, "status": status,
+                                 "records": sent_log.describe(reply.content, cfg.data.image_size)})
+    return reply
 
 
 def data_summary(train, val) -> dict:
@@ -108,27 +172,28 @@ def _reply(msg: Message, site: str, metrics: dict, arrays: ArrayRecord | None = 
     return Message(content=content, reply_to=msg)
 
 
-def _refuse(msg: Message, site: str, reason: str) -> Message:
-    """The query reply of a site that will not take part: the server logs the reason, leaves the
-    site out and asks again next round."""
-    reply = _reply(msg, site, {})
-    reply.content["info"]["error"] = reason
+def _refuse(msg: Message, site: str, reason: str, metrics: dict | None = None) -> Message:
+    """The reply of a site that will not take part (to a query: the server leaves it out and asks
+    again next round; to a training round: the server goes on without it)."""
+    reply = _reply(msg, site, metrics or {})
+    reply.content["info"]["refused"] = reason
     return reply
 
 
 @app.query()
 @_handler
-def query(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Message:
+def query(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
     """Which site is this node, and how much data does it hold. A site whose data is unusable says
     so here (the server leaves it out and asks again next round) rather than crashing."""
     try:
-        train, val = site_data(cfg, site, folder, heldout=site in cfg.sites.heldout)
+        train, val = site_data(cfg, site.name, site.folder, heldout=site.name in cfg.sites.heldout)
     except (DataError, SiteDataError) as e:
-        reply = _reply(msg, site, {})
-        reply.content["info"]["error"] = str(e)
+        print(f"site {site.name}: {e}", file=sys.stderr, flush=True)
+        reply = _reply(msg, site.name, {})
+        reply.content["info"]["error"] = sent_log.redact(str(e))
         return reply
-    reply = _reply(msg, site, data_summary(train, val))
-    voxel_sizes, orientations, _ = scan_headers(discover_site(folder, cfg.data).subjects)
+    reply = _reply(msg, site.name, data_summary(train, val))
+    voxel_sizes, orientations, _ = scan_headers(discover_site(site.folder, cfg.data).subjects)
     reply.content["info"]["voxel-sizes"] = counts_text(voxel_sizes)
     reply.content["info"]["orientations"] = counts_text(orientations)
     return reply
@@ -136,44 +201,52 @@ def query(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Me
 
 @app.train()
 @_handler
-def train(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Message:
-    if site in cfg.sites.heldout:
-        raise RuntimeError(f"site {site} is held out (sites.heldout) and must never train")
-    data, _ = site_data(cfg, site, folder)
+def train(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
+    if site.name in cfg.sites.heldout:
+        raise RuntimeError(f"site {site.name} is held out (sites.heldout) and must never train")
+    data, _ = site_data(cfg, site.name, site.folder)
+    steps = local_steps(cfg, len(data))
+    if site.policy is not None and steps > site.policy.max_local_steps:
+        return _refuse(msg, site.name, refusal_text(site.name, [f"max_local_steps: {steps} steps this round > "
+                                                                f"{site.policy.max_local_steps}"]))
     dp = ledger = None
+    seed = site_seed(cfg, site.name, round_)
     if cfg.privacy.enabled:
-        dp = plan(cfg, data, local_steps(cfg, len(data)))
-        ledger = PrivacyLedger(state_dir(msg, site), site)
+        dp = plan(cfg, data, steps)
+        ledger = PrivacyLedger(site.state, site.name)
         try:
-            ledger.check_budget((dp.noise_multiplier, dp.sample_rate, dp.steps), dp.delta, cfg.privacy.budget(site))
+            if site.policy is not None and (found := plan_violations(dp, site.policy)):
+                raise BudgetExceeded(refusal_text(site.name, found))
+            delta = budget_delta(site.policy, dp) if site.policy is not None else dp.delta
+            ledger.check_budget((dp.noise_multiplier, dp.sample_rate, dp.steps), delta,
+                                *budget(site.policy, cfg, site.name))
         except BudgetExceeded as e:  # a refusal, not a crash: the server goes on without this site
-            reply = _reply(msg, site, {"epsilon": ledger.epsilon(dp.delta), "refused": 1.0})
-            reply.content["info"]["refused"] = str(e)
-            return reply
+            print(f"site {site.name}: REFUSED: {e}", file=sys.stderr, flush=True)
+            return _refuse(msg, site.name, str(e), {"epsilon": ledger.epsilon(dp.delta)})
+        seed = secret_seed(site_secret(site.state), cfg.seed, site.name, round_)  # batches and noise
     model = build_model(cfg)
     global_state = msg.content["arrays"].to_torch_state_dict()
     model.load_state_dict(global_state)
     extra = proximal_term(model, global_state, cfg.federation.proximal_mu) \
         if cfg.federation.strategy == "fedprox" else None
-    seed = site_seed(cfg, site, round_)
     metrics = train_local(model, data, cfg, seed, extra_loss=extra, dp=dp)
     if dp:
         metrics.update(ledger.spend(dp, round_))
-    return _reply(msg, site, metrics, ArrayRecord(model.state_dict()))
+    return _reply(msg, site.name, metrics, ArrayRecord(model.state_dict()))
 
 
 @app.evaluate()
 @_handler
-def evaluate(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Message:
-    train, data = site_data(cfg, site, folder, heldout=site in cfg.sites.heldout)
+def evaluate(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
+    train, data = site_data(cfg, site.name, site.folder, heldout=site.name in cfg.sites.heldout)
     if len(data) == 0:
-        return _reply(msg, site, {"num-examples": 0})
+        return _reply(msg, site.name, {"num-examples": 0})
     model = build_model(cfg)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     metrics = evaluate_local(model, data, cfg)
     if not int(msg.content["config"].get("full", 0)):
-        return _reply(msg, site, metrics)
+        return _reply(msg, site.name, metrics)
     scores, arrays = evaluate_site(model, data, cfg, train=train)  # a held-out site's train is empty: no audit
-    reply = _reply(msg, site, {**metrics, **scores})
+    reply = _reply(msg, site.name, {**metrics, **scores})
     reply.content["artefacts"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return reply

@@ -16,7 +16,7 @@ import torch
 from medgen.config import Config, DataConfig
 from medgen.data.dataset import SiteSlices, load_site
 from medgen.models import GenerativeModel
-from medgen.privacy.dp import DPPlan, poisson_batches, private
+from medgen.privacy.dp import DPPlan, noise_only_step, poisson_batches, private
 
 
 @lru_cache(maxsize=8)
@@ -36,7 +36,8 @@ def site_data(cfg: Config, site: str, folder: str | Path, heldout: bool = False)
 
 def site_seed(cfg: Config, site: str, round_: int) -> int:
     """A seed for (run seed, site, round): the same in every process, so a resumed run draws the
-    same batches as an uninterrupted one."""
+    same batches as an uninterrupted one. Known to the server: DP-SGD uses
+    ``privacy.dp.secret_seed`` instead."""
     return zlib.crc32(f"{cfg.seed}/{site}/{round_}".encode())
 
 
@@ -92,8 +93,10 @@ def train_local(model: GenerativeModel, data: SiteSlices, cfg: Config, seed: int
     taken = 0
     with private(model, optimizers, dp, seed) if dp else nullcontext(optimizers) as optimizers:
         for step, idx in enumerate(batches):
-            if len(idx) == 0:
-                continue  # an empty Poisson batch: nothing to learn from, the step still counts for privacy
+            if len(idx) == 0:  # an empty Poisson batch: the private networks release noise alone
+                for name in model.private_networks:
+                    noise_only_step(optimizers[name])
+                continue
             losses = model.train_step(images[idx].to(device), labels[idx].to(device), optimizers, step, extra_loss)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v

@@ -1,6 +1,7 @@
 """`medgen-client join`: a site's side of a real deployment — one SuperNode bound to the site's
-data through its node config (``site``, ``data-dir``, ``state-dir``). The site's privacy ledger,
-slice cache and Flower files stay in ``--state-dir``. While the server is not up (or the
+data through its node config (``site``, ``data-dir``, ``state-dir``, ``policy``). The site's
+policy, privacy ledger, DP secret, sent-message log, slice cache and Flower files stay in
+``--state-dir``. While the server is not up (or the
 connection drops) the SuperNode is restarted with exponential back-off; a key the server keeps
 refusing, or a bad flag, stops it with the reason."""
 
@@ -36,12 +37,18 @@ class NodeOptions:
     max_attempts: int | None = None
     max_refusals: int = 3  # the key may be registered a moment after the SuperLink is up
     worker: bool = True  # one long-lived ClientApp process (medgen/deployment/worker.py), not one per message
+    policy: Path | None = None  # the site's policy file (default <state_dir>/policy.yaml)
+
+    @property
+    def policy_file(self) -> Path:
+        return self.policy or self.state_dir / "policy.yaml"
 
 
 def node_config(opts: NodeOptions) -> str:
     def q(v) -> str:
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return f"site={q(opts.site)} data-dir={q(opts.data)} state-dir={q(opts.state_dir)}"
+    return (f"site={q(opts.site)} data-dir={q(opts.data)} state-dir={q(opts.state_dir)} "
+            f"policy={q(opts.policy_file)}")
 
 
 def supernode_command(opts: NodeOptions, port: int) -> list[str]:

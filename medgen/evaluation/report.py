@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from medgen.client import sent_log  # noqa: E402
 from medgen.server.rundir import RunDir  # noqa: E402
 
 HEADLINE = ["loss", "frd-healthy", "frd-lesion", "kid-healthy", "kid-lesion", "precision-healthy", "recall-healthy",
@@ -206,6 +207,24 @@ def privacy_spent(records: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _sent(run: RunDir, records: list[dict], site: str) -> str:
+    """A site's "What left the site" section: its refusals, and its own sent-message log where the
+    run holds it (a simulation; a deployed site keeps it in its state folder)."""
+    parts = ["<h2>What left the site</h2>"]
+    refused = [[r["round"], r["phase"], r["refused"]] for r in records if r["site"] == site and "refused" in r]
+    if refused:
+        parts += ["<p>The site refused:</p>", _table(refused, ["round", "phase", "reason"])]
+    entries = sent_log.read(run.path / "sites" / site)
+    if not entries:
+        return "".join(parts + [f'<p class="note">The site keeps its log of every message it sent in its state '
+                                f"folder ({sent_log.FILE}; `medgen-client sent --site {html.escape(site)}`).</p>"])
+    parts.append(_table(sent_log.summary(entries), ["message", "status", "sent", "bytes", "records and keys",
+                                                    "image-shaped arrays"]))
+    parts.append(f'<p class="note">From the site\'s own log ({len(entries)} messages, {sent_log.FILE} in its state '
+                 "folder), written before each message left.</p>")
+    return "".join(parts)
+
+
 def _page(title: str, body: list[str]) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>")
@@ -239,7 +258,8 @@ def build_report(run_dir: str | Path) -> Path:
     table = _table([[k] + [final[s].get(k, "") for s in columns] for k in ["round", *shown]],
                    ["metric"] + [f"{s} (held out)" if s in heldout else s for s in columns])
     counts = [[r["site"], r.get("train-examples", ""), r.get("eval-examples", ""), r.get("lesion-slices", ""),
-               r.get("subjects", ""), r.get("voxel-sizes", ""), r.get("orientations", ""), r.get("error", "")]
+               r.get("subjects", ""), r.get("voxel-sizes", ""), r.get("orientations", ""),
+               r.get("error", r.get("refused", ""))]
               for r in records if r["phase"] == "query"]
     samples = sorted(run.samples.glob("round-*.png"))
     weights_note = "" if any(k.startswith("fid-") for m in final.values() for k in m) else \
@@ -277,6 +297,7 @@ def build_report(run_dir: str | Path) -> Path:
                 "<p>No lesion evaluation at this site.</p>",
                 _by_setting(final.get(site, {}), arrays.get(site, {})), _overlays(arrays.get(site, {})),
                 _privacy(records, site, final.get(site, {}), arrays.get(site, {})),
+                _sent(run, records, site),
                 '<p><a href="index.html">back to the run</a></p>']
         (out / f"site-{site}.html").write_text(_page(f"medgen report — site {site}", page))
     return out / "index.html"

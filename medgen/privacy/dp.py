@@ -10,12 +10,23 @@ The protected unit (``privacy.unit``):
   subject (all of its slices), which is what an ethics board means by "a patient".
 - ``slice``: each step samples slices with probability q. Slices of one subject are not
   independent, so this protects a single slice only — weaker than it sounds.
+
+The randomness the guarantee rests on — which units a batch samples, and the noise — is drawn
+from a seed the server cannot know: an HMAC of (seed, site, round) under the site's secret
+(:func:`site_secret`, 32 bytes from ``os.urandom`` in the site's state folder), so a resumed round
+draws the same batches and noise at the site, and nobody else can draw them. The noise is summed
+from several draws (Opacus' ``secure_mode``), which defeats the floating-point attacks on Gaussian
+sampling. An empty Poisson batch still takes its step: noise only, as the accountant assumes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,9 +76,35 @@ def plan(cfg: Config, data: SiteSlices, steps: int) -> DPPlan:
     return DPPlan(float(noise), rate, steps, delta, p.max_grad_norm, p.unit, units)
 
 
+SECRET_FILE = "dp-secret"
+
+
+def site_secret(state_dir: str | Path) -> bytes:
+    """The site's 32-byte secret (``<state_dir>/dp-secret``, mode 0600), made on first use."""
+    path = Path(state_dir) / SECRET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        secret = path.read_bytes()
+        if len(secret) != 32:
+            raise ValueError(f"{path}: not a site secret (expected 32 bytes, found {len(secret)})") from None
+        return secret
+    secret = os.urandom(32)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    return secret
+
+
+def secret_seed(secret: bytes, seed: int, site: str, round_: int) -> int:
+    """A 64-bit seed for (run seed, site, round) that only the holder of ``secret`` can compute."""
+    digest = hmac.new(secret, f"{seed}/{site}/{round_}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
 def poisson_batches(data: SiteSlices, dp: DPPlan, generator: torch.Generator):
     """``dp.steps`` index batches by Poisson sampling of the protected units (see module doc).
-    A batch may be empty (the step is then skipped; it still counts in the ledger)."""
+    A batch may be empty (then :func:`noise_only_step`)."""
     if dp.unit == "slice":
         for _ in range(dp.steps):
             yield torch.nonzero(torch.rand(len(data), generator=generator) < dp.sample_rate).flatten()
@@ -85,8 +122,8 @@ def private(model: GenerativeModel, optimizers: dict[str, torch.optim.Optimizer]
             wrapper=FastGradSampleModule):
     """Inside the block, the family's private networks compute per-sample gradients (``wrapper``:
     Opacus' hooks with our faster Conv2d sampler, ``grad_samplers.py``) and their optimisers clip and
-    add noise (seeded: a resumed round draws the same noise). On exit the networks are unwrapped, so
-    ``state_dict`` keys carry no ``_module.`` prefix."""
+    add noise drawn from ``seed`` (pass a :func:`secret_seed`). On exit the networks are unwrapped,
+    so ``state_dict`` keys carry no ``_module.`` prefix."""
     inner = {}
     for name in model.private_networks:
         inner[name] = model.networks[name]
@@ -94,10 +131,20 @@ def private(model: GenerativeModel, optimizers: dict[str, torch.optim.Optimizer]
         model.networks[name] = wrapper(inner[name], loss_reduction="mean")
         optimizers[name] = DPOptimizer(optimizers[name], noise_multiplier=dp.noise_multiplier,
                                        max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size,
-                                       loss_reduction="mean", generator=noise)
+                                       loss_reduction="mean", generator=noise, secure_mode=True)
     try:
         yield optimizers
     finally:
         for name, net in inner.items():
             model.networks[name]._close()  # removes the hooks from the inner network
             model.networks[name] = net
+
+
+def noise_only_step(optimizer: DPOptimizer) -> None:
+    """The step of an empty Poisson batch: no example, so the clipped sum is zero and the update is
+    the noise alone (what the RDP accountant assumes every step releases). Opacus takes this step
+    for its own empty batches the same way: per-sample gradients with zero rows."""
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
+    optimizer.zero_grad()

@@ -43,11 +43,13 @@ class PrivacyLedger:
         accountant.history = steps
         return float(accountant.get_epsilon(delta))
 
-    def check_budget(self, planned: tuple[float, float, int], delta: float, max_epsilon: float | None) -> float:
-        """ε after ``planned`` (noise, rate, steps); raises BudgetExceeded above ``max_epsilon``."""
+    def check_budget(self, planned: tuple[float, float, int], delta: float, max_epsilon: float | None,
+                     key: str = "privacy.max_epsilon") -> float:
+        """ε after ``planned`` (noise, rate, steps); raises BudgetExceeded above ``max_epsilon``
+        (the budget named ``key`` in the message)."""
         after = self.epsilon(delta, [planned])
         if max_epsilon is not None and after > max_epsilon:
-            raise BudgetExceeded(f"site {self.site}: one more round would spend ε={after:.3g} > privacy.max_epsilon="
+            raise BudgetExceeded(f"site {self.site}: one more round would spend ε={after:.3g} > {key}="
                                  f"{max_epsilon:g} (spent so far ε={self.epsilon(delta):.3g} at δ={delta:.2g})")
         return after
 

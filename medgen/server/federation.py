@@ -60,14 +60,14 @@ class Federation:
         self.site_nodes = site_nodes or {}  # deployment: the node each site's registered key belongs to
         self.config_text = dump_config(cfg)
         self.nodes: dict[str, int] = {}
-        self.exhausted: set[str] = set()  # sites that refused to train: their privacy budget is spent
+        self.exhausted: set[str] = set()  # sites that refused to train (privacy budget spent, or their policy)
         self.last_round = 0
         self.stopped: str | None = None
 
     # ----------------------------------------------------------------- messaging
     def _message(self, node: int, kind: str, round_: int, state: State | None = None, full: bool = False) -> Message:
         config = {"medgen-config": self.config_text, "round": round_, "state-root": str(self.run.path / "sites"),
-                  "full": int(full)}
+                  "study-name": self.run.path.name, "full": int(full)}
         content = RecordDict({"config": ConfigRecord(config)})
         if state is not None:
             content["arrays"] = ArrayRecord(state)
@@ -104,6 +104,10 @@ class Federation:
                 for reply in self._exchange(0, "query", msgs).values():
                     info = reply.content["info"]
                     site = str(info["site"])
+                    if "refused" in info:
+                        self.log(f"site {site}: REFUSED the study (left out, asked again next round): {info['refused']}")
+                        self.run.log(0, site, "query", {"refused": str(info["refused"])})
+                        continue
                     if "error" in info:
                         self.log(f"site {site}: left out for now: {info['error']}")
                         self.run.log(0, site, "query", {"error": str(info["error"])})
@@ -188,7 +192,7 @@ class Federation:
                 self.log(f"round {round_}/{cfg.federation.rounds} site {site}: train {_summary(metrics)} "
                          f"({metrics.get('train-time-s', 0):.1f}s)")
             if set(willing) <= self.exhausted:
-                self.stopped = "every training site has spent its privacy budget (privacy.max_epsilon)"
+                self.stopped = "every training site refused to train (privacy budget spent, or its policy)"
                 self.log(f"round {round_}: {self.stopped}; stopping after round {round_ - 1}")
                 break
             if len(updates) < min(min_sites, len(set(willing) - self.exhausted)) or not updates:

@@ -1,0 +1,122 @@
+"""A site's policy against the study's config: what the site refuses, and what it decides itself.
+
+Two checks, both before a single step is taken:
+
+- :func:`violations` reads only the server's config (before any data is read): DP required,
+  ε and δ budgets, noise and clipping bounds, the protected unit, image sharing, families, steps,
+  the study itself;
+- :func:`plan_violations` reads the round's DP plan (the noise solved from the site's data, the
+  steps of ``train.local_epochs``).
+
+:func:`site_config` then replaces what the site owns: its slice cache, its InceptionV3 weights and
+image sharing, whatever the server's config says.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from medgen.config import Config, SitePolicy, load_policy
+from medgen.fileio import atomic_write
+from medgen.privacy.dp import DPPlan
+
+
+class PolicyRefusal(RuntimeError):
+    """The server's config breaks the site's policy; the text names each policy key and value."""
+
+
+def violations(cfg: Config, policy: SitePolicy, site: str, study: tuple[str, str]) -> list[str]:
+    """Every way ``cfg`` breaks ``policy`` at ``site``, each naming the policy key and the server's
+    value. ``study`` is (name, config fingerprint)."""
+    p, dp, found = policy, cfg.privacy, []
+    if p.allowed_studies and not set(study) & set(p.allowed_studies):
+        found.append(f"allowed_studies: study {study[0]!r} (fingerprint {study[1]}) is not one this site agreed to "
+                     f"({', '.join(p.allowed_studies)})")
+    if cfg.model.family not in p.allow_families:
+        found.append(f"allow_families: model.family={cfg.model.family} is not allowed ({', '.join(p.allow_families)})")
+    if cfg.evaluation.share_images and not p.share_images:
+        found.append("share_images: the study sets evaluation.share_images=true; this site sends no image")
+    if site not in cfg.sites.train:
+        return found
+    if p.require_dp and not dp.enabled:
+        found.append("require_dp: the study trains without DP-SGD (privacy.enabled=false)")
+    if cfg.train.local_steps is not None and cfg.train.local_steps > p.max_local_steps:
+        found.append(f"max_local_steps: train.local_steps={cfg.train.local_steps} > {p.max_local_steps}")
+    if not dp.enabled:
+        return found
+    if p.max_epsilon is not None:
+        if dp.noise_multiplier is None and dp.target_epsilon > p.max_epsilon:
+            found.append(f"max_epsilon: privacy.target_epsilon={dp.target_epsilon:g} > {p.max_epsilon:g}")
+        if (budget := dp.budget(site)) is not None and budget > p.max_epsilon:
+            found.append(f"max_epsilon: privacy.max_epsilon={budget:g} > {p.max_epsilon:g}")
+    if dp.noise_multiplier is not None and dp.noise_multiplier < p.min_noise_multiplier:
+        found.append(f"min_noise_multiplier: privacy.noise_multiplier={dp.noise_multiplier:g} "
+                     f"< {p.min_noise_multiplier:g}")
+    if dp.max_grad_norm > p.max_grad_norm:
+        found.append(f"max_grad_norm: privacy.max_grad_norm={dp.max_grad_norm:g} > {p.max_grad_norm:g}")
+    if p.privacy_unit == "subject" and dp.unit == "slice":
+        found.append("privacy_unit: privacy.unit=slice protects one slice; this site requires subject")
+    return found
+
+
+def plan_violations(plan: DPPlan, policy: SitePolicy) -> list[str]:
+    """What the round's DP plan breaks (the noise solved for the site's data, the steps it implies)."""
+    found = []
+    if plan.noise_multiplier < policy.min_noise_multiplier:
+        found.append(f"min_noise_multiplier: the study's privacy.target_epsilon needs noise multiplier "
+                     f"{plan.noise_multiplier:.3g} at this site < {policy.min_noise_multiplier:g}")
+    if plan.steps > policy.max_local_steps:
+        found.append(f"max_local_steps: {plan.steps} steps this round > {policy.max_local_steps}")
+    return found
+
+
+def budget_delta(policy: SitePolicy, plan: DPPlan) -> float:
+    """The δ at which the site accounts its budget: its own, or 1/(10 n) for its n protected units."""
+    return policy.delta if policy.delta is not None else 1.0 / (10 * plan.units)
+
+
+def budget(policy: SitePolicy | None, cfg: Config, site: str) -> tuple[float | None, str]:
+    """The tighter of the site's policy budget and the study's ``privacy.max_epsilon``, and its name."""
+    limits = [(b, k) for b, k in ((policy.max_epsilon if policy else None, "policy max_epsilon"),
+                                  (cfg.privacy.budget(site), "privacy.max_epsilon")) if b is not None]
+    return min(limits) if limits else (None, "privacy.max_epsilon")
+
+
+def refusal_text(site: str, found: list[str]) -> str:
+    return f"site {site} refuses by its policy: " + "; ".join(found)
+
+
+def site_config(cfg: Config, policy: SitePolicy | None, cache_dir: Path | None) -> Config:
+    """``cfg`` with what the site owns put back: its slice cache (``cache_dir``; None keeps the
+    config's, as in a simulation), its InceptionV3 weights and, unless the policy allows it, no
+    image sharing."""
+    data, evaluation = {}, {}
+    if cache_dir is not None:
+        data["cache_dir"] = cache_dir
+    if policy is not None:
+        evaluation["inception_weights"] = policy.inception_weights
+        if not policy.share_images:
+            evaluation["share_images"] = False
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=data),
+                                  "evaluation": cfg.evaluation.model_copy(update=evaluation)})
+
+
+def policy_text(policy: SitePolicy) -> str:
+    """``policy`` as the YAML of a policy file, each key under its description."""
+    lines = ["# medgen site policy: what this site agrees to. Kept at the site; no server message changes it.",
+             "# Every study's config is checked against it before any data is read."]
+    for key, field in SitePolicy.model_fields.items():
+        lines.append(f"\n# {field.description}")
+        lines.append(yaml.safe_dump({key: policy.model_dump(mode="json")[key]}, sort_keys=False).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def ensure_policy(path: Path) -> tuple[SitePolicy, bool]:
+    """The policy in ``path``; a missing file is written with the safe defaults (True: it was)."""
+    if path.is_file():
+        return load_policy(path), False
+    text = policy_text(SitePolicy())
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return SitePolicy(), True
