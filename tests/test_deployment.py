@@ -231,12 +231,16 @@ class Deployment:
         return self.start(name, [BIN / "medgen-server", "start", "--address", "127.0.0.1", "--port", self.port,
                                  "--certs", self.certs, *extra, *sets])
 
-    def site(self, site: str, key: Path | None = None, data: Path | None = None) -> subprocess.Popen:
+    def site(self, site: str, key: Path | None = None, data: Path | None = None,
+             policy: str = "require_dp: false\n") -> subprocess.Popen:
+        """``medgen-client join`` with its own state folder and policy file (default: the TINY
+        study's DP-free training allowed)."""
         key = key or self.certs / "sites" / f"{site}.key"
+        (policy_file := self.tmp / f"policy-{site}.yaml").write_text(policy)
         return self.start(f"site-{site}", [BIN / "medgen-client", "join", "--site", site, "--server",
                                            f"localhost:{self.port}", "--data", data or self.root / site,
                                            "--ca", self.certs / "ca.pem", "--key", key,
-                                           "--state-dir", self.tmp / f"state-{site}"])
+                                           "--state-dir", self.tmp / f"state-{site}", "--policy", policy_file])
 
     def output(self, name: str) -> str:
         return (self.tmp / f"{name}.out").read_text()
