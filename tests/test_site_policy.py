@@ -118,7 +118,8 @@ def test_a_deployed_site_refuses_before_reading_any_data(tiny_cohort, tmp_path):
         assert not (tmp_path / "no-such-folder").exists()
     log = sent_log.read(state)
     assert [e["status"] for e in log] == ["refused"] * 3 and log[0]["kind"] == "query"
-    assert log[0]["records"]["info"]["keys"] == ["refused", "site"]
+    assert log[0]["records"]["info"]["keys"] == ["policy", "refused", "site"]  # what the site allows goes too
+    assert "require_dp=true" in str(reply.content["info"]["policy"]) and "cache_dir" not in str(reply.content["info"])
 
 
 def test_a_deployed_site_without_a_policy_file_gets_the_safe_defaults(tiny_cohort, tmp_path):
@@ -228,6 +229,7 @@ def test_simulated_policies_refuse_and_the_federation_goes_on(tiny_cohort, tmp_p
     assert not any(r["site"] == "A" and r["phase"] == "train" and "loss" in r for r in records)
     assert any(r["site"] == "B" and r["phase"] == "train" and "loss" in r for r in records)
     assert any("site A: REFUSED the study" in line for line in lines)
+    assert "require_dp=false" in next(r["policy"] for r in records if r["site"] == "B" and r["phase"] == "query")
     b = sent_log.read(run.path / "sites" / "B")
     assert [e["kind"] for e in b] == ["query", "train", "evaluate"]
     assert b[1]["records"]["arrays"]["bytes"] > 0

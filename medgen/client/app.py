@@ -26,7 +26,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 
 from medgen.client import sent_log
-from medgen.client.policy import budget, budget_delta, plan_violations, refusal_text, site_config, violations
+from medgen.client.policy import (budget, budget_delta, plan_violations, policy_summary, refusal_text, site_config,
+                                  violations)
 from medgen.client.task import evaluate_local, local_steps, proximal_term, site_data, site_seed, train_local
 from medgen.config import Config, SitePolicy, load_config_text, load_policy
 from medgen.data.check import counts_text, scan_headers
@@ -147,6 +148,8 @@ def _handler(fn):
 
 def _sent(site: Site, entry: dict, reply: Message, cfg: Config) -> Message:
     info = reply.content["info"]
+    if entry["kind"] == "query" and site.policy is not None:  # the coordinator sees what each site allows
+        info["policy"] = policy_summary(site.policy)
     status = "refused" if "refused" in info else "error" if "error" in info else "reply"
     sent_log.append(site.state, {**entry, "status": status,
                                  "records": sent_log.describe(reply.content, cfg.data.image_size)})

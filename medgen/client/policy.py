@@ -14,6 +14,7 @@ image sharing, whatever the server's config says.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -82,6 +83,12 @@ def budget(policy: SitePolicy | None, cfg: Config, site: str) -> tuple[float | N
     limits = [(b, k) for b, k in ((policy.max_epsilon if policy else None, "policy max_epsilon"),
                                   (cfg.privacy.budget(site), "privacy.max_epsilon")) if b is not None]
     return min(limits) if limits else (None, "privacy.max_epsilon")
+
+
+def policy_summary(policy: SitePolicy) -> str:
+    """What the policy allows, for the coordinator (its paths stay at the site)."""
+    shown = policy.model_dump(mode="json", exclude={"cache_dir", "inception_weights"})
+    return ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else json.dumps(v)}" for k, v in shown.items())
 
 
 def refusal_text(site: str, found: list[str]) -> str:

@@ -259,7 +259,7 @@ def build_report(run_dir: str | Path) -> Path:
                    ["metric"] + [f"{s} (held out)" if s in heldout else s for s in columns])
     counts = [[r["site"], r.get("train-examples", ""), r.get("eval-examples", ""), r.get("lesion-slices", ""),
                r.get("subjects", ""), r.get("voxel-sizes", ""), r.get("orientations", ""),
-               r.get("error", r.get("refused", ""))]
+               r.get("error", r.get("refused", "")), r.get("policy", "none (simulated)")]
               for r in records if r["phase"] == "query"]
     samples = sorted(run.samples.glob("round-*.png"))
     weights_note = "" if any(k.startswith("fid-") for m in final.values() for k in m) else \
@@ -269,7 +269,7 @@ def build_report(run_dir: str | Path) -> Path:
         "<h2>Configuration</h2>", _table(summary, ["key", "value"]),
         "<h2>Data per site</h2>", _table(counts, ["site", "training slices", "evaluation slices", "lesion slices",
                                                   "subjects", "scan voxel sizes (mm)", "scan orientations",
-                                                  "problem"]), _histograms(records, sites),
+                                                  "problem or refusal", "site policy"]), _histograms(records, sites),
         "<h2>Training</h2>", _curves(records, sites, "train", ["loss", "epsilon"], "training, per site") or
         "<p>No training in this run.</p>",
         _central(records),

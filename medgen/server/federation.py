@@ -104,9 +104,10 @@ class Federation:
                 for reply in self._exchange(0, "query", msgs).values():
                     info = reply.content["info"]
                     site = str(info["site"])
+                    policy = {"policy": str(info["policy"])} if "policy" in info else {}
                     if "refused" in info:
                         self.log(f"site {site}: REFUSED the study (left out, asked again next round): {info['refused']}")
-                        self.run.log(0, site, "query", {"refused": str(info["refused"])})
+                        self.run.log(0, site, "query", {"refused": str(info["refused"]), **policy})
                         continue
                     if "error" in info:
                         self.log(f"site {site}: left out for now: {info['error']}")
@@ -126,7 +127,7 @@ class Federation:
                         raise FederationError(f"two nodes claim site {site!r}")
                     self.nodes[site] = reply.metadata.src_node_id
                     summary = dict(reply.content["metrics"])
-                    summary.update({k: str(info[k]) for k in ("voxel-sizes", "orientations") if k in info})
+                    summary.update({k: str(info[k]) for k in ("voxel-sizes", "orientations", "policy") if k in info})
                     self.run.log(0, site, "query", summary)
                     self.log(f"site {site}: connected ({_summary(summary)})")
             if not wait or expected <= self.nodes.keys():
