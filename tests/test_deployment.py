@@ -19,6 +19,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from medgen.client import sent_log
 from medgen.client.app import app as client_app
 from medgen.config import dump_config, load_config
 from medgen.deployment.certs import CertError, check_private_key, init_ca, make_site_keys
@@ -335,6 +336,46 @@ def test_loopback_deployment(deployment):
     assert (run.samples / "round-0003.png").is_file()
     # each site's own files stay in its state directory
     assert (d.tmp / "state-A" / "supernode.log").is_file() and (d.tmp / "state-A" / "flwr-home").is_dir()
+
+
+def test_deployed_sites_enforce_their_own_policies(deployment):
+    """Two studies on the same running sites. Study 1 trains with DP-SGD at ε = 8: site A (default
+    policy, lifetime budget 10) trains, site B (budget 5) refuses naming max_epsilon, held-out C
+    evaluates. Study 2 turns DP off and asks for images: every site refuses, naming require_dp and
+    share_images, and the run fails for want of sites. No image-shaped array leaves any site: not in
+    the sites' own sent-message logs, not in what the server received."""
+    d = deployment
+    d.site("A", policy=""), d.site("B", policy="max_epsilon: 5\n"), d.site("C", policy="")
+    first, second = d.tmp / "study-1", d.tmp / "study-2"
+    d.server("--out", first, "--set", "federation.rounds=1", "--set", "federation.min_sites=1",
+             "--set", "privacy.enabled=true", "--set", "privacy.target_epsilon=8")
+    assert d.wait("server", 300) == 0, d.output("server")[-4000:]
+    out = d.output("server")
+    assert "site B: REFUSED the study" in out and "max_epsilon: privacy.target_epsilon=8 > 5" in out
+    records = RunDir(first).records()
+    assert [r["site"] for r in records if r["phase"] == "train" and "loss" in r] == ["A"]
+    assert next(r for r in records if r["site"] == "A" and r["phase"] == "train")["epsilon"] <= 8.0 * 1.02
+    assert any(r["site"] == "C" and r["phase"] == "evaluate" and "pixel-auroc" in r for r in records)
+    assert "require_dp=true" in next(r["policy"] for r in records if r["site"] == "A" and r["phase"] == "query")
+
+    d.server("--out", second, "--set", "federation.rounds=1", "--set", "evaluation.share_images=true",
+             name="server-2")
+    assert d.wait("server-2", 300) != 0
+    out = d.output("server-2")
+    for site in "ABC":
+        assert f"site {site}: REFUSED the study" in out, out[-3000:]
+    assert "require_dp: the study trains without DP-SGD" in out and "share_images: the study sets" in out
+    assert "only 0 of 2 training sites are usable" in out
+
+    for site in "ABC":
+        log = sent_log.read(d.tmp / f"state-{site}")
+        assert log and {e["status"] for e in log} >= {"refused"}
+        for entry in log:
+            assert all(not rec.get("image-shaped") for rec in entry.get("records", {}).values()), entry
+    for arrays in (first / "evaluation").glob("round-*/*.npz"):
+        keys = set(np.load(arrays).files)
+        assert not {k for k in keys if "overlay" in k or k in ("memorisation-generated", "memorisation-train")}, keys
+        assert all(np.load(arrays)[k].ndim <= 1 for k in keys), arrays
 
 
 def test_a_site_is_accepted_only_from_the_node_of_its_registered_key(cohort, tmp_path):

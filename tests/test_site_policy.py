@@ -118,6 +118,7 @@ def test_a_deployed_site_refuses_before_reading_any_data(tiny_cohort, tmp_path):
         assert not (tmp_path / "no-such-folder").exists()
     log = sent_log.read(state)
     assert [e["status"] for e in log] == ["refused"] * 3 and log[0]["kind"] == "query"
+    assert "require_dp" in log[0]["reason"] and "share_images" in log[2]["reason"]
     assert log[0]["records"]["info"]["keys"] == ["policy", "refused", "site"]  # what the site allows goes too
     assert "require_dp=true" in str(reply.content["info"]["policy"]) and "cache_dir" not in str(reply.content["info"])
 
@@ -249,3 +250,14 @@ def test_policies_must_name_sites_of_the_study():
     assert cfg.sites.policies["A"].max_epsilon == 3 and cfg.sites.policies["A"].require_dp
     assert yaml.safe_load(dump_config(cfg))["sites"]["policies"]["A"]["max_epsilon"] == 3
     json.dumps(cfg.model_dump(mode="json"))
+
+
+def test_medgen_client_sent_summarises_the_log(tiny_cohort, tmp_path, capsys):
+    from medgen.cli.client import main
+
+    cfg = tiny_cfg(tiny_cohort)
+    client_app(_message(cfg, MessageType.QUERY, 0), _deployed(cfg, tiny_cohort.root / "A", tmp_path / "s", None))
+    assert main(["sent", "--site", "A", "--state-dir", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "1 messages sent" in out and "query" in out and "refused" in out and "images: none" in out
+    assert "run 1 round 0 query: site A refuses by its policy: require_dp" in out

@@ -107,6 +107,10 @@ def cmd_sent(args: argparse.Namespace) -> int:
     print(f"site {args.site}: {len(entries)} messages sent ({state_dir / sent_log.FILE})")
     for kind, status, n, size, keys, images in sent_log.summary(entries):
         print(f"  {kind:9s} {status:8s} x{n:<5d} {size:>12,d} bytes  images: {images}\n      {keys}")
+    reasons = dict.fromkeys(f"run {e['run']} round {e['round']} {e['kind']}: {e['reason']}"
+                            for e in entries if "reason" in e)
+    if reasons:
+        print("refusals and errors sent:\n" + "\n".join(f"  {r}" for r in reasons))
     return 0
 
 

@@ -130,7 +130,7 @@ def _handler(fn):
         if refusal:
             print(f"site {site.name}: REFUSED: {refusal}", file=sys.stderr, flush=True)
             if kind == MessageType.EVALUATE:
-                sent_log.append(site.state, {**entry, "status": "error", "error": refusal})
+                sent_log.append(site.state, {**entry, "status": "error", "reason": refusal})
                 raise SiteFailure(f"site {site.name}: {refusal}")
             return _sent(site, entry, _refuse(msg, site.name, refusal), cfg)
         cfg = site_config(cfg, site.policy, site_cache(site))
@@ -139,7 +139,7 @@ def _handler(fn):
         except Exception as e:
             print(f"site {site.name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             text = f"site {site.name}: {type(e).__name__}: {sent_log.redact(str(e))}"
-            sent_log.append(site.state, {**entry, "status": "error", "error": text})
+            sent_log.append(site.state, {**entry, "status": "error", "reason": text})
             raise SiteFailure(text) from None
         return _sent(site, entry, reply, cfg)
 
@@ -151,7 +151,8 @@ def _sent(site: Site, entry: dict, reply: Message, cfg: Config) -> Message:
     if entry["kind"] == "query" and site.policy is not None:  # the coordinator sees what each site allows
         info["policy"] = policy_summary(site.policy)
     status = "refused" if "refused" in info else "error" if "error" in info else "reply"
-    sent_log.append(site.state, {**entry, "status": status,
+    reason = {"reason": str(info[status])} if status != "reply" else {}
+    sent_log.append(site.state, {**entry, "status": status, **reason,
                                  "records": sent_log.describe(reply.content, cfg.data.image_size)})
     return reply
 

@@ -2,7 +2,7 @@
 ``<state-dir>/sent-messages.jsonl`` before the message goes.
 
 Each line says when, for which run and round, what kind of message (query / train / evaluate),
-whether it was a reply, a refusal or an error, and per record of the reply its kind, key names and
+whether it was a reply, a refusal or an error (with the reason sent), and per record of the reply its kind, key names and
 size in bytes — for arrays their shapes, with the image-shaped ones (two trailing dimensions of
 the slice size) listed apart. Values are not copied: the log shows what left, not a second copy.
 """
