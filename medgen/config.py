@@ -81,7 +81,7 @@ class ModelConfig(_Section):
     norm_groups: int = Field(8, ge=1, description="GroupNorm groups (no BatchNorm: DP-SGD compatible)")
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="GAN generator / DDPM weights EMA used for sampling")
     gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
-    inversion_steps: int = Field(100, ge=1, description="GAN anomaly maps: latent optimisation steps per batch")
+    inversion_steps: int = Field(100, ge=1, le=10_000, description="GAN anomaly maps: latent optimisation steps per batch")
     timesteps: int = Field(1000, ge=10, le=10_000, description="DDPM: diffusion steps")
     space: Literal["latent", "pixel"] = Field(
         "latent", description="DDPM: diffuse the 4 x S/4 x S/4 latents of an autoencoder trained with it ('latent', "
@@ -95,7 +95,7 @@ class ModelConfig(_Section):
     cond_drop: float = Field(0.1, ge=0.0, lt=1.0, description="DDPM: label dropout for classifier-free guidance")
     guidance_scale: float = Field(1.0, ge=0.0, description="DDPM: classifier-free guidance (1 = none)")
     sampler: Literal["ddim", "ddpm"] = "ddim"
-    ddim_steps: int = Field(50, ge=1, description="DDPM: DDIM sampling steps")
+    ddim_steps: int = Field(50, ge=1, le=10_000, description="DDPM: DDIM sampling steps")
     ddim_eta: float = Field(1.0, ge=0.0, le=1.0, description="DDPM: DDIM sampling noise (1: ancestral on the strided "
                                                           "chain, cleaner from a briefly trained model; 0: deterministic)")
     anomaly_t: int | None = Field(
@@ -105,7 +105,7 @@ class ModelConfig(_Section):
     anomaly_steps: int = Field(
         1, ge=1, description="DDPM anomaly maps: DDIM steps from anomaly_t back to t = 0 (1: the network's "
                              "one-step estimate of the healthy image; AnoDDPM denoises step by step)")
-    anomaly_draws: int = Field(8, ge=1, description="DDPM anomaly maps: noise draws whose squared errors are averaged")
+    anomaly_draws: int = Field(8, ge=1, le=256, description="DDPM anomaly maps: noise draws whose squared errors are averaged")
 
 
 # the model keys that change how trained weights sample or score, not the weights themselves:
@@ -116,9 +116,10 @@ INFERENCE_KEYS = frozenset(f"model.{k}" for k in ("guidance_scale", "sampler", "
 
 
 class TrainConfig(_Section):
-    local_steps: int | None = Field(100, ge=1, description="optimiser steps per site per round")
-    local_epochs: float | None = Field(None, gt=0, description="instead of local_steps: passes over the site's data")
-    batch_size: int = Field(32, ge=1)
+    local_steps: int | None = Field(100, ge=1, le=1_000_000, description="optimiser steps per site per round")
+    local_epochs: float | None = Field(None, gt=0, le=10_000, description="instead of local_steps: passes over the "
+                                                                            "site's data")
+    batch_size: int = Field(32, ge=1, le=65_536)
     lr: float = Field(1e-3, gt=0.0)
     val_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="share of each training site's subjects kept for validation"
@@ -134,7 +135,8 @@ class TrainConfig(_Section):
 
 class FederationConfig(_Section):
     rounds: int = Field(5, ge=1, le=10_000)
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "fedmedian", "fedtrimmedavg", "krum",
+                      "multikrum", "bulyan"] = "fedavg"
     min_sites: int | None = Field(
         None, ge=1, description="training sites that must answer for a round to count; null = all"
     )
@@ -144,15 +146,23 @@ class FederationConfig(_Section):
     server_lr: float = Field(0.01, gt=0.0, description="fedadam / fedyogi: server learning rate")
     server_betas: tuple[float, float] = Field((0.9, 0.99), description="fedadam / fedyogi: moment decays")
     server_tau: float = Field(1e-3, gt=0.0, description="fedadam / fedyogi: adaptivity (epsilon)")
-    samples_per_class: int = Field(8, ge=0, description="sample images written per class at evaluation")
+    samples_per_class: int = Field(8, ge=0, le=256, description="sample images written per class at evaluation")
+    max_update_ratio: float | None = Field(
+        10.0, gt=1.0, description="an update farther from the global model than this times the round's (lower) "
+                                  "median distance is rejected or clipped (on_large_update); null = no bound")
+    on_large_update: Literal["reject", "clip"] = Field(
+        "reject", description="reject: leave the update out of the round; clip: scale it down to the bound")
+    num_malicious: int = Field(1, ge=0, description="krum / multikrum / bulyan: the number f of bad sites tolerated")
+    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="fedtrimmedavg: share cut at each end per coordinate")
+    multikrum_keep: int | None = Field(None, ge=1, description="multikrum: updates averaged; null = n - num_malicious")
 
 
 class EvaluationConfig(_Section):
     every_rounds: int = Field(
         0, ge=0, description="full evaluation (distances, anomaly detection) every k rounds; 0 = after the last only"
     )
-    max_samples: int = Field(64, ge=4, description="generated images per class for the distances")
-    max_anomaly_slices: int = Field(200, ge=4, description="slices per site scored for anomaly detection")
+    max_samples: int = Field(64, ge=4, le=50_000, description="generated images per class for the distances")
+    max_anomaly_slices: int = Field(200, ge=4, le=100_000, description="slices per site scored for anomaly detection")
     healthy_quantile: float = Field(
         0.99, gt=0.5, lt=1.0, description="Dice threshold: this quantile of healthy validation pixels' scores "
                                           "(0.99: about 1% of healthy brain pixels flagged)"
@@ -317,6 +327,13 @@ class Config(_Section):
     def _min_sites(self) -> Config:
         if self.federation.min_sites is not None and self.federation.min_sites > len(self.sites.train):
             raise ValueError(f"federation.min_sites={self.federation.min_sites} is more than the "
+                             f"{len(self.sites.train)} training sites")
+        fed = self.federation
+        if fed.strategy == "bulyan" and len(self.sites.train) < 4 * fed.num_malicious + 3:
+            raise ValueError(f"federation.strategy=bulyan needs at least 4 x federation.num_malicious + 3 = "
+                             f"{4 * fed.num_malicious + 3} training sites ({len(self.sites.train)} in sites.train)")
+        if fed.strategy == "multikrum" and (fed.multikrum_keep or 1) > len(self.sites.train):
+            raise ValueError(f"federation.multikrum_keep={fed.multikrum_keep} is more than the "
                              f"{len(self.sites.train)} training sites")
         central = self.privacy.central
         if central.enabled and self.federation.strategy == "fedbn":

@@ -9,7 +9,6 @@ A site that fails or times out is logged with its name and round; the round goes
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -24,21 +23,8 @@ from medgen.privacy.central import CentralDP
 from medgen.server.central_evaluation import SERVER_SITE, evaluate_server_data, server_data
 from medgen.server.errors import FederationError
 from medgen.server.rundir import RunDir, load_checkpoint, load_weights
-from medgen.server.strategy import State, Update, make_aggregator
-
-
-def check_update(state: State, reference: State) -> str | None:
-    """Why an update must be rejected (missing / extra keys, wrong shape or dtype, NaN / Inf), or None."""
-    missing, extra = reference.keys() - state.keys(), state.keys() - reference.keys()
-    if missing or extra:
-        return f"keys differ from the global model (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
-    for key, ref in reference.items():
-        value = state[key]
-        if value.shape != ref.shape:
-            return f"{key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            return f"{key} holds NaN or Inf"
-    return None
+from medgen.server.strategy import State, make_aggregator
+from medgen.server.validation import Rejected, bound_norms, check_update, read_update  # noqa: F401  (check_update: API)
 
 
 def _clean_reason(reason: str) -> str:
@@ -60,6 +46,8 @@ class Federation:
         self.site_nodes = site_nodes or {}  # deployment: the node each site's registered key belongs to
         self.config_text = dump_config(cfg)
         self.nodes: dict[str, int] = {}
+        self.declared: dict[str, int] = {}  # training slices each site said it holds when it connected
+        self.strangers: set[int] = set()  # nodes naming a site the study does not have: not asked again
         self.exhausted: set[str] = set()  # sites that refused to train (privacy budget spent, or their policy)
         self.last_round = 0
         self.stopped: str | None = None
@@ -98,12 +86,21 @@ class Federation:
         deadline = time.monotonic() + self.cfg.federation.round_timeout_s
         while True:
             node_ids = list(self.grid.get_node_ids())
-            unknown = [n for n in node_ids if n not in self.nodes.values()]
+            unknown = [n for n in node_ids if n not in self.nodes.values() and n not in self.strangers]
             if unknown:
                 msgs = {f"node {n}": self._message(n, MessageType.QUERY, 0) for n in unknown}
-                for reply in self._exchange(0, "query", msgs).values():
-                    info = reply.content["info"]
-                    site = str(info["site"])
+                for name, reply in self._exchange(0, "query", msgs).items():
+                    try:
+                        info = reply.content["info"]
+                        site = str(info["site"])
+                    except (KeyError, TypeError):
+                        self.log(f"{name}: malformed query reply (no site name): ignored")
+                        continue
+                    if site not in expected:
+                        self.log(f"{name} says it is site {site!r}, which is in neither sites.train nor sites.heldout "
+                                 f"({sorted(expected)}): ignored")
+                        self.strangers.add(reply.metadata.src_node_id)
+                        continue
                     policy = {"policy": str(info["policy"])} if "policy" in info else {}
                     if "refused" in info:
                         self.log(f"site {site}: REFUSED the study (left out, asked again next round): {info['refused']}")
@@ -113,9 +110,6 @@ class Federation:
                         self.log(f"site {site}: left out for now: {info['error']}")
                         self.run.log(0, site, "query", {"error": str(info["error"])})
                         continue
-                    if site not in expected:
-                        raise FederationError(f"a node is bound to site {site!r}, which is in neither sites.train "
-                                              f"nor sites.heldout ({sorted(expected)})")
                     node = reply.metadata.src_node_id
                     if self.site_nodes.get(site, node) != node:
                         reason = (f"node {node} claims site {site!r}, but site {site}'s registered key belongs to "
@@ -127,12 +121,14 @@ class Federation:
                         raise FederationError(f"two nodes claim site {site!r}")
                     self.nodes[site] = reply.metadata.src_node_id
                     summary = dict(reply.content["metrics"])
+                    if isinstance(summary.get("train-examples"), (int, float)):
+                        self.declared[site] = int(summary["train-examples"])
                     summary.update({k: str(info[k]) for k in ("voxel-sizes", "orientations", "policy") if k in info})
                     self.run.log(0, site, "query", summary)
                     self.log(f"site {site}: connected ({_summary(summary)})")
             if not wait or expected <= self.nodes.keys():
                 return
-            if len(node_ids) >= len(expected) or time.monotonic() > deadline:
+            if len(set(node_ids) - self.strangers) >= len(expected) or time.monotonic() > deadline:
                 self.log(f"sites not connected: {sorted(expected - self.nodes.keys())}")
                 return
             time.sleep(1.0)
@@ -171,25 +167,32 @@ class Federation:
             willing = [s for s in cfg.sites.train if s not in self.exhausted]
             msgs = {s: self._message(self.nodes[s], MessageType.TRAIN, round_, aggregator.payload(s, state))
                     for s in willing if s in self.nodes}
-            updates = []
+            updates, accepted = [], {}
             for site, reply in self._exchange(round_, "train", msgs).items():
-                metrics = dict(reply.content["metrics"])
-                if "refused" in reply.content["info"]:
-                    reason = str(reply.content["info"]["refused"])
+                info = reply.content["info"] if "info" in reply.content else {}
+                if "refused" in info:
+                    reason = str(info["refused"])
+                    epsilon = dict(reply.content["metrics"]).get("epsilon", 0.0) if "metrics" in reply.content else 0.0
                     self.exhausted.add(site)
                     self.log(f"round {round_}: site {site} refused to train: {reason}")
-                    run.log(round_, site, "train", {"refused": reason, "epsilon": metrics.get("epsilon", 0.0)})
+                    run.log(round_, site, "train", {"refused": reason, "epsilon": epsilon})
                     continue
-                update = reply.content["arrays"].to_torch_state_dict()
-                reason = check_update(update, state)
-                if reason is None and not all(math.isfinite(v) for v in metrics.values()):
-                    reason = "metrics hold NaN or Inf"
-                if reason:
-                    self.log(f"round {round_}: site {site} update REJECTED: {reason}")
-                    run.log(round_, site, "train", {"error": f"update rejected: {reason}"})
+                try:
+                    update, metrics = read_update(site, reply, state, self.declared.get(site))
+                except Rejected as e:
+                    self.log(f"round {round_}: site {site} update REJECTED: {e}")
+                    run.log(round_, site, "train", {"error": f"update rejected: {e}"})
                     continue
-                updates.append(Update(site, update, int(metrics["num-examples"])))
-                run.log(round_, site, "train", metrics)
+                updates.append(update)
+                accepted[site] = metrics
+            updates, touched = bound_norms(updates, state, cfg.federation)
+            for site, metrics in accepted.items():
+                if site in touched:
+                    self.log(f"round {round_}: site {site} {touched[site]}")
+                if site in touched and touched[site].startswith("update rejected"):
+                    run.log(round_, site, "train", {"error": touched[site]})
+                    continue
+                run.log(round_, site, "train", {**metrics, **({"warning": touched[site]} if site in touched else {})})
                 self.log(f"round {round_}/{cfg.federation.rounds} site {site}: train {_summary(metrics)} "
                          f"({metrics.get('train-time-s', 0):.1f}s)")
             if set(willing) <= self.exhausted:
@@ -200,7 +203,11 @@ class Federation:
                 raise FederationError(
                     f"round {round_}: only {len(updates)} of {len(cfg.sites.train)} training sites sent a usable "
                     f"update (federation.min_sites={min_sites}); finished rounds are kept")
-            state = aggregator.aggregate(state, updates)
+            aggregated = aggregator.aggregate(state, updates)
+            if bad := [k for k, v in aggregated.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+                raise FederationError(f"round {round_}: the aggregated model holds NaN or Inf ({bad[0]}, ...); it is not "
+                                      f"written, and the last checkpoint stays the one --resume continues from")
+            state = aggregated
             run.log(round_, "global", "train", {"sites": len(updates),
                                                 "num-examples": sum(u.num_examples for u in updates),
                                                 "round-time-s": time.perf_counter() - t0,

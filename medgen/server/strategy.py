@@ -10,6 +10,22 @@
   example-weighted mean. The server keeps each site's copy in its checkpoint so that a resumed run
   restores them.
 
+Robust rules, with Flower's aggregation functions (``medgen/_compat/flwr.py``), for studies where a
+site may send a bad update; f = ``federation.num_malicious``:
+
+- ``fedmedian``: the coordinate-wise median (Yin et al. 2018);
+- ``fedtrimmedavg``: the coordinate-wise mean after cutting ``federation.trim_fraction`` of the
+  values at each end;
+- ``krum``: the one update with the smallest sum of squared distances to its n − f − 2 nearest
+  (Blanchard et al. 2017); ``multikrum``: the example-weighted mean of the
+  ``federation.multikrum_keep`` (default n − f) best;
+- ``bulyan``: Multi-Krum selects n − 2f, then the coordinate-wise mean of the n − 4f values
+  closest to their median (El Mhamdi et al. 2018); it needs n >= 4f + 3 updates, and with fewer
+  the global model stays as it is for that round (as Flower's Bulyan does).
+
+These ignore example counts (but multikrum's mean). A server that sees only sums (secure
+aggregation) cannot apply them.
+
 Every aggregator's state round-trips through ``state()`` / ``load_state()`` for checkpoints.
 Central DP (``medgen.privacy.central.CentralDP``) wraps any of them but fedbn.
 """
@@ -18,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from medgen.config import FederationConfig
@@ -123,9 +140,64 @@ class FedYogi(FedAdam):
     yogi = True
 
 
+class Robust(FedAvg):
+    """fedmedian, fedtrimmedavg, krum, multikrum and bulyan over the floating tensors; other
+    tensors (counters) come from the current model."""
+
+    def __init__(self, rule: str, num_malicious: int = 1, trim_fraction: float = 0.2, keep: int | None = None):
+        self.rule, self.f, self.trim, self.keep = rule, num_malicious, trim_fraction, keep
+        self.skipped = 0
+
+    def aggregate(self, current: State, updates: list[Update]) -> State:
+        from medgen._compat.flwr import aggregate_n_closest_weights, select_multikrum, trim_mean
+
+        keys = [k for k, v in current.items() if v.is_floating_point()]
+        stacks = {k: np.stack([u.state[k].double().numpy() for u in updates]) for k in keys}
+        self.skipped = 0
+        if self.rule == "fedmedian":
+            merged = {k: np.median(s, axis=0) for k, s in stacks.items()}
+        elif self.rule == "fedtrimmedavg":
+            merged = {k: trim_mean(s, self.trim) for k, s in stacks.items()}
+        else:
+            if self.rule == "bulyan" and len(updates) < 4 * self.f + 3:
+                self.skipped = 1
+                return {k: v.clone() for k, v in current.items()}
+            keep = {"krum": 1, "multikrum": self.keep or len(updates) - self.f,
+                    "bulyan": len(updates) - 2 * self.f}[self.rule]
+            chosen = self._select(updates, keys, max(1, keep), select_multikrum)
+            if self.rule == "bulyan":
+                layers = [[u.state[k].double().numpy() for k in keys] for u in chosen]
+                median = [np.median(np.stack(layer), axis=0) for layer in zip(*layers)]
+                beta = max(1, len(chosen) - 2 * self.f)
+                merged = dict(zip(keys, aggregate_n_closest_weights(median, layers, beta)))
+            else:
+                mean = weighted_mean(chosen, current)
+                merged = {k: mean[k].double().numpy() for k in keys}
+        out = {k: v.clone() for k, v in current.items()}
+        for k in keys:
+            out[k] = torch.from_numpy(np.asarray(merged[k])).to(current[k].dtype)
+        return out
+
+    def _select(self, updates: list[Update], keys: list[str], keep: int, select) -> list[Update]:
+        """The ``keep`` updates Flower's Multi-Krum rule picks."""
+        from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+        contents = [RecordDict({"arrays": ArrayRecord({k: Array(u.state[k].double().numpy()) for k in keys}),
+                                "who": ConfigRecord({"i": i})}) for i, u in enumerate(updates)]
+        return [updates[int(c["who"]["i"])] for c in select(contents, self.f, keep)]
+
+    def round_metrics(self) -> dict[str, float]:
+        return {"aggregation-skipped": float(self.skipped)} if self.rule == "bulyan" else {}
+
+
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+
 def make_aggregator(cfg: FederationConfig, norm_keys: list[str]) -> FedAvg:
     if cfg.strategy in ("fedavg", "fedprox"):
         return FedAvg()
+    if cfg.strategy in ROBUST:
+        return Robust(cfg.strategy, cfg.num_malicious, cfg.trim_fraction, cfg.multikrum_keep)
     if cfg.strategy == "fedbn":
         return FedBN(norm_keys)
     kind = FedYogi if cfg.strategy == "fedyogi" else FedAdam
