@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medgen.client.task import evaluate_local, local_steps, site_data, site_seed, train_local
+from medgen.client.task import check_device, evaluate_local, local_steps, site_data, site_seed, train_local
 from medgen.config import Config
 from medgen.data.dataset import concat_slices
 from medgen.models import build_model
@@ -36,6 +36,7 @@ def train_baseline(cfg: Config, site: str | None = None, out: str | Path | None 
     run = RunDir(out or Path("runs") / f"baseline-{name}-{cfg.model.family}")
     if run.last_checkpoint() is not None:
         raise FederationError(f"{run.path} already holds a run; choose another --out")
+    check_device(cfg)
     run.create(cfg)
     cfg = resolve_data(cfg, log)
     root = Path(cfg.data.root)

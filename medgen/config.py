@@ -6,6 +6,7 @@ against the schema below. Every error names the full key path and what is allowe
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -125,6 +126,13 @@ class TrainConfig(_Section):
         0.2, ge=0.0, lt=1.0, description="share of each training site's subjects kept for validation"
     )
     device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("a torch device: cpu, cuda, cuda:N or mps")
+        return v
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
@@ -358,9 +366,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         sources.append(str(path))
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if loaded is None:

@@ -65,6 +65,10 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
     rounds). Raises FederationError when the run fails; finished rounds stay in the run directory.
     """
     cfg, run = open_run(cfg, out, resume, overrides)
+    if cfg.simulation.ray_address is None:  # the sites train on this machine
+        from medgen.client.task import check_device
+
+        check_device(cfg)
     run.create(cfg)
     data_cfg = resolve_client_cpus(resolve_data(cfg, log))
 

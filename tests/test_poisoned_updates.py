@@ -198,3 +198,60 @@ def test_a_node_naming_an_unknown_site_is_ignored(tiny_cohort, tmp_path):
     run_federation(grid, cfg, run, log=lines.append)
     assert run.status()["status"] == "completed"
     assert any("says it is site 'Z'" in line and "ignored" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------- run directories
+def test_a_refused_resume_leaves_the_run_directory_as_it_was(tiny_cohort, tmp_path):
+    from medgen.data.errors import DataError
+    from medgen.server.rundir import open_run
+
+    cfg = tiny_cfg(tiny_cohort, *THREE)
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    run_federation(PoisonGrid(3, lambda r: r), cfg, run, log=lambda _: None)
+    before = {p.name: p.read_bytes() for p in run.path.iterdir() if p.is_file()}
+    with pytest.raises(DataError, match="do not fit"):
+        open_run(None, None, run.path, ["model.width=32"])
+    assert {p.name: p.read_bytes() for p in run.path.iterdir() if p.is_file()} == before
+    cfg2, again = open_run(None, None, run.path, ["federation.rounds=2"])  # a plain resume still works
+    assert cfg2.federation.rounds == 2 and again.path == run.path
+
+
+def test_a_cut_metrics_line_and_a_damaged_checkpoint_are_survived(tiny_cohort, tmp_path, capsys):
+    cfg = tiny_cfg(tiny_cohort, *THREE, "federation.rounds=2")
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    run_federation(PoisonGrid(3, lambda r: r), cfg, run, log=lambda _: None)
+    n = len(run.records())
+    with run.metrics_file.open("a") as f:
+        f.write('{"round": 3, "site": "A", "pha')  # a crash mid-write
+    assert len(run.records()) == n and "the last line is cut" in capsys.readouterr().err
+    (run.checkpoints / "round-0002.pt").write_bytes(b"torn")  # the newest checkpoint is damaged
+    (run.checkpoints / ".round-0003.pt.abc.tmp").write_bytes(b"partial")
+    lines = []
+    from medgen.server.rundir import open_run
+
+    resumed_cfg, resumed = open_run(None, None, run.path, [])
+    assert not (run.checkpoints / ".round-0003.pt.abc.tmp").exists()
+    run_federation(PoisonGrid(3, lambda r: r), resumed_cfg.model_copy(update={"data": cfg.data}), resumed,
+                   log=lines.append)
+    assert any("round-0002.pt" in line and "using the one before" in line for line in lines)
+    assert any("resuming after round 1" in line for line in lines)
+    assert load_checkpoint(run.last_checkpoint())["round"] == 2 and run.status()["status"] == "completed"
+
+
+def test_a_file_as_out_and_a_missing_device_are_clear_errors(tiny_cohort, tmp_path):
+    from medgen.client.task import check_device
+    from medgen.config import ConfigError, load_config
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FederationError, match="a file, not a run directory"):
+        RunDir(tmp_path / "file").create(tiny_cfg(tiny_cohort))
+    with pytest.raises(ConfigError, match="train.device: a torch device"):
+        load_config(None, ["train.device=tpu:9"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.device=cuda:7: this machine has"):
+            check_device(load_config(None, ["train.device=cuda:7"]))
+    (tmp_path / "bad.yaml").write_bytes(b"seed: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(tmp_path / "bad.yaml")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medgen.config import Config, DataConfig
+from medgen.config import Config, ConfigError, DataConfig
 from medgen.data.dataset import SiteSlices, load_site
 from medgen.models import GenerativeModel
 from medgen.privacy.dp import DPPlan, noise_only_step, poisson_batches, private
@@ -39,6 +39,17 @@ def site_seed(cfg: Config, site: str, round_: int) -> int:
     same batches as an uninterrupted one. Known to the server: DP-SGD uses
     ``privacy.dp.secret_seed`` instead."""
     return zlib.crc32(f"{cfg.seed}/{site}/{round_}".encode())
+
+
+def check_device(cfg: Config) -> None:
+    """ConfigError naming train.device when this machine does not have it (checked before a run
+    starts, not in the middle of its first round)."""
+    kind, _, index = cfg.train.device.partition(":")
+    if kind == "cuda" and torch.cuda.device_count() <= int(index or 0):
+        raise ConfigError(f"train.device={cfg.train.device}: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={cfg.train.device}: MPS is not available on this machine")
 
 
 def local_steps(cfg: Config, n_examples: int) -> int:

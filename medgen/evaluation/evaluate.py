@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medgen.client.task import evaluate_local
+from medgen.client.task import check_device, evaluate_local
 from medgen.config import INFERENCE_KEYS, ConfigError, load_config_text, with_overrides
 from medgen.data.dataset import load_site
 from medgen.evaluation.report import build_report
@@ -28,10 +28,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str |
     cfg = load_config_text(ckpt["config"])
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if not (key.startswith(("data.", "evaluation.")) or key in INFERENCE_KEYS):
-            raise ConfigError(f"--set {item}: evaluating a checkpoint can change data.*, evaluation.* and "
-                              f"{', '.join(sorted(INFERENCE_KEYS))} only (the rest built the weights)")
+        if not (key.startswith(("data.", "evaluation.")) or key in INFERENCE_KEYS or key == "train.device"):
+            raise ConfigError(f"--set {item}: evaluating a checkpoint can change data.*, evaluation.*, train.device "
+                              f"and {', '.join(sorted(INFERENCE_KEYS))} only (the rest built the weights)")
     cfg = with_overrides(cfg, overrides)
+    check_device(cfg)
     model = build_model(cfg)
     load_weights(model, ckpt, checkpoint)
     data_dir = Path(data_dir)

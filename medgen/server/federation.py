@@ -22,7 +22,7 @@ from medgen.models import build_model
 from medgen.privacy.central import CentralDP
 from medgen.server.central_evaluation import SERVER_SITE, evaluate_server_data, server_data
 from medgen.server.errors import FederationError
-from medgen.server.rundir import RunDir, load_checkpoint, load_weights
+from medgen.server.rundir import RunDir, load_weights
 from medgen.server.strategy import State, make_aggregator
 from medgen.server.validation import Rejected, bound_norms, check_update, read_update  # noqa: F401  (check_update: API)
 
@@ -141,9 +141,9 @@ class Federation:
         if cfg.privacy.central.enabled:
             aggregator = CentralDP(aggregator, cfg)
         state, start = model.state_dict(), 1
-        last = run.last_checkpoint()
-        if last is not None:
-            ckpt = load_checkpoint(last)
+        found = run.last_good_checkpoint(self.log)
+        if found is not None:
+            last, ckpt = found
             state, start = ckpt["model"], ckpt["round"] + 1
             self.last_round = ckpt["round"]
             load_weights(model, ckpt, last)  # they must fit this config's model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class RunDir:
         self.metrics_file = self.path / "metrics.jsonl"
 
     def create(self, cfg: Config) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise FederationError(f"{self.path}: a file, not a run directory (--out names a folder)")
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
 
@@ -45,9 +48,21 @@ class RunDir:
         return record
 
     def records(self) -> list[dict]:
+        """The metrics records. A cut last line (a write interrupted by a crash) is left out, with a
+        note on stderr; a damaged line elsewhere is a DataError naming the file and line."""
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics_file.read_text(errors="replace").splitlines() if line.strip()]
+        out = []
+        for i, line in enumerate(lines, start=1):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines):
+                    raise DataError(self.metrics_file, f"line {i} is not a JSON record") from None
+                print(f"note: {self.metrics_file}: the last line is cut (an interrupted write); left out",
+                      file=sys.stderr)
+        return out
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop records of rounds after ``last_round`` (a round that crashed before its checkpoint)."""
@@ -70,9 +85,30 @@ class RunDir:
         return path
 
     def last_checkpoint(self) -> Path | None:
+        found = self._checkpoints()
+        return found[-1] if found else None
+
+    def _checkpoints(self) -> list[Path]:
         found = sorted((int(m.group(1)), p) for p in self.checkpoints.glob("round-*.pt")
                        if (m := _CHECKPOINT.search(p.name)))
-        return found[-1][1] if found else None
+        return [p for _, p in found]
+
+    def last_good_checkpoint(self, log=print) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads, and its content; an unreadable newer one is named and
+        passed over (it stays on disk, and the round it held is trained again)."""
+        for path in reversed(self._checkpoints()):
+            try:
+                return path, load_checkpoint(path)
+            except DataError as e:
+                log(f"skipping {e}; using the one before")
+        return None
+
+    def remove_partial_writes(self) -> list[Path]:
+        """Delete the temporary files of writes a crash interrupted (``atomic_write``'s ``.*.tmp``)."""
+        found = [p for folder in (self.path, self.checkpoints) for p in folder.glob(".*.tmp") if p.is_file()]
+        for path in found:
+            path.unlink()
+        return found
 
     # ------------------------------------------------------------------ status
     def set_status(self, status: str, **info) -> None:
@@ -138,7 +174,14 @@ def open_run(cfg: Config | None, out: str | Path | None, resume: str | Path | No
         run = RunDir(resume)
         if not (run.path / "config.yaml").is_file():
             raise FederationError(f"--resume {run.path}: not a run directory (no config.yaml)")
-        return load_config(run.path / "config.yaml", overrides), run
+        cfg = load_config(run.path / "config.yaml", overrides)
+        found = run.last_good_checkpoint()
+        if found is not None:  # the overrides must fit the weights before anything is written
+            from medgen.models import build_model
+
+            load_weights(build_model(cfg), found[1], found[0])
+        run.remove_partial_writes()
+        return cfg, run
     cfg = cfg if cfg is not None else load_config(None, overrides)
     run = RunDir(out or default_run_dir(cfg))
     if run.last_checkpoint() is not None:
