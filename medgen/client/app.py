@@ -128,7 +128,7 @@ def query(msg: Message, cfg: Config, site: str, folder: Path, round_: int) -> Me
         reply.content["info"]["error"] = str(e)
         return reply
     reply = _reply(msg, site, data_summary(train, val))
-    voxel_sizes, orientations, _ = scan_headers(discover_site(folder, cfg.data).subjects)
+    voxel_sizes, orientations, _ = scan_headers(discover_site(folder, cfg.data).scans)
     reply.content["info"]["voxel-sizes"] = counts_text(voxel_sizes)
     reply.content["info"]["orientations"] = counts_text(orientations)
     return reply
