@@ -292,3 +292,20 @@ def test_unreadable_entries(tmp_path):
     assert_error(tmp_path / "broken.nii.gz", "broken symlink")
     (tmp_path / "loop.nii").symlink_to(tmp_path / "loop.nii")
     assert_error(tmp_path / "loop.nii", "symlink loop", fn=describe)
+
+
+def test_header_extensions_are_bounded(tmp_path):
+    data = rand((20, 20, 20))
+    img = nib.Nifti1Image(data, AFFINE)
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"scanner notes " * 10))
+    good = tmp_path / "ext.nii.gz"
+    nib.save(img, str(good))
+    np.testing.assert_array_equal(load_volume(good).data, data)
+    raw = gzip.decompress(good.read_bytes())
+    for esize, name in [(2**30, "claims_1gb"), (0, "claims_0")]:  # nibabel would read 1 GB / to the end
+        bad = tmp_path / f"{name}.nii.gz"
+        bad.write_bytes(gzip.compress(raw[:352] + np.int32(esize).tobytes() + raw[356:] + b"\0" * 2**22))
+        assert_error(bad, f"claims {esize} bytes, past the voxel data")
+    far = tmp_path / "far.nii.gz"
+    far.write_bytes(gzip.compress(raw[:108] + np.float32(2**30).tobytes() + raw[112:]))
+    assert_error(far, "voxels at byte 1.07374e+09")

@@ -220,9 +220,11 @@ def check_affine(affine: np.ndarray, path: str | Path) -> np.ndarray:
 
 def _open(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> nib.Nifti1Image | nib.Nifti2Image:
     _check_is_file(path)
-    header = _raw_header(path)
-    if header is not None:
-        check_header(header, path, max_voxels)  # nibabel would repair pixdim and read extensions first
+    header, has_extensions = _raw_header(path)
+    if header is not None:  # nibabel would repair pixdim and follow the extension sizes first
+        check_header(header, path, max_voxels)
+        if has_extensions:
+            _check_extensions(path, header)
     try:
         img = nib.load(path)
     except ImageFileError as e:
@@ -267,14 +269,15 @@ def _is_gzip(path: Path) -> bool:
 
 
 def _raw_header(path: Path):
-    """The NIfTI-1/-2 header as stored (before nibabel repairs it, without extensions), read from
-    the first 540 bytes; None when the file does not start with one. Refuses a gzip-named file
-    that is not gzip-compressed, and a gzip-compressed one named .nii."""
+    """(the NIfTI-1/-2 header as stored, before nibabel repairs it and without extensions, or None
+    when the file does not start with one; whether extensions follow it), from the first 544
+    bytes. Refuses a gzip-named file that is not gzip-compressed, and a gzip-compressed one named
+    .nii."""
     gz = _is_gzip(path)
     named_gz = path.name.lower().endswith(".gz")
     try:
         with (gzip.open if gz else open)(path, "rb") as f:
-            head = f.read(540)
+            head = f.read(544)
     except (EOFError, OSError, zlib.error) as e:
         raise DataError(path, f"truncated or corrupt file ({e})") from None
     size = _sizeof_hdr(head)
@@ -284,12 +287,30 @@ def _raw_header(path: Path):
     if gz and not named_gz and size:
         raise DataError(path, "gzip-compressed but named .nii (rename it to .nii.gz)")
     if size is None or len(head) < size:
-        return None
+        return None, False
     klass = nib.Nifti1Header if size == 348 else nib.Nifti2Header
     try:
-        return klass.from_fileobj(io.BytesIO(head[:size]), check=False)
+        header = klass.from_fileobj(io.BytesIO(head[:size]), check=False)
     except _READ_ERRORS:
-        return None
+        return None, False
+    return header, head[size:size + 1] not in (b"", b"\x00")
+
+
+def _check_extensions(path: Path, header) -> None:
+    """Refuse header extensions whose sizes nibabel would follow past the voxel data (or to the end
+    of the file: a size under 16 bytes); reads at most ``vox_offset`` (<= MAX_HEADER_BYTES) bytes."""
+    start, end = header.sizeof_hdr + 4, int(header["vox_offset"])
+    with (gzip.open if _is_gzip(path) else open)(path, "rb") as f:
+        f.seek(start)
+        block = f.read(max(end - start, 0))
+    order = "little" if header.endianness == "<" else "big"
+    at = 0
+    while end - start - at >= 16:
+        esize = int.from_bytes(block[at:at + 4], order, signed=True) if len(block) >= at + 4 else 0
+        if esize < 16 or at + esize > end - start:
+            raise DataError(path, f"header extension at byte {start + at} claims {esize} bytes, past the voxel "
+                                  f"data at byte {end} (or under 16); corrupt header")
+        at += esize
 
 
 def _sizeof_hdr(head: bytes) -> int | None:
