@@ -28,7 +28,8 @@ def test_manifest_csv_and_yaml(tmp_path, cfg):
         "h1,sub-00.nii.gz,,healthy\n"
         "p1,sub-01.nii.gz,sub-01_mask.nii.gz,lesion\n"
         "p2,missing.nii.gz,,1\n"
-        "p3,sub-00.nii.gz,,maybe\n")
+        "p3,sub-00.nii.gz,,maybe\n"
+        "p4,sub-00.nii.gz,lost_mask.nii.gz,lesion\n")
     listing = discover_site(site, cfg.data)
     assert listing.layout == "manifest"
     assert [(s.subject, s.id, s.label) for s in listing.scans] == [("h1", "sub-00", "healthy"),
@@ -37,6 +38,8 @@ def test_manifest_csv_and_yaml(tmp_path, cfg):
     problems = sorted(str(p) for p in listing.problems)
     assert any("missing.nii.gz" in p and "row 4" in p and "does not exist" in p for p in problems)
     assert any("row 5" in p and "'maybe'" in p for p in problems)
+    assert any("lost_mask.nii.gz" in p and "row 6 (mask) but does not exist" in p for p in problems)
+    assert len(problems) == 3  # row 6 is left out whole (no "appears twice" for its image)
 
     (site / "manifest.csv").unlink()
     (site / "manifest.yaml").write_text(yaml.safe_dump(
@@ -142,18 +145,29 @@ def test_unreadable_entries_named_like_nifti_are_reported(tmp_path, cfg):
     (site / "broken.nii.gz").symlink_to(site / "gone.nii.gz")
     (site / "loop.nii").symlink_to(site / "loop.nii")
     (site / "notes.txt").write_text("not a scan")
+    save(site / "sub-07.nii.gz", image)
+    (site / "sub-07_mask.nii.gz").symlink_to(site / "lost_mask.nii.gz")
     listing = discover_site(site, cfg.data)
     assert [s.id for s in listing.scans] == ["SUB-05", "sub-00"]
     assert [(w.path.name, w.problem) for w in listing.warnings] == [
         ("folder.nii.gz", "a folder named like a NIfTI file; skipped")]
     problems = {p.path.name: p.problem for p in listing.problems}
-    assert set(problems) == {"broken.nii.gz", "loop.nii"}
+    assert set(problems) == {"broken.nii.gz", "loop.nii", "sub-07_mask.nii.gz", "sub-07.nii.gz"}
+    assert problems["sub-07.nii.gz"] == "not used: its mask sub-07_mask.nii.gz cannot be read"
     assert "broken symlink" in problems["broken.nii.gz"] and "gone.nii.gz" in problems["broken.nii.gz"]
     assert "symlink loop" in problems["loop.nii"]
 
     bids = tmp_path / "bids"
     save(bids / "sub-01/anat/sub-01_T1w.nii.gz", image)
     (bids / "sub-01/anat/sub-01_run-2_T1w.nii.gz").symlink_to(bids / "nowhere.nii.gz")
+    lesions = bids / "derivatives/lesions/sub-01/anat"
+    lesions.mkdir(parents=True)
+    (lesions / "sub-01_label-lesion_mask.nii.gz").symlink_to(bids / "lost.nii.gz")
     listing = discover_site(bids, cfg.data)
-    assert [s.id for s in listing.scans] == ["sub-01"]
-    assert [p.path.name for p in listing.problems] == ["sub-01_run-2_T1w.nii.gz"]
+    assert listing.scans == []  # not used without its lesion mask
+    assert [(p.path.name, p.problem) for p in listing.problems] == [
+        ("sub-01_label-lesion_mask.nii.gz", f"named like a NIfTI file but is a broken symlink (to {bids}/lost.nii.gz); "
+                                            "skipped"),
+        ("sub-01_run-2_T1w.nii.gz", f"named like a NIfTI file but is a broken symlink (to {bids}/nowhere.nii.gz); "
+                                    "skipped"),
+        ("sub-01_T1w.nii.gz", "not used: its mask sub-01_label-lesion_mask.nii.gz cannot be read")]

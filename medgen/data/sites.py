@@ -25,6 +25,7 @@ patient it belongs to, the unit of the train/validation split and of DP's ``priv
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,17 +157,15 @@ def _from_manifest(path: Path, cfg: DataConfig) -> SiteListing:
         if not image_field:
             problems.append(DataError(path, f"row {row_no}: empty 'image'"))
             continue
-        files = {}
+        files, row_problems = {}, []
         for column in ("image", "mask", "brain_mask"):
             value = str(row.get(column) or "").strip()
-            file, problem = _manifest_file(path, row_no, column, value, cfg) if value else (None, None)
-            if problem:
-                problems.append(problem)
-            files[column] = file
+            files[column], problem = _manifest_file(path, row_no, column, value, cfg) if value else (None, None)
+            row_problems += [problem] if problem else []
         label, problem = _label(row.get("label"), path, row_no)
-        if problem:
-            problems.append(problem)
-        if files["image"] is None or problem:
+        row_problems += [problem] if problem else []
+        problems += row_problems
+        if row_problems:  # a row is used whole or not at all: never a lesion scan without its mask
             continue
         scan_id = _scan_id(files["image"], folder.resolve())
         if files["image"] in seen:
@@ -212,26 +211,41 @@ def _nifti_entries(folder: Path) -> tuple[list[Path], list[DataError], list[Data
 
 def _from_plain_files(folder: Path, cfg: DataConfig) -> SiteListing:
     found, problems, warnings = _nifti_entries(folder)
+    unreadable = {p.path for p in problems}
     files = {_stem(p): p for p in found}
     # Longest suffix first, so that "_brainmask" is not read as "_mask" of "sub-01_brain".
     suffixes = sorted([(s, "lesion") for s in cfg.lesion_mask_suffixes] + [(cfg.brain_mask_suffix, "brain")],
                       key=lambda s: -len(s[0]))
     masks: dict[str, dict[str, Path]] = {}
-    for stem, path in files.items():
+    for path in [*found, *unreadable]:
+        stem = _stem(path)
         for suffix, kind in suffixes:
             if stem.endswith(suffix) and len(stem) > len(suffix):
                 masks.setdefault(stem[: -len(suffix)], {})[kind] = path
                 break
     mask_paths = {p for m in masks.values() for p in m.values()}
-    scans = [
-        Scan(stem, path, masks.get(stem, {}).get("lesion"), masks.get(stem, {}).get("brain"))
-        for stem, path in files.items() if path not in mask_paths
-    ]
+    scans = []
+    for stem, path in files.items():
+        mine = masks.get(stem, {})
+        if path in mask_paths:
+            continue
+        if _unreadable_mask(path, list(mine.values()), unreadable, problems):
+            continue
+        scans.append(Scan(stem, path, mine.get("lesion"), mine.get("brain")))
     problems += [
         DataError(path, f"looks like a mask of {owner!r} but there is no scan {owner}.nii[.gz]")
-        for owner, found in masks.items() if owner not in files for path in found.values()
+        for owner, found in masks.items() if owner not in files for path in found.values() if path not in unreadable
     ]
     return SiteListing(folder, "plain", scans, problems, warnings)
+
+
+def _unreadable_mask(scan: Path, masks: list[Path], unreadable: set[Path], problems: list[DataError]) -> bool:
+    """Is one of a scan's masks an unreadable entry (a broken symlink)? Then the scan is not used,
+    rather than used without its mask, and ``problems`` says so."""
+    bad = [m for m in masks if m in unreadable]
+    if bad:
+        problems.append(DataError(scan, f"not used: its mask {bad[0].name} cannot be read"))
+    return bool(bad)
 
 
 def _bids_anat_folders(folder: Path) -> list[Path]:
@@ -239,10 +253,22 @@ def _bids_anat_folders(folder: Path) -> list[Path]:
         sorted(p for p in folder.glob("sub-*/ses-*/anat") if p.is_dir())
 
 
+def _nifti_tree(root: Path) -> tuple[list[Path], list[DataError], list[DataError]]:
+    """:func:`_nifti_entries` of ``root`` and every folder below it (symlinked folders not followed)."""
+    files, problems, warnings = [], [], []
+    for dirpath, _, _ in sorted(os.walk(root)):
+        found, bad, odd = _nifti_entries(Path(dirpath))
+        files += found
+        problems += bad
+        warnings += odd
+    return files, problems, warnings
+
+
 def _from_bids(folder: Path, cfg: DataConfig) -> SiteListing:
-    derivatives = [p for p in (folder / "derivatives").rglob("*") if p.is_file() and _NIFTI.search(p.name)] \
-        if (folder / "derivatives").is_dir() else []
-    scans, problems, warnings = [], [], []
+    derivatives, problems, warnings = _nifti_tree(folder / "derivatives")
+    unreadable = {p.path for p in problems}
+    derivatives += sorted(unreadable)
+    scans = []
     pattern = f"_{cfg.bids_suffix}"
     for anat in _bids_anat_folders(folder):
         files, bad, odd = _nifti_entries(anat)
@@ -260,7 +286,7 @@ def _from_bids(folder: Path, cfg: DataConfig) -> SiteListing:
                 if len(found) > 1:
                     problems.append(DataError(scan, f"{len(found)} {kind} masks under derivatives/: "
                                                     f"{', '.join(p.name for p in found)}; keep one"))
-            if len(lesion) > 1 or len(brain) > 1:
+            if len(lesion) > 1 or len(brain) > 1 or _unreadable_mask(scan, mine, unreadable, problems):
                 continue
             subject = scan.relative_to(folder).parts[0]  # the sub-<label> folder: one patient
             scans.append(Scan(entities, scan, lesion[0] if lesion else None, brain[0] if brain else None,
