@@ -10,7 +10,7 @@ import pytest
 
 from medgen.data.errors import DataError
 from medgen.data.nifti import (
-    MIN_BRAIN_EXTENT_MM, MIN_BRAIN_VOXELS, Volume, describe, load_lesion_mask, load_mask, load_volume,
+    MIN_BRAIN_EXTENT_MM, MIN_BRAIN_VOXELS, Volume, describe, inspect_header, load_lesion_mask, load_mask, load_volume,
 )
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -176,7 +176,7 @@ def raw_nifti(path, shape, pixdim=(2.0, 2.0, 2.0), data=b"", trailing_zeros=0):
 
 def test_header_implying_too_many_voxels_is_refused_before_reading(tmp_path):
     huge = raw_nifti(tmp_path / "huge.nii.gz", (30000, 30000, 30000))
-    for fn in (load_volume, load_mask, describe):
+    for fn in (load_volume, load_mask, describe, inspect_header):
         err = assert_error(huge, "2.7e+13 voxels, more than data.max_voxels=134217728", fn=fn)
         assert "refused before reading" in err.problem
     small = save(tmp_path / "small.nii.gz", rand((20, 20, 20)))
@@ -209,7 +209,7 @@ def test_decompression_is_bounded_by_the_header(tmp_path):
 def test_implausible_pixdim_is_refused(tmp_path, pixdim):
     data = rand((20, 20, 20))
     path = raw_nifti(tmp_path / "odd.nii", data.shape, pixdim=pixdim, data=data.tobytes(order="F"))
-    for fn in (load_volume, describe):
+    for fn in (load_volume, describe, inspect_header):
         assert_error(path, "implausible voxel size (pixdim", fn=fn)
 
 
@@ -219,7 +219,8 @@ def test_implausible_affine_voxel_size_is_refused(tmp_path):
     img.set_sform(np.diag([1e6, 2.0, 2.0, 1.0]), code=1)  # 1 km voxels in the transform nibabel uses
     path = tmp_path / "km.nii.gz"
     nib.save(img, str(path))
-    assert_error(path, "implausible voxel size (affine 1e+06 x 2 x 2 mm)")
+    for fn in (load_volume, inspect_header):
+        assert_error(path, "implausible voxel size (affine 1e+06 x 2 x 2 mm)", fn=fn)
 
 
 def test_qform_sform_disagreement_is_a_warning(tmp_path):
@@ -232,7 +233,7 @@ def test_qform_sform_disagreement_is_a_warning(tmp_path):
     nib.save(img, str(path))
     (warning,) = describe(path)["warnings"]
     assert "qform and sform disagree (by up to 15 mm" in warning and "using the sform" in warning
-    assert load_volume(path).warnings == [warning]
+    assert inspect_header(path) == [warning]
     agree = save(tmp_path / "agree.nii.gz", rand((20, 20, 20)))
     assert describe(agree)["warnings"] == []
 
@@ -278,7 +279,7 @@ def test_extension_case_and_misnamed_compression(tmp_path):
     plain = save(tmp_path / "plain.nii", data)
     named_gz = tmp_path / "plain.nii.gz"
     named_gz.write_bytes(plain.read_bytes())
-    for fn in (load_volume, describe):
+    for fn in (load_volume, describe, inspect_header):
         assert_error(named_gz, "not gzip-compressed: a plain .nii named .gz", fn=fn)
     named_nii = tmp_path / "zipped.nii"
     named_nii.write_bytes(gzip.compress(plain.read_bytes()))
@@ -305,7 +306,8 @@ def test_header_extensions_are_bounded(tmp_path):
     for esize, name in [(2**30, "claims_1gb"), (0, "claims_0")]:  # nibabel would read 1 GB / to the end
         bad = tmp_path / f"{name}.nii.gz"
         bad.write_bytes(gzip.compress(raw[:352] + np.int32(esize).tobytes() + raw[356:] + b"\0" * 2**22))
-        assert_error(bad, f"claims {esize} bytes, past the voxel data")
+        for fn in (load_volume, inspect_header):
+            assert_error(bad, f"claims {esize} bytes, past the voxel data", fn=fn)
     far = tmp_path / "far.nii.gz"
     far.write_bytes(gzip.compress(raw[:108] + np.float32(2**30).tobytes() + raw[112:]))
     assert_error(far, "voxels at byte 1.07374e+09")

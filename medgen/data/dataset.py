@@ -20,7 +20,7 @@ import torch
 
 from medgen.config import DataConfig
 from medgen.data.errors import DataError, SiteDataError
-from medgen.data.nifti import MIN_BRAIN_EXTENT_MM, describe, load_lesion_mask, load_mask, load_volume
+from medgen.data.nifti import MIN_BRAIN_EXTENT_MM, inspect_header, load_lesion_mask, load_mask, load_volume
 from medgen.data.preprocess import SubjectSlices, preprocess_subject
 from medgen.data.sites import Scan, discover_site
 from medgen.fileio import atomic_write
@@ -161,9 +161,9 @@ def load_site(folder: str | Path, cfg: DataConfig, site: str | None = None) -> S
 
 
 def check_headers(scan: Scan, cfg: DataConfig) -> list[DataError]:
-    """Header-only checks of every file of a scan (:func:`~medgen.data.nifti.describe`): raises
+    """Header-only checks of every file of a scan (:func:`~medgen.data.nifti.inspect_header`): raises
     DataError for a refused header, returns the warnings (e.g. qform and sform disagree)."""
-    return [DataError(path, w) for path in scan.files for w in describe(path, cfg.max_voxels)["warnings"]]
+    return [DataError(path, w) for path in scan.files for w in inspect_header(path, cfg.max_voxels)]
 
 
 def _naming_scan(error: DataError, scan: Scan) -> DataError:

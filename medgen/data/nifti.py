@@ -12,7 +12,7 @@ import io
 import itertools
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -46,7 +46,6 @@ class Volume:
     data: np.ndarray
     affine: np.ndarray
     path: Path
-    warnings: list[str] = field(default_factory=list)
 
 
 def load_volume(path: str | Path, volume_index: int | None = None, max_voxels: int = DEFAULT_MAX_VOXELS,
@@ -151,7 +150,7 @@ def describe(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> dict:
         "orientation": "".join(nib.aff2axcodes(affine)),
         "dtype": str(img.get_data_dtype()),
         "oblique": bool(np.abs(nib.affines.obliquity(affine)).max() > 1e-3),
-        "warnings": header_warnings(img),
+        "warnings": header_warnings(img.header),
     }
 
 
@@ -197,19 +196,39 @@ def check_brain_extent(shape: tuple[int, ...], affine: np.ndarray, path: Path,
                               f"{MIN_BRAIN_VOXELS} voxels and {min_extent_mm:g} mm along every axis")
 
 
-def header_warnings(img) -> list[str]:
+def header_warnings(header) -> list[str]:
     """What is odd but usable in a header: a qform and an sform (both coded) that place the
     voxels more than QFORM_SFORM_TOLERANCE_MM apart (nibabel, like most tools, uses the sform)."""
-    qform, qcode = img.header.get_qform(coded=True)
-    sform, scode = img.header.get_sform(coded=True)
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
     if not qcode or not scode:
         return []
-    corners = np.array(list(itertools.product(*[(0, max(n - 1, 0)) for n in img.shape[:3]])), dtype=np.float64)
+    shape = header.get_data_shape()[:3]
+    corners = np.array(list(itertools.product(*[(0, max(n - 1, 0)) for n in shape])), dtype=np.float64)
     gap = float(np.abs(nib.affines.apply_affine(qform, corners) - nib.affines.apply_affine(sform, corners)).max())
     if not np.isfinite(gap) or gap > QFORM_SFORM_TOLERANCE_MM:
         return [f"qform and sform disagree (by up to {gap:.3g} mm at the corner voxels, qform "
                 f"{''.join(nib.aff2axcodes(qform))}, sform {''.join(nib.aff2axcodes(sform))}); using the sform"]
     return []
+
+
+def inspect_header(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> list[str]:
+    """The header checks of :func:`describe` (size, geometry, affine, extensions) from the first
+    bytes of the file, without opening it as an image (a quarter of the time); returns its warnings."""
+    path = Path(path)
+    _check_is_file(path)
+    header, has_extensions = _raw_header(path)
+    if header is None:
+        return describe(path, max_voxels)["warnings"]  # not a NIfTI header: nibabel says what it is
+    check_header(header, path, max_voxels)
+    if has_extensions:
+        _check_extensions(path, header)
+    try:
+        affine = header.get_best_affine()
+    except _READ_ERRORS as e:
+        raise DataError(path, f"invalid affine ({e})") from None
+    _check_affine(affine, path)
+    return header_warnings(header)
 
 
 def check_affine(affine: np.ndarray, path: str | Path) -> np.ndarray:
@@ -386,4 +405,4 @@ def _load(path: str | Path, volume_index: int | None, max_voxels: int = DEFAULT_
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise DataError(path, f"{bad} of {data.size} voxels are NaN or Inf")
-    return Volume(data=data, affine=affine, path=path, warnings=header_warnings(img))
+    return Volume(data=data, affine=affine, path=path)
