@@ -311,3 +311,9 @@ def test_header_extensions_are_bounded(tmp_path):
     far = tmp_path / "far.nii.gz"
     far.write_bytes(gzip.compress(raw[:108] + np.float32(2**30).tobytes() + raw[112:]))
     assert_error(far, "voxels at byte 1.07374e+09")
+
+
+def test_2d_file_is_named_by_its_shape_not_its_unused_pixdim(tmp_path):
+    data = rand((20, 20))
+    path = raw_nifti(tmp_path / "slice.nii", data.shape, pixdim=(1.0, 1.0, 0.0), data=data.tobytes(order="F"))
+    assert_error(path, "has 2 dimensions")

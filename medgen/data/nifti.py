@@ -162,7 +162,8 @@ def voxel_sizes(affine: np.ndarray) -> np.ndarray:
 def check_header(header, path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
     """Refuse a header, before any voxel is read or decompressed, whose size or geometry is
     implausible: more than ``max_voxels`` voxels (all volumes), a header with extensions over
-    MAX_HEADER_BYTES, or a spatial ``pixdim`` that is not finite or outside VOXEL_SIZE_RANGE_MM."""
+    MAX_HEADER_BYTES, or a spatial ``pixdim`` (up to 3) that is not finite or outside
+    VOXEL_SIZE_RANGE_MM."""
     try:
         shape = tuple(int(n) for n in header.get_data_shape())
     except _READ_ERRORS:
@@ -175,7 +176,9 @@ def check_header(header, path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> No
     if not np.isfinite(offset) or offset > MAX_HEADER_BYTES:
         raise DataError(path, f"header puts the voxels at byte {offset:g} (over {MAX_HEADER_BYTES} bytes of "
                               "header extensions); refused")
-    _check_spacing(np.asarray(header["pixdim"][1:4], dtype=np.float64), path, "pixdim")
+    spatial = min(len(shape), 3)  # a 2-D file is refused by its shape, not by its unused pixdim[3]
+    if spatial:
+        _check_spacing(np.asarray(header["pixdim"][1:1 + spatial], dtype=np.float64), path, "pixdim")
 
 
 def _check_spacing(sizes: np.ndarray, path: Path, what: str) -> None:
@@ -216,13 +219,9 @@ def inspect_header(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> li
     """The header checks of :func:`describe` (size, geometry, affine, extensions) from the first
     bytes of the file, without opening it as an image (a quarter of the time); returns its warnings."""
     path = Path(path)
-    _check_is_file(path)
-    header, has_extensions = _raw_header(path)
+    header = _checked_raw_header(path, max_voxels)
     if header is None:
         return describe(path, max_voxels)["warnings"]  # not a NIfTI header: nibabel says what it is
-    check_header(header, path, max_voxels)
-    if has_extensions:
-        _check_extensions(path, header)
     try:
         affine = header.get_best_affine()
     except _READ_ERRORS as e:
@@ -238,12 +237,7 @@ def check_affine(affine: np.ndarray, path: str | Path) -> np.ndarray:
 
 
 def _open(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> nib.Nifti1Image | nib.Nifti2Image:
-    _check_is_file(path)
-    header, has_extensions = _raw_header(path)
-    if header is not None:  # nibabel would repair pixdim and follow the extension sizes first
-        check_header(header, path, max_voxels)
-        if has_extensions:
-            _check_extensions(path, header)
+    _checked_raw_header(path, max_voxels)
     try:
         img = nib.load(path)
     except ImageFileError as e:
@@ -253,6 +247,18 @@ def _open(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> nib.Nifti1Image |
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(path, f"not a NIfTI file (read as {type(img).__name__}); expected .nii or .nii.gz")
     return img
+
+
+def _checked_raw_header(path: Path, max_voxels: int):
+    """The file's raw header (None: not a NIfTI header), refused by :func:`check_header` or
+    :func:`_check_extensions` before nibabel repairs its pixdim and follows its extension sizes."""
+    _check_is_file(path)
+    header, has_extensions = _raw_header(path)
+    if header is not None:
+        check_header(header, path, max_voxels)
+        if has_extensions:
+            _check_extensions(path, header)
+    return header
 
 
 def _check_is_file(path: Path) -> None:

@@ -138,8 +138,11 @@ def _manifest_file(manifest: Path, row_no: int, column: str, value: str,
     problem) when it lies outside the site folder (unless ``data.allow_external_paths``) or is
     not a readable file."""
     folder = manifest.parent.resolve()
-    file = (folder / value).resolve()
     where = f"listed in {manifest.name} row {row_no} ({column})"
+    try:
+        file = (folder / value).resolve()
+    except (RuntimeError, OSError):  # a symlink loop
+        return None, DataError(folder / value, f"{where} but is a symlink loop")
     if not cfg.allow_external_paths and not file.is_relative_to(folder):
         return None, DataError(manifest, f"row {row_no} ({column}): {value!r} resolves to {file}, outside the "
                                          "site folder; set data.allow_external_paths: true to allow it")
