@@ -4,6 +4,8 @@ Measures, in one run on the same cohort:
   - phantom synthesis time (4 sites by default),
   - cold preprocessing throughput (volumes/s: NIfTI -> cached slices),
   - warm load from the slice cache, as a speed-up over cold preprocessing,
+  - the header checks every load runs (cached or not: data.max_voxels, geometry, qform/sform), as
+    a share of the warm load,
   - one cached epoch through SliceDataset + DataLoader (slices/s), as a ratio to the same epoch over
     a plain in-memory TensorDataset of the same tensors (the baseline: no medgen code in the loop).
 
@@ -23,8 +25,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from medgen.config import load_config
-from medgen.data.dataset import SliceDataset, load_site
+from medgen.data.dataset import SliceDataset, check_headers, load_site
 from medgen.data.phantom import synthesize_cohort
+from medgen.data.sites import discover_site
 
 
 def _epoch(dataset, batch_size: int) -> float:
@@ -56,6 +59,12 @@ def main() -> None:
         t0 = time.perf_counter()
         warm = [load_site(folders[s], cfg, s) for s in sites]
         warm_s = time.perf_counter() - t0
+        scans = [scan for s in sites for scan in discover_site(folders[s], cfg).scans]
+        t0 = time.perf_counter()
+        for scan in scans:
+            check_headers(scan, cfg)
+        headers_s = time.perf_counter() - t0
+        n_files = sum(len(scan.files) for scan in scans)
 
         n_volumes = len(sites) * args.subjects
         n_slices = sum(len(s) for s in warm)
@@ -74,6 +83,8 @@ def main() -> None:
         "preprocess_volumes_per_s": round(n_volumes / cold_s, 2),
         "cache_load_s": round(warm_s, 3),
         "cache_speedup_vs_preprocess": round(cold_s / warm_s, 1),
+        "header_checks_ms_per_file": round(1000 * headers_s / n_files, 3),
+        "header_checks_share_of_cache_load": round(headers_s / warm_s, 2),
         "cached_epoch_slices_per_s": round(n_slices / epoch_s),
         "baseline_tensordataset_slices_per_s": round(n_slices / baseline_s),
         "cached_epoch_time_ratio_vs_baseline": round(epoch_s / baseline_s, 2),

@@ -48,6 +48,19 @@ class DataConfig(_Section):
     brain_mask_suffix: str = Field("_brainmask", min_length=1)
     bids_suffix: str = Field("T1w", min_length=1, description="BIDS contrast to use (T1w, FLAIR, T2w)")
     on_bad_file: Literal["fail", "skip"] = "fail"
+    max_voxels: int = Field(
+        512**3, ge=1,
+        description="refuse a file whose header implies more voxels than this (all volumes of a 4-D file), "
+                    "before any voxel is read or decompressed; 512^3 = 1.3e8 voxels, 537 MB as float32",
+    )
+    lesion_labels: list[int] | None = Field(
+        None, min_length=1,
+        description="label values of a multi-label lesion mask that are lesion (the other labels are not); "
+                    "null = lesion masks must be binary (0 and one other value, or probabilities >= 0.5)",
+    )
+    allow_external_paths: bool = Field(
+        False, description="manifest paths may point outside the site folder (after resolving symlinks)"
+    )
     cache_dir: Path | None = Field(
         None, description="slice cache; null = $MEDGEN_CACHE_DIR or ~/.cache/medgen"
     )
@@ -57,6 +70,13 @@ class DataConfig(_Section):
     def _spacing(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
         if any(s <= 0 or s > 10 for s in v):
             raise ValueError("each spacing must be in (0, 10] mm")
+        return v
+
+    @field_validator("lesion_labels")
+    @classmethod
+    def _lesion_labels(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (0 in v or len(set(v)) != len(v)):
+            raise ValueError("lesion labels must be distinct and non-zero (0 is background)")
         return v
 
     @field_validator("percentiles")

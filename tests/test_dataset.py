@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import head, make_plain_site, save
+from conftest import AFFINE, head, make_plain_site, save
 from medgen.data import dataset
 from medgen.data.dataset import HEALTHY, LESION, SliceDataset, load_site
 from medgen.data.errors import DataError, SiteDataError
@@ -130,8 +130,8 @@ def test_mask_label_conflicts(tmp_path, cfg):
     with pytest.raises(SiteDataError) as e:
         load_site(site, cfg.data)
     text = str(e.value)
-    assert "sub-00_mask.nii.gz: lesion mask is empty but subject 'sub-00' is labelled lesion" in text
-    assert "sub-01_mask.nii.gz: lesion mask is not empty but subject 'sub-01' is labelled healthy" in text
+    assert "sub-00_mask.nii.gz: lesion mask is empty but scan 'sub-00' is labelled lesion" in text
+    assert "sub-01_mask.nii.gz: lesion mask is not empty but scan 'sub-01' is labelled healthy" in text
 
 
 def test_lesion_label_without_mask_labels_every_slice(tmp_path, cfg):
@@ -145,3 +145,124 @@ def test_lesion_label_without_mask_labels_every_slice(tmp_path, cfg):
 def test_missing_folder(tmp_path, cfg):
     with pytest.raises(DataError, match="does not exist"):
         load_site(tmp_path / "nowhere", cfg.data)
+
+
+def _two_session_site(root):
+    """A BIDS site: sub-01..sub-04 with two sessions each (sub-03, sub-04 with a lesion), sub-05 once."""
+    for i in range(1, 6):
+        sessions = (1, 2) if i < 5 else (1,)
+        for ses in sessions:
+            image, mask = head(seed=10 * i + ses, lesion_centre=(14, 24, 20) if i in (3, 4) else None)
+            save(root / f"sub-0{i}/ses-{ses}/anat/sub-0{i}_ses-{ses}_T1w.nii.gz", image)
+            if i in (3, 4):
+                save(root / f"derivatives/lesions/sub-0{i}/ses-{ses}/anat/sub-0{i}_ses-{ses}_label-lesion_mask.nii.gz",
+                     mask)
+    return root
+
+
+def test_sessions_of_one_patient_are_one_subject_in_split_and_dp(tmp_path, cfg, calls):
+    from medgen.privacy.dp import plan
+
+    s = load_site(_two_session_site(tmp_path / "bids"), cfg.data)
+    assert sorted(set(s.subjects)) == ["sub-01", "sub-02", "sub-03", "sub-04", "sub-05"]
+    assert len(set(s.scans)) == 9 and len(calls) == 9  # each scan is its own volume and cache entry
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 9
+    assert s.lesion_subjects == ["sub-03", "sub-04"]
+    for seed in range(20):
+        train, val = s.split_subjects(0.4, seed)
+        assert len(val) and not set(train.subjects) & set(val.subjects)
+        assert set(val.scans) == {scan for scan in set(s.scans) if scan.split("_")[0] in set(val.subjects)}
+    dp_cfg = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"enabled": True, "unit": "subject"})})
+    assert plan(dp_cfg, s, steps=10).units == 5
+
+
+def test_manifest_rows_of_one_subject_stay_together(tmp_path, cfg):
+    from medgen.privacy.dp import plan
+
+    site = make_plain_site(tmp_path / "A", n_healthy=4, n_lesion=0)
+    (site / "manifest.csv").write_text("subject,image\np1,sub-00.nii.gz\np1,sub-01.nii.gz\n"
+                                       "p2,sub-02.nii.gz\np3,sub-03.nii.gz\n")
+    s = load_site(site, cfg.data)
+    assert sorted(set(s.subjects)) == ["p1", "p2", "p3"] and len(set(s.scans)) == 4
+    assert plan(cfg, s, steps=10).units == 3
+    for seed in range(20):
+        train, val = s.split_subjects(0.34, seed)
+        assert sorted(set(val.subjects)) in (["p1"], ["p2"], ["p3"]) and not set(train.subjects) & set(val.subjects)
+        if "p1" in set(val.subjects):
+            assert set(val.scans) == {"sub-00", "sub-01"}
+
+
+def test_header_limits_apply_to_cached_scans(tmp_path, cfg, calls):
+    site = make_plain_site(tmp_path / "A", n_healthy=2, n_lesion=0)
+    load_site(site, cfg.data)
+    calls.clear()
+    with pytest.raises(SiteDataError) as e:
+        load_site(site, cfg.data.model_copy(update={"max_voxels": 1000}))
+    assert calls == [] and len(e.value.problems) == 2
+    assert all("more than data.max_voxels=1000" in p.problem for p in e.value.problems)
+    load_site(site, cfg.data.model_copy(update={"max_voxels": 10**7, "allow_external_paths": True}))
+    assert calls == []  # keys that do not change the slices keep the cache
+
+
+def test_lesion_labels_select_labels_and_key_the_cache(tmp_path, cfg, calls):
+    site = make_plain_site(tmp_path / "A", n_healthy=1, n_lesion=1)
+    _, mask = head(lesion_centre=(14, 24, 20))
+    labels = mask * 2
+    labels[30:34, 20:28, 18:22] = 5  # another structure, not lesion
+    save(site / "sub-01_mask.nii.gz", labels)
+    with pytest.raises(SiteDataError, match=r"sub-01_mask.nii.gz: multi-label mask \(labels 2, 5\).*"
+                                            r"data.lesion_labels.*\(scan sub-01.nii.gz not used\)"):
+        load_site(site, cfg.data)
+    s = load_site(site, cfg.data.model_copy(update={"lesion_labels": [2]}))
+    assert s.lesion_subjects == ["sub-01"]
+    calls.clear()
+    both = load_site(site, cfg.data.model_copy(update={"lesion_labels": [2, 5]}))
+    assert calls == ["sub-00", "sub-01"] and both.lesion.sum() > s.lesion.sum()
+
+
+def test_lesion_labels_validation():
+    from pydantic import ValidationError
+
+    from medgen.config import DataConfig
+
+    assert DataConfig(lesion_labels=[1, 3]).lesion_labels == [1, 3]
+    for bad in ([0, 1], [2, 2], []):
+        with pytest.raises(ValidationError):
+            DataConfig(lesion_labels=bad)
+
+
+def test_check_lists_skipped_files_and_warnings(tmp_path, cfg):
+    import nibabel as nib
+
+    from medgen.data.check import check_site
+
+    site = make_plain_site(tmp_path / "A", n_healthy=2, n_lesion=1)
+    _add_bad_files(site)
+    save(site / "tiny.nii.gz", np.random.default_rng(0).random((3, 3, 3)).astype(np.float32))
+    soft = head(lesion_centre=(14, 24, 20))[1] * 0.3
+    save(site / "sub-02_mask.nii.gz", soft.astype(np.float32))
+    (site / "folder.nii.gz").mkdir()
+    (site / "broken.nii.gz").symlink_to(site / "gone.nii.gz")
+    image, _ = head(seed=7)
+    img = nib.Nifti1Image(image, AFFINE)
+    shifted = AFFINE.copy()
+    shifted[:3, 3] += [0.0, 0.0, 12.0]
+    img.set_qform(shifted, code=1)
+    img.set_sform(AFFINE, code=1)
+    nib.save(img, str(site / "two_frames.nii.gz"))
+
+    report = check_site(site, cfg.data)
+    text = report.summary(cfg.data)
+    skipped = {"sub-02.nii.gz", "sub-90.nii.gz", "sub-91.nii.gz", "tiny.nii.gz"}
+    assert {p.name for p in report.skipped} == skipped
+    assert f"skipped scans: {len(skipped)}" in text
+    assert all(f"  - {site / name}" in text for name in skipped)
+    assert "usable scans: 3 (3 subjects)" in text
+    assert f"{site / 'sub-02_mask.nii.gz'}: mask is empty: its values are below 0.5 (a probabilistic mask?)" in text
+    assert "(scan sub-02.nii.gz not used)" in text
+    assert f"{site / 'tiny.nii.gz'}: too small to hold a brain" in text
+    assert f"{site / 'broken.nii.gz'}: named like a NIfTI file but is a broken symlink" in text
+    assert "warnings: 2" in text
+    assert f"{site / 'folder.nii.gz'}: a folder named like a NIfTI file; skipped" in text
+    assert f"{site / 'two_frames.nii.gz'}: qform and sform disagree (by up to 12 mm" in text
+    assert report.exit_code == 1

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from medgen.data.errors import DataError
-from medgen.data.nifti import Volume, describe, load_mask, load_volume
+from medgen.data.nifti import (
+    MIN_BRAIN_EXTENT_MM, MIN_BRAIN_VOXELS, Volume, describe, inspect_header, load_lesion_mask, load_mask, load_volume,
+)
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 
@@ -153,3 +155,165 @@ def test_describe_reads_header_only(tmp_path):
         assert info["shape"] == (5, 6, 7) and info["dtype"] == "int16"
         assert info["orientation"] == codes and info["oblique"] is is_oblique
         assert info["voxel_size"] == pytest.approx(np.abs(np.diag(affine)[:3]) if name == "lps" else (1, 1, 2))
+
+
+def raw_nifti(path, shape, pixdim=(2.0, 2.0, 2.0), data=b"", trailing_zeros=0):
+    """A NIfTI-1 file written from nibabel's header as is (nibabel's save would repair pixdim),
+    gzip-compressed when ``path`` ends in .gz; ``trailing_zeros`` bytes of zeros after the data."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.float32)
+    hdr["pixdim"][1:4] = pixdim
+    hdr["vox_offset"] = 352
+    opener = gzip.open(path, "wb", compresslevel=1) if str(path).endswith(".gz") else open(path, "wb")
+    with opener as f:
+        f.write(hdr.binaryblock + b"\0" * 4 + data)
+        chunk = b"\0" * 2**20
+        for _ in range(trailing_zeros // len(chunk)):
+            f.write(chunk)
+    return path
+
+
+def test_header_implying_too_many_voxels_is_refused_before_reading(tmp_path):
+    huge = raw_nifti(tmp_path / "huge.nii.gz", (30000, 30000, 30000))
+    for fn in (load_volume, load_mask, describe, inspect_header):
+        err = assert_error(huge, "2.7e+13 voxels, more than data.max_voxels=134217728", fn=fn)
+        assert "refused before reading" in err.problem
+    small = save(tmp_path / "small.nii.gz", rand((20, 20, 20)))
+    assert_error(small, "data.max_voxels=1000", max_voxels=1000)
+    assert load_volume(small, max_voxels=8000).data.shape == (20, 20, 20)
+
+
+def test_decompression_is_bounded_by_the_header(tmp_path):
+    """A small gzip that expands to 200 MB: refused from its header, and a valid file followed by
+    200 MB of zeros is read without decompressing them."""
+    import tracemalloc
+
+    bomb = raw_nifti(tmp_path / "bomb.nii.gz", (1024, 1024, 1024), trailing_zeros=200 * 2**20)
+    data = rand((20, 20, 20))
+    padded = raw_nifti(tmp_path / "padded.nii.gz", data.shape, data=data.tobytes(order="F"),
+                       trailing_zeros=200 * 2**20)
+    assert bomb.stat().st_size < 2**20 and padded.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        assert_error(bomb, "more than data.max_voxels")
+        np.testing.assert_array_equal(load_volume(padded).data, data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, peak
+
+
+@pytest.mark.parametrize("pixdim", [(0.0, 2.0, 2.0), (2.0, -1.0, 2.0), (0.01, 1.0, 1.0), (1e6, 1e6, 1e6),
+                                    (np.nan, 1.0, 1.0), (np.inf, 1.0, 1.0)])
+def test_implausible_pixdim_is_refused(tmp_path, pixdim):
+    data = rand((20, 20, 20))
+    path = raw_nifti(tmp_path / "odd.nii", data.shape, pixdim=pixdim, data=data.tobytes(order="F"))
+    for fn in (load_volume, describe, inspect_header):
+        assert_error(path, "implausible voxel size (pixdim", fn=fn)
+
+
+def test_implausible_affine_voxel_size_is_refused(tmp_path):
+    img = nib.Nifti1Image(rand((20, 20, 20)), np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.header["pixdim"][1:4] = 2.0
+    img.set_sform(np.diag([1e6, 2.0, 2.0, 1.0]), code=1)  # 1 km voxels in the transform nibabel uses
+    path = tmp_path / "km.nii.gz"
+    nib.save(img, str(path))
+    for fn in (load_volume, inspect_header):
+        assert_error(path, "implausible voxel size (affine 1e+06 x 2 x 2 mm)", fn=fn)
+
+
+def test_qform_sform_disagreement_is_a_warning(tmp_path):
+    img = nib.Nifti1Image(rand((20, 20, 20)), np.diag([2.0, 2.0, 2.0, 1.0]))
+    shifted = np.diag([2.0, 2.0, 2.0, 1.0])
+    shifted[:3, 3] = [0.0, 15.0, 0.0]
+    img.set_qform(shifted, code=1)
+    img.set_sform(np.diag([2.0, 2.0, 2.0, 1.0]), code=2)
+    path = tmp_path / "two_frames.nii.gz"
+    nib.save(img, str(path))
+    (warning,) = describe(path)["warnings"]
+    assert "qform and sform disagree (by up to 15 mm" in warning and "using the sform" in warning
+    assert inspect_header(path) == [warning]
+    agree = save(tmp_path / "agree.nii.gz", rand((20, 20, 20)))
+    assert describe(agree)["warnings"] == []
+
+
+@pytest.mark.parametrize("shape, spacing", [((3, 3, 3), 1.0), ((2, 1, 1), 2.0), ((3, 3, 3), 18.0),
+                                            ((100, 100, 10), 1.0)])
+def test_image_too_small_to_hold_a_brain(tmp_path, shape, spacing):
+    path = save(tmp_path / "tiny.nii.gz", rand(shape), np.diag([spacing] * 3 + [1.0]))
+    err = assert_error(path, "too small to hold a brain", min_extent_mm=MIN_BRAIN_EXTENT_MM)
+    assert f"{MIN_BRAIN_VOXELS} voxels and 40 mm along every axis" in err.problem
+    ok = save(tmp_path / "ok.nii.gz", rand((20, 10, 8)), np.diag([2.0, 4.0, 5.0, 1.0]))
+    assert load_volume(ok, min_extent_mm=MIN_BRAIN_EXTENT_MM).data.shape == (20, 10, 8)
+
+
+def test_lesion_masks_binary_multilabel_and_probabilistic(tmp_path):
+    labels = np.zeros((8, 8, 8), np.uint8)
+    for value in range(1, 6):
+        labels[value, :2, :2] = value
+    multi = save(tmp_path / "labels.nii.gz", labels)
+    err = assert_error(multi, "multi-label mask (labels 1, 2, 3, 4, 5)", fn=load_lesion_mask)
+    assert "data.lesion_labels" in err.problem
+    picked = load_lesion_mask(multi, lesion_labels=[2, 4])
+    np.testing.assert_array_equal(picked.data, np.isin(labels, [2, 4]).astype(np.float32))
+    assert load_mask(multi).data.sum() == (labels > 0).sum()  # brain masks: any label > 0 is inside
+
+    binary = save(tmp_path / "b255.nii.gz", (labels > 0).astype(np.uint8) * 255)
+    np.testing.assert_array_equal(load_lesion_mask(binary).data, (labels > 0).astype(np.float32))
+    soft = np.zeros((8, 8, 8), np.float32)
+    soft[2:4, 2:4, 2:4] = 0.3
+    faint = save(tmp_path / "prob.nii.gz", soft)
+    for fn in (load_lesion_mask, load_mask):
+        assert_error(faint, "mask is empty: its values are below 0.5 (a probabilistic mask?)", fn=fn)
+    soft[3, 3, 3] = 0.9
+    np.testing.assert_array_equal(load_lesion_mask(save(tmp_path / "p2.nii.gz", soft)).data, soft >= 0.5)
+    assert_error(save(tmp_path / "percent.nii.gz", soft * 100), "expected 0/1 or probabilities", fn=load_lesion_mask)
+    assert_error(faint, "non-integer values but data.lesion_labels is set", fn=load_lesion_mask, lesion_labels=[1])
+
+
+def test_extension_case_and_misnamed_compression(tmp_path):
+    data = rand((20, 20, 20))
+    upper = save(tmp_path / "SCAN.NII.GZ", data)
+    np.testing.assert_array_equal(load_volume(upper).data, data)
+    plain = save(tmp_path / "plain.nii", data)
+    named_gz = tmp_path / "plain.nii.gz"
+    named_gz.write_bytes(plain.read_bytes())
+    for fn in (load_volume, describe, inspect_header):
+        assert_error(named_gz, "not gzip-compressed: a plain .nii named .gz", fn=fn)
+    named_nii = tmp_path / "zipped.nii"
+    named_nii.write_bytes(gzip.compress(plain.read_bytes()))
+    assert_error(named_nii, "gzip-compressed but named .nii")
+
+
+def test_unreadable_entries(tmp_path):
+    (tmp_path / "folder.nii.gz").mkdir()
+    assert_error(tmp_path / "folder.nii.gz", "a folder, not a file")
+    (tmp_path / "broken.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    assert_error(tmp_path / "broken.nii.gz", "broken symlink")
+    (tmp_path / "loop.nii").symlink_to(tmp_path / "loop.nii")
+    assert_error(tmp_path / "loop.nii", "symlink loop", fn=describe)
+
+
+def test_header_extensions_are_bounded(tmp_path):
+    data = rand((20, 20, 20))
+    img = nib.Nifti1Image(data, AFFINE)
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"scanner notes " * 10))
+    good = tmp_path / "ext.nii.gz"
+    nib.save(img, str(good))
+    np.testing.assert_array_equal(load_volume(good).data, data)
+    raw = gzip.decompress(good.read_bytes())
+    for esize, name in [(2**30, "claims_1gb"), (0, "claims_0")]:  # nibabel would read 1 GB / to the end
+        bad = tmp_path / f"{name}.nii.gz"
+        bad.write_bytes(gzip.compress(raw[:352] + np.int32(esize).tobytes() + raw[356:] + b"\0" * 2**22))
+        for fn in (load_volume, inspect_header):
+            assert_error(bad, f"claims {esize} bytes, past the voxel data", fn=fn)
+    far = tmp_path / "far.nii.gz"
+    far.write_bytes(gzip.compress(raw[:108] + np.float32(2**30).tobytes() + raw[112:]))
+    assert_error(far, "voxels at byte 1.07374e+09")
+
+
+def test_2d_file_is_named_by_its_shape_not_its_unused_pixdim(tmp_path):
+    data = rand((20, 20))
+    path = raw_nifti(tmp_path / "slice.nii", data.shape, pixdim=(1.0, 1.0, 0.0), data=data.tobytes(order="F"))
+    assert_error(path, "has 2 dimensions")

@@ -5,6 +5,8 @@ The anatomy is the MNI ICBM-152 template shipped in the nilearn wheel, at 2 mm; 
 "lesion" sits in the patient's left-anterior brain and is drawn analytically in world space, so
 every variant holds the same physical head."""
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from nilearn.datasets import load_mni152_template
 from scipy import ndimage
 
 from medgen.data.dataset import LESION, load_site
+from medgen.data.nifti import describe
 
 LESION_CENTRE_MM = np.array([-30.0, 20.0, 10.0])  # x<0: patient left; y>0: anterior of the brain centre
 LESION_RADIUS_MM = 9.0
@@ -136,3 +139,41 @@ def test_hospital_exports_give_the_same_oriented_slices(tmp_path, reference, cfg
     healthy = site.subjects == "healthy"
     assert not site.lesion[healthy].any() and np.all(site.labels[healthy] != LESION)
     assert set(site.lesion_subjects) == set(site.subjects.tolist()) - {"healthy"}
+
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "ixi-t1" / "scans").is_dir(),
+                                  reason=f"real scans not found at {SHARED} (see /work/shared/data/README.md)")
+
+
+@needs_shared
+def test_real_exports_pass_the_header_checks_without_warnings():
+    files = sorted(SHARED.rglob("*.nii*"))
+    assert len(files) > 200
+    for path in files:
+        assert describe(path)["warnings"] == [], path
+
+
+@needs_shared
+def test_real_sessions_of_one_participant_are_one_subject(tmp_path, cfg):
+    """Three real IXI scans as a BIDS site where two are sessions of one participant, with the
+    IXI parcellations (labels 0..207) as brain masks."""
+    ixi = SHARED / "ixi-t1"
+    names = sorted(p.name.removesuffix("_T1.nii.gz") for p in (ixi / "scans").glob("*_T1.nii.gz"))[:3]
+    site = tmp_path / "bids"
+    for name, (sub, ses) in zip(names, [("01", "1"), ("01", "2"), ("02", "1")]):
+        entities = f"sub-{sub}_ses-{ses}"
+        anat = site / f"sub-{sub}/ses-{ses}/anat"
+        masks = site / f"derivatives/brain/sub-{sub}/ses-{ses}/anat"
+        anat.mkdir(parents=True)
+        masks.mkdir(parents=True)
+        (anat / f"{entities}_T1w.nii.gz").symlink_to(ixi / "scans" / f"{name}_T1.nii.gz")
+        (masks / f"{entities}_desc-brain_mask.nii.gz").symlink_to(ixi / "brainmasks" / f"{name}_brainmask.nii.gz")
+    s = load_site(site, cfg.data)
+    assert s.problems == [] and s.warnings == []
+    assert sorted(set(s.scans)) == ["sub-01_ses-1", "sub-01_ses-2", "sub-02_ses-1"]
+    assert sorted(set(s.subjects)) == ["sub-01", "sub-02"]
+    train, val = s.split_subjects(0.5, seed=0)
+    assert not set(train.subjects) & set(val.subjects)
+    assert {tuple(sorted(set(part.scans))) for part in (train, val)} == {("sub-01_ses-1", "sub-01_ses-2"),
+                                                                       ("sub-02_ses-1",)}

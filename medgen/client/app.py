@@ -197,7 +197,7 @@ def query(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
         reply.content["info"]["error"] = sent_log.redact(str(e))
         return reply
     reply = _reply(msg, site.name, data_summary(train, val))
-    voxel_sizes, orientations, _ = scan_headers(discover_site(site.folder, cfg.data).subjects)
+    voxel_sizes, orientations, _ = scan_headers(discover_site(site.folder, cfg.data).scans)
     reply.content["info"]["voxel-sizes"] = counts_text(voxel_sizes)
     reply.content["info"]["orientations"] = counts_text(orientations)
     return reply

@@ -25,6 +25,8 @@ class CheckReport:
     dtypes: Counter = field(default_factory=Counter)
     slices: SiteSlices | None = None
     problems: list[DataError] = field(default_factory=list)
+    warnings: list[DataError] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -42,11 +44,16 @@ class CheckReport:
             s = self.slices
             n_lesion = int((s.labels == LESION).sum())
             lines += [
-                f"usable scans: {len(set(s.subjects.tolist()))}, lesion subjects: {len(s.lesion_subjects)}",
+                f"usable scans: {len(set(s.scans.tolist()))} ({len(set(s.subjects.tolist()))} subjects), "
+                f"lesion subjects: {len(s.lesion_subjects)}",
                 f"usable slices: {len(s)} ({n_lesion} lesion, {len(s) - n_lesion} healthy) "
                 f"at {cfg.image_size}x{cfg.image_size} px, {'x'.join(f'{v:g}' for v in cfg.spacing_mm)} mm",
             ]
             lines += [f"note: {n}" for n in s.notes]
+        lines.append(f"skipped scans: {len(self.skipped)}")
+        lines += [f"  - {p}" for p in self.skipped]
+        lines.append(f"warnings: {len(self.warnings)}")
+        lines += [f"  - {w}" for w in self.warnings]
         lines.append(f"problems: {len(self.problems)}")
         lines += [f"  - {p}" for p in self.problems]
         verdict = {OK: "OK: usable", PROBLEMS: "USABLE WITH PROBLEMS: fix or set data.on_bad_file=skip",
@@ -55,14 +62,14 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def scan_headers(subjects) -> tuple[Counter, Counter, Counter]:
+def scan_headers(scans) -> tuple[Counter, Counter, Counter]:
     """Counts of voxel sizes (mm, file axis order, e.g. "1x1x3"), orientations (e.g. "LPS",
-    "RAS oblique") and on-disk data types over the subjects' images, from headers only. Unreadable
+    "RAS oblique") and on-disk data types over the scans' images, from headers only. Unreadable
     files are left out (loading reports them)."""
     voxel_sizes, orientations, dtypes = Counter(), Counter(), Counter()
-    for subject in subjects:
+    for scan in scans:
         try:
-            info = describe(subject.image)
+            info = describe(scan.image)
         except DataError:
             continue
         voxel_sizes["x".join(f"{v:.3g}" for v in info["voxel_size"])] += 1
@@ -77,7 +84,8 @@ def counts_text(counts: Counter) -> str:
 
 
 def check_site(folder: str | Path, cfg: DataConfig) -> CheckReport:
-    """Validate every file of a site folder; collect all problems rather than stop at the first."""
+    """Validate every file of a site folder; collect all problems rather than stop at the first.
+    Every scan that training with ``data.on_bad_file: skip`` would leave out is listed in ``skipped``."""
     report = CheckReport(Path(folder))
     try:
         listing = discover_site(folder, cfg)
@@ -85,11 +93,15 @@ def check_site(folder: str | Path, cfg: DataConfig) -> CheckReport:
         report.problems.append(e)
         return report
     report.layout = listing.layout
-    report.scans = len(listing.subjects)
-    report.voxel_sizes, report.orientations, report.dtypes = scan_headers(listing.subjects)
+    report.scans = len(listing.scans)
+    report.voxel_sizes, report.orientations, report.dtypes = scan_headers(listing.scans)
+    report.warnings = list(listing.warnings)
     try:
         report.slices = load_site(folder, cfg.model_copy(update={"on_bad_file": "skip"}))
         report.problems = report.slices.problems
+        report.warnings = report.slices.warnings
     except SiteDataError as e:
         report.problems = e.problems
+    used = set(report.slices.scans.tolist()) if report.slices is not None else set()
+    report.skipped = [scan.image for scan in listing.scans if scan.id not in used]
     return report

@@ -1,9 +1,10 @@
 """A site's preprocessed axial slices, cached on disk, and the torch Dataset over them.
 
-``load_site`` turns a site folder into a :class:`SiteSlices`. Each subject's slices are cached
-in ``<cache>/<site>-<folder hash>/<subject>-<key>.npz``; the key covers the preprocessing part of
-the data config and the path, size and modification time of every file of the subject, so a
-re-run reuses the cache and a changed config or file re-processes just what changed.
+``load_site`` turns a site folder into a :class:`SiteSlices`. Each scan's slices are cached
+in ``<cache>/<site>-<folder hash>/<scan id>-<key>.npz``; the key covers the preprocessing part of
+the data config and the path, size and modification time of every file of the scan, so a
+re-run reuses the cache and a changed config or file re-processes just what changed. The headers
+are checked on every run, cached or not, so that header limits (``data.max_voxels``) always apply.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ import torch
 
 from medgen.config import DataConfig
 from medgen.data.errors import DataError, SiteDataError
-from medgen.data.nifti import load_mask, load_volume
+from medgen.data.nifti import MIN_BRAIN_EXTENT_MM, inspect_header, load_lesion_mask, load_mask, load_volume
 from medgen.data.preprocess import SubjectSlices, preprocess_subject
-from medgen.data.sites import Subject, discover_site
+from medgen.data.sites import Scan, discover_site
 from medgen.fileio import atomic_write
 
 HEALTHY, LESION = 0, 1
 # Bump when preprocessing changes in a way the config does not show, to invalidate old caches.
-PIPELINE_VERSION = 1
-_CACHE_KEYS = ("image_size", "spacing_mm", "volume_index", "percentiles", "min_brain_fraction")
+PIPELINE_VERSION = 2
+_CACHE_KEYS = ("image_size", "spacing_mm", "volume_index", "percentiles", "min_brain_fraction", "lesion_labels")
 
 
 @dataclass
@@ -37,7 +38,10 @@ class SiteSlices:
     images: (N, S, S) float32 in [0, 1], 0 outside the brain
     brain, lesion: (N, S, S) bool
     labels: (N,) int64, 0 healthy / 1 lesion (slice level: the slice holds lesion pixels)
-    subjects: (N,) str subject id; slice_index: (N,) axial index in the resampled volume
+    subjects: (N,) str subject (patient) id: the unit of the split and of subject-level DP
+    slice_index: (N,) axial index in the resampled volume
+    scans: (N,) str scan id (a subject may have several scans: sessions, runs); default: ``subjects``
+    warnings: odd but usable entries (a qform/sform disagreement, a folder named like NIfTI)
     """
 
     site: str
@@ -49,6 +53,12 @@ class SiteSlices:
     slice_index: np.ndarray
     problems: list[DataError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    scans: np.ndarray | None = None
+    warnings: list[DataError] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.scans is None:
+            self.scans = self.subjects
 
     def __len__(self) -> int:
         return len(self.images)
@@ -58,14 +68,16 @@ class SiteSlices:
         return sorted(set(self.subjects[self.labels == LESION].tolist()))
 
     def subset(self, keep: np.ndarray) -> SiteSlices:
-        """The slices where ``keep`` (bool (N,) or indices) holds; problems and notes carried over."""
+        """The slices where ``keep`` (bool (N,) or indices) holds; problems, notes and warnings carried over."""
         return SiteSlices(self.site, self.images[keep], self.brain[keep], self.lesion[keep], self.labels[keep],
-                          self.subjects[keep], self.slice_index[keep], self.problems, self.notes)
+                          self.subjects[keep], self.slice_index[keep], self.problems, self.notes,
+                          self.scans[keep], self.warnings)
 
     def split_subjects(self, val_fraction: float, seed: int) -> tuple[SiteSlices, SiteSlices]:
-        """(train, validation) split by subject, never by slice (slices of one subject are not
-        independent). Deterministic for (seed, subject ids); lesion and healthy subjects are split
-        separately so both keep their share. With fewer than 2 subjects of a kind, all go to train."""
+        """(train, validation) split by subject (patient), never by slice or scan (slices and scans
+        of one patient are not independent). Deterministic for (seed, subject ids); lesion and
+        healthy subjects are split separately so both keep their share. With fewer than 2 subjects
+        of a kind, all go to train."""
         rng = np.random.default_rng(seed)
         val: list[str] = []
         for lesion_kind in (True, False):
@@ -80,7 +92,9 @@ def concat_slices(parts: list[SiteSlices], site: str) -> SiteSlices:
     """Several sites' slices pooled into one (``site`` names the pool)."""
     return SiteSlices(site, *(np.concatenate([getattr(p, k) for p in parts])
                               for k in ("images", "brain", "lesion", "labels", "subjects", "slice_index")),
-                      problems=[e for p in parts for e in p.problems], notes=[n for p in parts for n in p.notes])
+                      problems=[e for p in parts for e in p.problems], notes=[n for p in parts for n in p.notes],
+                      scans=np.concatenate([p.scans for p in parts]),
+                      warnings=[w for p in parts for w in p.warnings])
 
 
 class SliceDataset(torch.utils.data.Dataset):
@@ -111,44 +125,60 @@ def load_site(folder: str | Path, cfg: DataConfig, site: str | None = None) -> S
     """Preprocess (or read from cache) every scan of a site folder.
 
     Bad files: with ``cfg.on_bad_file == "fail"`` all problems found are raised together as
-    SiteDataError; with ``"skip"`` the good scans are used and the bad ones listed in ``problems``.
+    SiteDataError; with ``"skip"`` the good scans are used and the bad ones listed in ``problems``
+    (a problem with a mask names the mask and the scan skipped with it).
     A site with no usable slice raises SiteDataError either way.
     """
     folder = Path(folder).resolve()
     site = site or folder.name
     listing = discover_site(folder, cfg)
     problems = list(listing.problems)
+    warnings = list(listing.warnings)
     notes: list[str] = []
     cache = cache_root(cfg) / f"{site}-{hashlib.sha256(str(folder).encode()).hexdigest()[:10]}"
-    parts: list[tuple[Subject, SubjectSlices]] = []
-    for subject in listing.subjects:
+    parts: list[tuple[Scan, SubjectSlices]] = []
+    for scan in listing.scans:
         try:
-            slices = _cached_subject(subject, cfg, cache)
+            warnings += check_headers(scan, cfg)
+            slices = _cached_scan(scan, cfg, cache)
         except DataError as e:
-            problems.append(e)
+            problems.append(_naming_scan(e, scan))
             continue
         if len(slices.images) == 0:
-            problems.append(DataError(subject.image, "no axial slice with enough brain "
-                                                     f"(data.min_brain_fraction={cfg.min_brain_fraction})"))
+            problems.append(DataError(scan.image, "no axial slice with enough brain "
+                                                  f"(data.min_brain_fraction={cfg.min_brain_fraction})"))
             continue
-        if subject.label == "lesion" and subject.lesion_mask is None:
-            notes.append(f"{subject.id}: labelled lesion without a lesion mask; all its slices are labelled lesion")
-        elif subject.lesion_mask is not None and not slices.lesion.any():
-            notes.append(f"{subject.id}: its lesion mask falls outside the slices kept (or is below one pixel)")
-        parts.append((subject, slices))
+        if scan.label == "lesion" and scan.lesion_mask is None:
+            notes.append(f"{scan.id}: labelled lesion without a lesion mask; all its slices are labelled lesion")
+        elif scan.lesion_mask is not None and not slices.lesion.any():
+            notes.append(f"{scan.id}: its lesion mask falls outside the slices kept (or is below one pixel)")
+        parts.append((scan, slices))
     if problems and cfg.on_bad_file == "fail":
         raise SiteDataError(folder, problems)
     if not parts:
         raise SiteDataError(folder, problems or [DataError(folder, "no usable scan")])
-    return _assemble(site, parts, cfg, problems, notes)
+    return _assemble(site, parts, cfg, problems, notes, warnings)
 
 
-def _assemble(site: str, parts: list[tuple[Subject, SubjectSlices]], cfg: DataConfig,
-              problems: list[DataError], notes: list[str]) -> SiteSlices:
+def check_headers(scan: Scan, cfg: DataConfig) -> list[DataError]:
+    """Header-only checks of every file of a scan (:func:`~medgen.data.nifti.inspect_header`): raises
+    DataError for a refused header, returns the warnings (e.g. qform and sform disagree)."""
+    return [DataError(path, w) for path in scan.files for w in inspect_header(path, cfg.max_voxels)]
+
+
+def _naming_scan(error: DataError, scan: Scan) -> DataError:
+    """A problem with a mask, saying which scan is skipped with it."""
+    if error.path == scan.image:
+        return error
+    return DataError(error.path, f"{error.problem} (scan {scan.image.name} not used)")
+
+
+def _assemble(site: str, parts: list[tuple[Scan, SubjectSlices]], cfg: DataConfig,
+              problems: list[DataError], notes: list[str], warnings: list[DataError]) -> SiteSlices:
     labels = []
-    for subject, s in parts:
+    for scan, s in parts:
         has_lesion = s.lesion.reshape(len(s.lesion), -1).sum(1) >= cfg.min_lesion_pixels
-        if subject.label == "lesion" and subject.lesion_mask is None:
+        if scan.label == "lesion" and scan.lesion_mask is None:
             has_lesion = np.ones(len(s.images), bool)
         labels.append(np.where(has_lesion, LESION, HEALTHY).astype(np.int64))
     return SiteSlices(
@@ -157,53 +187,64 @@ def _assemble(site: str, parts: list[tuple[Subject, SubjectSlices]], cfg: DataCo
         brain=np.concatenate([s.brain for _, s in parts]),
         lesion=np.concatenate([s.lesion for _, s in parts]),
         labels=np.concatenate(labels),
-        subjects=np.concatenate([np.full(len(s.images), subj.id) for subj, s in parts]),
+        subjects=np.concatenate([np.full(len(s.images), scan.subject) for scan, s in parts]),
         slice_index=np.concatenate([s.slice_index for _, s in parts]),
         problems=problems,
         notes=notes,
+        scans=np.concatenate([np.full(len(s.images), scan.id) for scan, s in parts]),
+        warnings=warnings,
     )
 
 
-def _cache_key(subject: Subject, cfg: DataConfig) -> str:
+def _cache_key(scan: Scan, cfg: DataConfig) -> str:
     files = []
-    for path in subject.files:
+    for path in scan.files:
         st = path.stat()
         files.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
     settings = {k: getattr(cfg, k) for k in _CACHE_KEYS}
-    blob = json.dumps([PIPELINE_VERSION, settings, files, subject.label], default=str)
+    blob = json.dumps([PIPELINE_VERSION, settings, files, scan.label], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _cached_subject(subject: Subject, cfg: DataConfig, cache: Path) -> SubjectSlices:
-    for path in subject.files:
+def _cached_scan(scan: Scan, cfg: DataConfig, cache: Path) -> SubjectSlices:
+    for path in scan.files:
         if not path.is_file():
             raise DataError(path, "file does not exist")
-    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in subject.id)
-    target = cache / f"{safe_id}-{_cache_key(subject, cfg)}.npz"
+    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in scan.id)
+    target = cache / f"{safe_id}-{_cache_key(scan, cfg)}.npz"
     if target.is_file():
         try:
             with np.load(target) as z:
                 return SubjectSlices(z["images"], z["brain"], z["lesion"], z["slice_index"])
         except (OSError, ValueError, KeyError, EOFError):
             target.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
-    slices = _preprocess(subject, cfg)
+    slices = _preprocess(scan, cfg)
     cache.mkdir(parents=True, exist_ok=True)
     for stale in cache.glob(f"{safe_id}-*.npz"):
-        stale.unlink(missing_ok=True)
+        if _is_entry_of(stale.name, safe_id):
+            stale.unlink(missing_ok=True)
     atomic_write(target, lambda f: np.savez(f, images=slices.images, brain=slices.brain, lesion=slices.lesion,
                                             slice_index=slices.slice_index))
     return slices
 
 
-def _preprocess(subject: Subject, cfg: DataConfig) -> SubjectSlices:
-    image = load_volume(subject.image, cfg.volume_index)
-    lesion = load_mask(subject.lesion_mask, cfg.volume_index) if subject.lesion_mask else None
-    brain = load_mask(subject.brain_mask, cfg.volume_index) if subject.brain_mask else None
+def _is_entry_of(name: str, safe_id: str) -> bool:
+    """Is ``name`` a cache entry (``<safe_id>-<16 hex>.npz``) of this scan, not of a scan whose id
+    merely starts with ``<safe_id>-``?"""
+    key = name[len(safe_id) + 1: -len(".npz")]
+    return len(key) == 16 and all(c in "0123456789abcdef" for c in key)
+
+
+def _preprocess(scan: Scan, cfg: DataConfig) -> SubjectSlices:
+    image = load_volume(scan.image, cfg.volume_index, cfg.max_voxels, min_extent_mm=MIN_BRAIN_EXTENT_MM)
+    lesion = load_lesion_mask(scan.lesion_mask, cfg.volume_index, cfg.lesion_labels, cfg.max_voxels) \
+        if scan.lesion_mask else None
+    brain = load_mask(scan.brain_mask, cfg.volume_index, cfg.max_voxels) if scan.brain_mask else None
     if lesion is not None:
-        if subject.label == "lesion" and not lesion.data.any():
-            raise DataError(lesion.path, f"lesion mask is empty but subject {subject.id!r} is labelled lesion")
-        if subject.label == "healthy" and lesion.data.any():
-            raise DataError(lesion.path, f"lesion mask is not empty but subject {subject.id!r} is labelled healthy")
+        if scan.label == "lesion" and not lesion.data.any():
+            raise DataError(lesion.path, f"lesion mask is empty but scan {scan.id!r} is labelled lesion")
+        if scan.label == "healthy" and lesion.data.any():
+            raise DataError(lesion.path, f"lesion mask is not empty but scan {scan.id!r} is labelled healthy")
     if brain is not None and not brain.data.any():
         raise DataError(brain.path, "brain mask is empty")
     return preprocess_subject(image, cfg, lesion=lesion, brain=brain)

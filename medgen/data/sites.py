@@ -4,20 +4,30 @@ Three layouts, tried in this order:
 
 (a) **manifest** — ``manifest.csv`` or ``manifest.yaml`` in the folder, one row per scan with
     columns ``image`` (required), ``mask`` (lesion mask), ``brain_mask``, ``label``
-    (``healthy``/``lesion``, or 0/1) and ``subject``; paths relative to the folder.
-(b) **BIDS** — ``sub-*/[ses-*/]anat/*_<bids_suffix>.nii[.gz]``; masks under ``derivatives/``
-    named after the scan's entities: ``*lesion*_mask.nii[.gz]`` (lesion) and
-    ``*desc-brain*_mask.nii[.gz]`` (brain).
-(c) **plain files** — every ``NAME.nii[.gz]`` is a scan; ``NAME<suffix>.nii[.gz]`` is its lesion
-    mask for a suffix in ``data.lesion_mask_suffixes`` (``_mask``, ``_seg``, ``_lesion``) and
-    ``NAME<data.brain_mask_suffix>`` (``_brainmask``) its brain mask.
+    (``healthy``/``lesion``, or 0/1) and ``subject`` (rows of one subject are one patient);
+    paths relative to the folder and inside it (unless ``data.allow_external_paths``).
+(b) **BIDS** — ``sub-*/[ses-*/]anat/*_<bids_suffix>.nii[.gz]``; the subject is ``sub-<label>``
+    (its sessions and runs are scans of one patient); masks under ``derivatives/`` named after
+    the scan's entities: ``*lesion*_mask.nii[.gz]`` (lesion) and ``*desc-brain*_mask.nii[.gz]``
+    (brain).
+(c) **plain files** — every ``NAME.nii[.gz]`` is a scan (and its own subject);
+    ``NAME<suffix>.nii[.gz]`` is its lesion mask for a suffix in ``data.lesion_mask_suffixes``
+    (``_mask``, ``_seg``, ``_lesion``) and ``NAME<data.brain_mask_suffix>`` (``_brainmask``) its
+    brain mask.
+
+File extensions are matched case-insensitively. Entries named like NIfTI that are not files
+(folders, broken or looping symlinks) are reported, never silently skipped.
+
+Each scan has an ``id`` unique in the site (its slice-cache entry, notes) and a ``subject``: the
+patient it belongs to, the unit of the train/validation split and of DP's ``privacy.unit: subject``.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -25,21 +35,28 @@ import yaml
 
 from medgen.config import DataConfig
 from medgen.data.errors import DataError
+from medgen.data.nifti import file_problem
 
 Label = Literal["healthy", "lesion"]
 MANIFEST_COLUMNS = ("subject", "image", "mask", "brain_mask", "label")
-_NIFTI = re.compile(r"\.nii(\.gz)?$")
+_NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
-class Subject:
-    """One scan of a site and its optional masks. ``label`` None means: from the lesion mask."""
+class Scan:
+    """One scan of a site and its optional masks. ``id`` is unique per scan in the site;
+    ``subject`` is the patient (default: ``id``). ``label`` None means: from the lesion mask."""
 
     id: str
     image: Path
     lesion_mask: Path | None = None
     brain_mask: Path | None = None
     label: Label | None = None
+    subject: str = ""
+
+    def __post_init__(self):
+        if not self.subject:
+            object.__setattr__(self, "subject", self.id)
 
     @property
     def files(self) -> list[Path]:
@@ -48,10 +65,15 @@ class Subject:
 
 @dataclass
 class SiteListing:
+    """The scans of a site folder; ``problems``: entries that cannot be used (a missing file, a mask
+    without its scan, a broken symlink); ``warnings``: entries skipped that may be intended (a
+    folder named like a NIfTI file)."""
+
     folder: Path
     layout: Literal["manifest", "bids", "plain"]
-    subjects: list[Subject]
+    scans: list[Scan]
     problems: list[DataError]
+    warnings: list[DataError] = field(default_factory=list)
 
 
 def discover_site(folder: str | Path, cfg: DataConfig) -> SiteListing:
@@ -67,12 +89,12 @@ def discover_site(folder: str | Path, cfg: DataConfig) -> SiteListing:
     if len(manifests) > 1:
         raise DataError(folder, f"holds {len(manifests)} manifests ({', '.join(m.name for m in manifests)}); keep one")
     if manifests:
-        listing = _from_manifest(manifests[0])
+        listing = _from_manifest(manifests[0], cfg)
     elif any(p.is_dir() for p in folder.glob("sub-*")):
         listing = _from_bids(folder, cfg)
     else:
         listing = _from_plain_files(folder, cfg)
-    if not listing.subjects and not listing.problems:
+    if not listing.scans and not listing.problems:
         raise DataError(folder, f"no NIfTI scans found (layout: {listing.layout}); see the README for site layouts")
     return listing
 
@@ -110,88 +132,166 @@ def _read_manifest_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _from_manifest(path: Path) -> SiteListing:
+def _manifest_file(manifest: Path, row_no: int, column: str, value: str,
+                   cfg: DataConfig) -> tuple[Path | None, DataError | None]:
+    """The file a manifest cell names, resolved through symlinks: (path, None), or (None, the
+    problem) when it lies outside the site folder (unless ``data.allow_external_paths``) or is
+    not a readable file."""
+    folder = manifest.parent.resolve()
+    where = f"listed in {manifest.name} row {row_no} ({column})"
+    try:
+        file = (folder / value).resolve()
+    except (RuntimeError, OSError):  # a symlink loop
+        return None, DataError(folder / value, f"{where} but is a symlink loop")
+    if not cfg.allow_external_paths and not file.is_relative_to(folder):
+        return None, DataError(manifest, f"row {row_no} ({column}): {value!r} resolves to {file}, outside the "
+                                         "site folder; set data.allow_external_paths: true to allow it")
+    problem = file_problem(folder / value)
+    if problem is not None:
+        return None, DataError(problem.path, f"{where} but {problem.problem}")
+    return file, None
+
+
+def _from_manifest(path: Path, cfg: DataConfig) -> SiteListing:
     folder = path.parent
-    subjects, problems, seen = [], [], set()
+    scans, problems, seen = [], [], set()
     for row_no, row in enumerate(_read_manifest_rows(path), start=2 if path.suffix == ".csv" else 1):
         image_field = str(row.get("image") or "").strip()
         if not image_field:
             problems.append(DataError(path, f"row {row_no}: empty 'image'"))
             continue
-        files = {}
+        files, row_problems = {}, []
         for column in ("image", "mask", "brain_mask"):
             value = str(row.get(column) or "").strip()
-            if not value:
-                files[column] = None
-                continue
-            file = (folder / value).resolve() if not Path(value).is_absolute() else Path(value)
-            if not file.is_file():
-                problems.append(DataError(file, f"listed in {path.name} row {row_no} ({column}) but does not exist"))
-                file = None
-            files[column] = file
+            files[column], problem = _manifest_file(path, row_no, column, value, cfg) if value else (None, None)
+            row_problems += [problem] if problem else []
         label, problem = _label(row.get("label"), path, row_no)
-        if problem:
-            problems.append(problem)
-        if files["image"] is None or problem:
+        row_problems += [problem] if problem else []
+        problems += row_problems
+        if row_problems:  # a row is used whole or not at all: never a lesion scan without its mask
             continue
-        subject_id = str(row.get("subject") or "").strip() or _stem(files["image"])
-        if subject_id in seen:
-            problems.append(DataError(path, f"row {row_no}: subject {subject_id!r} appears twice"))
+        scan_id = _scan_id(files["image"], folder.resolve())
+        if files["image"] in seen:
+            problems.append(DataError(path, f"row {row_no}: image {image_field!r} appears twice"))
             continue
-        seen.add(subject_id)
-        subjects.append(Subject(subject_id, files["image"], files["mask"], files["brain_mask"], label))
-    return SiteListing(folder, "manifest", subjects, problems)
+        seen.add(files["image"])
+        subject = str(row.get("subject") or "").strip() or _stem(files["image"])
+        scans.append(Scan(scan_id, files["image"], files["mask"], files["brain_mask"], label, subject))
+    return SiteListing(folder, "manifest", scans, problems)
+
+
+def _scan_id(image: Path, folder: Path) -> str:
+    """A manifest scan's id: its image path relative to the site folder, without the extension."""
+    try:
+        relative = image.relative_to(folder)
+    except ValueError:
+        relative = image
+    return _NIFTI.sub("", relative.as_posix()).lstrip("/")
 
 
 def _stem(path: Path) -> str:
     return _NIFTI.sub("", path.name)
 
 
-def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and _NIFTI.search(p.name))
+def _nifti_entries(folder: Path) -> tuple[list[Path], list[DataError], list[DataError]]:
+    """(NIfTI files, problems, warnings) among the entries of ``folder`` named like NIfTI: broken or
+    looping symlinks and other unreadable entries are problems, folders are warnings."""
+    files, problems, warnings = [], [], []
+    if not folder.is_dir():
+        return files, problems, warnings
+    for entry in sorted(folder.iterdir()):
+        if not _NIFTI.search(entry.name):
+            continue
+        problem = file_problem(entry)
+        if problem is None:
+            files.append(entry)
+        elif entry.is_dir():
+            warnings.append(DataError(entry, "a folder named like a NIfTI file; skipped"))
+        else:
+            problems.append(DataError(entry, f"named like a NIfTI file but {problem.problem}; skipped"))
+    return files, problems, warnings
 
 
 def _from_plain_files(folder: Path, cfg: DataConfig) -> SiteListing:
-    files = {_stem(p): p for p in _nifti_files(folder)}
+    found, problems, warnings = _nifti_entries(folder)
+    unreadable = {p.path for p in problems}
+    files = {_stem(p): p for p in found}
     # Longest suffix first, so that "_brainmask" is not read as "_mask" of "sub-01_brain".
     suffixes = sorted([(s, "lesion") for s in cfg.lesion_mask_suffixes] + [(cfg.brain_mask_suffix, "brain")],
                       key=lambda s: -len(s[0]))
     masks: dict[str, dict[str, Path]] = {}
-    for stem, path in files.items():
+    for path in [*found, *unreadable]:
+        stem = _stem(path)
         for suffix, kind in suffixes:
             if stem.endswith(suffix) and len(stem) > len(suffix):
                 masks.setdefault(stem[: -len(suffix)], {})[kind] = path
                 break
     mask_paths = {p for m in masks.values() for p in m.values()}
-    subjects = [
-        Subject(stem, path, masks.get(stem, {}).get("lesion"), masks.get(stem, {}).get("brain"))
-        for stem, path in files.items() if path not in mask_paths
-    ]
-    problems = [
+    scans = []
+    for stem, path in files.items():
+        mine = masks.get(stem, {})
+        if path in mask_paths:
+            continue
+        if _unreadable_mask(path, list(mine.values()), unreadable, problems):
+            continue
+        scans.append(Scan(stem, path, mine.get("lesion"), mine.get("brain")))
+    problems += [
         DataError(path, f"looks like a mask of {owner!r} but there is no scan {owner}.nii[.gz]")
-        for owner, found in masks.items() if owner not in files for path in found.values()
+        for owner, found in masks.items() if owner not in files for path in found.values() if path not in unreadable
     ]
-    return SiteListing(folder, "plain", subjects, problems)
+    return SiteListing(folder, "plain", scans, problems, warnings)
+
+
+def _unreadable_mask(scan: Path, masks: list[Path], unreadable: set[Path], problems: list[DataError]) -> bool:
+    """Is one of a scan's masks an unreadable entry (a broken symlink)? Then the scan is not used,
+    rather than used without its mask, and ``problems`` says so."""
+    bad = [m for m in masks if m in unreadable]
+    if bad:
+        problems.append(DataError(scan, f"not used: its mask {bad[0].name} cannot be read"))
+    return bool(bad)
+
+
+def _bids_anat_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("sub-*/anat") if p.is_dir()) + \
+        sorted(p for p in folder.glob("sub-*/ses-*/anat") if p.is_dir())
+
+
+def _nifti_tree(root: Path) -> tuple[list[Path], list[DataError], list[DataError]]:
+    """:func:`_nifti_entries` of ``root`` and every folder below it (symlinked folders not followed)."""
+    files, problems, warnings = [], [], []
+    for dirpath, _, _ in sorted(os.walk(root)):
+        found, bad, odd = _nifti_entries(Path(dirpath))
+        files += found
+        problems += bad
+        warnings += odd
+    return files, problems, warnings
 
 
 def _from_bids(folder: Path, cfg: DataConfig) -> SiteListing:
-    derivatives = [p for p in (folder / "derivatives").rglob("*") if p.is_file() and _NIFTI.search(p.name)] \
-        if (folder / "derivatives").is_dir() else []
-    subjects, problems = [], []
+    derivatives, problems, warnings = _nifti_tree(folder / "derivatives")
+    unreadable = {p.path for p in problems}
+    derivatives += sorted(unreadable)
+    scans = []
     pattern = f"_{cfg.bids_suffix}"
-    for scan in sorted(folder.glob("sub-*/anat/*.nii*")) + sorted(folder.glob("sub-*/ses-*/anat/*.nii*")):
-        stem = _stem(scan)
-        if not stem.endswith(pattern):
-            continue
-        entities = stem[: -len(pattern)]
-        mine = [p for p in derivatives if _stem(p).startswith(entities + "_") and _stem(p).endswith("_mask")]
-        lesion = [p for p in mine if "lesion" in p.name]
-        brain = [p for p in mine if "desc-brain" in p.name]
-        for kind, found in (("lesion", lesion), ("brain", brain)):
-            if len(found) > 1:
-                problems.append(DataError(scan, f"{len(found)} {kind} masks under derivatives/: "
-                                                f"{', '.join(p.name for p in found)}; keep one"))
-        if len(lesion) > 1 or len(brain) > 1:
-            continue
-        subjects.append(Subject(entities, scan, lesion[0] if lesion else None, brain[0] if brain else None))
-    return SiteListing(folder, "bids", subjects, problems)
+    for anat in _bids_anat_folders(folder):
+        files, bad, odd = _nifti_entries(anat)
+        problems += bad
+        warnings += odd
+        for scan in files:
+            stem = _stem(scan)
+            if not stem.endswith(pattern):
+                continue
+            entities = stem[: -len(pattern)]
+            mine = [p for p in derivatives if _stem(p).startswith(entities + "_") and _stem(p).endswith("_mask")]
+            lesion = [p for p in mine if "lesion" in p.name]
+            brain = [p for p in mine if "desc-brain" in p.name]
+            for kind, found in (("lesion", lesion), ("brain", brain)):
+                if len(found) > 1:
+                    problems.append(DataError(scan, f"{len(found)} {kind} masks under derivatives/: "
+                                                    f"{', '.join(p.name for p in found)}; keep one"))
+            if len(lesion) > 1 or len(brain) > 1 or _unreadable_mask(scan, mine, unreadable, problems):
+                continue
+            subject = scan.relative_to(folder).parts[0]  # the sub-<label> folder: one patient
+            scans.append(Scan(entities, scan, lesion[0] if lesion else None, brain[0] if brain else None,
+                              subject=subject))
+    return SiteListing(folder, "bids", scans, problems, warnings)
