@@ -247,6 +247,11 @@ class SitePolicy(_Section):
     allowed_studies: list[str] = Field(
         [], description="study names or config fingerprints the site agreed to; [] = every study (in a deployment: "
                         "every study signed by the coordinator's study key)")
+    allow_external_paths: bool = Field(
+        False, description="may the site's manifest name files outside its data folder (the study's "
+                           "data.allow_external_paths is ignored)")
+    max_voxels: int = Field(
+        512 ** 3, ge=1, description="the largest scan the site reads (the study's data.max_voxels can only lower it)")
     cache_dir: Path | None = Field(
         None, description="the site's slice cache; null = $MEDGEN_CACHE_DIR, else <state-dir>/cache in a deployment")
     inception_weights: Path | None = Field(

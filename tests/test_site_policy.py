@@ -261,3 +261,21 @@ def test_medgen_client_sent_summarises_the_log(tiny_cohort, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 messages sent" in out and "query" in out and "refused" in out and "images: none" in out
     assert "run 1 round 0 query: site A refuses by its policy: require_dp" in out
+
+
+def test_the_study_cannot_widen_what_a_site_reads(tiny_cohort, tmp_path):
+    """A manifest naming another site's scan: the study's data.allow_external_paths=true does not
+    make a deployed site read it; its own policy decides."""
+    import shutil
+
+    folder = tmp_path / "site"
+    shutil.copytree(tiny_cohort.root / "A", folder)
+    outside = next((tiny_cohort.root / "B").glob("*.nii.gz"))
+    (folder / "manifest.csv").write_text(f"image\n{outside}\n")
+    cfg = tiny_cfg(tiny_cohort, *DP, "data.allow_external_paths=true", "data.max_voxels=1000000000000")
+    reply = client_app(_message(cfg, MessageType.QUERY, 0), _deployed(cfg, folder, tmp_path / "state", SitePolicy()))
+    assert "error" in reply.content["info"] and "outside" in str(reply.content["info"]["error"])
+    from medgen.client.policy import site_config
+
+    mine = site_config(cfg, SitePolicy(), None)
+    assert not mine.data.allow_external_paths and mine.data.max_voxels == SitePolicy().max_voxels

@@ -97,12 +97,15 @@ def refusal_text(site: str, found: list[str]) -> str:
 
 def site_config(cfg: Config, policy: SitePolicy | None, cache_dir: Path | None) -> Config:
     """``cfg`` with what the site owns put back: its slice cache (``cache_dir``; None keeps the
-    config's, as in a simulation), its InceptionV3 weights and, unless the policy allows it, no
-    image sharing."""
+    config's, as in a simulation), which files it reads (inside its folder unless the policy says
+    otherwise, no larger than its policy's bound), its InceptionV3 weights and, unless the policy
+    allows it, no image sharing."""
     data, evaluation = {}, {}
     if cache_dir is not None:
         data["cache_dir"] = cache_dir
     if policy is not None:
+        data["allow_external_paths"] = policy.allow_external_paths
+        data["max_voxels"] = min(cfg.data.max_voxels, policy.max_voxels)
         evaluation["inception_weights"] = policy.inception_weights
         if not policy.share_images:
             evaluation["share_images"] = False
