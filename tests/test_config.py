@@ -32,7 +32,7 @@ def test_dump_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("override, key, words", [
-    ("data.imagesize=64", "data.imagesize", "unknown key; allowed here: bids_suffix"),
+    ("data.imagesize=64", "data.imagesize", "unknown key; allowed here: allow_external_paths, bids_suffix"),
     ("nonsense.x=1", "nonsense", "unknown key"),
     ("data.image_size=abc", "data.image_size", "valid integer"),
     ("data.image_size=8", "data.image_size", "greater than or equal to 16"),

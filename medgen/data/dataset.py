@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,7 +217,7 @@ def _cached_scan(scan: Scan, cfg: DataConfig, cache: Path) -> SubjectSlices:
         try:
             with np.load(target) as z:
                 return SubjectSlices(z["images"], z["brain"], z["lesion"], z["slice_index"])
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             target.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
     slices = _preprocess(scan, cfg)
     cache.mkdir(parents=True, exist_ok=True)
