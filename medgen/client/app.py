@@ -23,6 +23,7 @@ from medgen.config import Config, load_config_text
 from medgen.data.check import counts_text, scan_headers
 from medgen.data.errors import DataError, SiteDataError
 from medgen.deployment.handshake import check_handshake
+from medgen.deployment.signing import check_study
 from medgen.data.sites import discover_site
 from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
@@ -56,8 +57,11 @@ def client_threads(cfg: Config) -> int:
 
 
 def _handler(fn):
-    """Bind the node to its site, then run ``fn(msg, cfg, site, folder, round)``; any failure is
-    re-raised as SiteFailure naming the site, which Flower sends back as the reply's error."""
+    """Bind the node to its site, check the run (version handshake, study signature: both required
+    at a deployed site) before any data is read, then run ``fn(msg, cfg, site, folder, round)``. A
+    refused run is answered like a failure (a query reply with the reason, otherwise SiteFailure);
+    any failure is re-raised as SiteFailure naming the site, which Flower sends back as the reply's
+    error."""
 
     @functools.wraps(fn)
     def wrapped(msg: Message, context: Context) -> Message:
@@ -67,7 +71,10 @@ def _handler(fn):
         site, folder = bind_site(cfg, dict(context.node_config))
         if "state-dir" in context.node_config:  # a deployed site keeps its state (privacy ledger) itself
             config["node-state-dir"] = str(context.node_config["state-dir"])
-        if refusal := check_handshake(dict(context.run_config), cfg):
+        node_config = dict(context.node_config)
+        refusal = check_handshake(dict(context.run_config), cfg, required="site" in node_config) \
+            or check_study(node_config, context.run_id, dict(config))
+        if refusal:
             print(f"site {site}: REFUSED: {refusal}", file=sys.stderr, flush=True)
             if msg.metadata.message_type == MessageType.QUERY:
                 return _refuse(msg, site, refusal)

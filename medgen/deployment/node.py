@@ -1,5 +1,6 @@
 """`medgen-client join`: a site's side of a real deployment — one SuperNode bound to the site's
-data through its node config (``site``, ``data-dir``, ``state-dir``). The site's privacy ledger,
+data through its node config (``site``, ``data-dir``, ``state-dir``; ``study-key``, the
+coordinator's study.pub that every run must be signed with, or ``allow-unsigned-studies``). The site's privacy ledger,
 slice cache and Flower files stay in ``--state-dir``. While the server is not up (or the
 connection drops) the SuperNode is restarted with exponential back-off; a key the server keeps
 refusing, or a bad flag, stops it with the reason."""
@@ -36,12 +37,21 @@ class NodeOptions:
     max_attempts: int | None = None
     max_refusals: int = 3  # the key may be registered a moment after the SuperLink is up
     worker: bool = True  # one long-lived ClientApp process (medgen/deployment/worker.py), not one per message
+    study_key: Path | None = None  # the coordinator's study.pub: the site serves only runs signed with it
+    allow_unsigned: bool = False  # --insecure --no-study-signature: serve unsigned runs (a closed test network)
 
 
 def node_config(opts: NodeOptions) -> str:
     def q(v) -> str:
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return f"site={q(opts.site)} data-dir={q(opts.data)} state-dir={q(opts.state_dir)}"
+    from medgen.deployment.signing import NODE_KEY, NODE_UNSIGNED
+
+    text = f"site={q(opts.site)} data-dir={q(opts.data)} state-dir={q(opts.state_dir)}"
+    if opts.study_key is not None:
+        text += f" {NODE_KEY}={q(opts.study_key)}"
+    if opts.allow_unsigned:
+        text += f" {NODE_UNSIGNED}={q('true')}"
+    return text
 
 
 def supernode_command(opts: NodeOptions, port: int) -> list[str]:
