@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -133,6 +134,31 @@ def test_cli_errors_name_the_flag_or_file(tmp_path):
     out = subprocess.run([BIN / "medgen-client", "join", "--site", "A", "--data", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--data" in out.stderr and "missing" in out.stderr
+
+
+def test_study_key_flags_name_the_flag_or_file(certs, tmp_path):
+    """A site needs the coordinator's study.pub (--study-key or <certs>/study.pub); unsigned runs
+    only with --insecure --no-study-signature; a server without its study.key says how to make one."""
+    folder, _ = certs
+    join = [BIN / "medgen-client", "join", "--site", "A", "--server", "localhost:1", "--data", tmp_path,
+            "--ca", folder / "ca.pem", "--key", folder / "sites" / "A.key"]
+    run = lambda args: subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = run(join)
+    assert out.returncode == 2 and "--study-key FILE is needed" in out.stderr
+    out = run(join + ["--study-key", tmp_path / "nope.pub"])
+    assert out.returncode == 2 and "--study-key" in out.stderr and "nope.pub" in out.stderr
+    out = run(join + ["--study-key", folder / "ca.pem"])
+    assert out.returncode == 2 and "not a PEM public key" in out.stderr
+    out = run(join + ["--no-study-signature"])
+    assert out.returncode == 2 and "--no-study-signature is only for an --insecure" in out.stderr
+    bare = tmp_path / "bare"
+    init_ca(bare)
+    (bare / "study.key").unlink()
+    out = run([BIN / "medgen-server", "start", "--port", free_port(), "--certs", bare, "--out", tmp_path / "run"])
+    assert out.returncode == 2 and "--study-key" in out.stderr and "medgen certs study" in out.stderr
+    assert not (tmp_path / "run").exists()
+    made = subprocess.run([BIN / "medgen", "certs", "study", "--out", bare], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and (bare / "study.key").is_file() and "study.pub" in made.stdout
 
 
 def test_client_dry_run_checks_the_data_and_says_what_is_shared(cohort):
@@ -541,7 +567,7 @@ def test_a_rogue_run_reaches_no_site(deployment):
     assert legit["study-signature"] and legit["study"] == "run"
 
     # (a) the public port: no Control API, no Runtime API, no docs
-    with httpx.Client(verify=str(ca)) as web:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as web:
         for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/register-node",
                      "/v1/runtime/pull-messages", "/v1/fleet/../control/list-runs"):
             assert web.post(f"https://localhost:{d.port}{path}", content=b"").status_code == 404, path

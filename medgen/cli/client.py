@@ -48,7 +48,8 @@ def _study_key(args: argparse.Namespace) -> Path | None:
     path = args.study_key or (args.certs / "study.pub" if args.certs else None)
     if path is None:
         raise CertError("--study-key FILE is needed: the coordinator's study.pub (or --certs DIR with DIR/study.pub); "
-                        "the site serves only runs signed with it")
+                        "the site serves only runs signed with it"
+                        + ("; on a closed test network, --no-study-signature serves unsigned runs" if args.insecure else ""))
     load_verify_key(path, "--study-key")
     return path.resolve()
 
