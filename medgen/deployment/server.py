@@ -117,6 +117,8 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
         raise CertError(f"public keys are needed for every site: {sorted(cfg.sites.all)}")
     if not port_free(opts.host, opts.port):
         raise DeploymentError(f"--port {opts.port}: something already listens on {opts.host}:{opts.port}")
+    if opts.link_port and (opts.link_port == opts.port or not port_free("127.0.0.1", opts.link_port)):
+        raise DeploymentError(f"--link-port {opts.link_port}: already in use on 127.0.0.1 (or the same as --port)")
     work = run.path / "deployment"
     work.mkdir(parents=True, exist_ok=True)
     link_port = opts.link_port or free_port("127.0.0.1")
@@ -155,8 +157,10 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
             f"{run.path}; waiting for the sites ({', '.join(cfg.sites.all)})")
         while True:
             follower.poll()
-            if not link.running():
-                raise DeploymentError(f"the SuperLink exited (code {link.proc.returncode}); its log ends:\n{link.tail()}")
+            for child in (link, proxy):
+                if not child.running():
+                    raise DeploymentError(f"the {child.name} exited (code {child.proc.returncode}); its log "
+                                          f"({child.log_file}) ends:\n{child.tail()}")
             status, sub_status, details = control.run_status(run_id)
             if status == "finished":
                 follower.poll()
