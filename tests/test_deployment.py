@@ -1,7 +1,8 @@
 """Real deployment: `medgen certs`, `medgen-server start` on a real Flower SuperLink with TLS and
 SuperNode authentication, `medgen-client join` SuperNodes, on a tiny phantom cohort. Nothing is
-mocked: the end-to-end tests run the real binaries over loopback. The site's side (handshake, what
-leaves a site) is also checked directly on the ClientApp, without processes."""
+mocked: the end-to-end tests run the real binaries over loopback, one of them as an attacker who
+holds only ca.pem. The site's side (handshake, study signature, what leaves a site) is also checked
+directly on the ClientApp, without processes."""
 
 from __future__ import annotations
 
