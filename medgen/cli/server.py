@@ -22,9 +22,9 @@ def study_key(args: argparse.Namespace):
     from medgen.deployment.signing import SigningError, load_signing_key
 
     path = args.study_key or (args.certs / "study.key" if args.certs else None)
-    if path is None or (args.insecure and args.study_key is None and not path.is_file()):
-        if args.insecure:
-            return None
+    if args.insecure and args.study_key is None and (path is None or not path.is_file()):
+        return None
+    if path is None:
         raise SigningError("the study-signing key is needed: --study-key FILE or --certs DIR (DIR/study.key, made by "
                            "`medgen certs init` or `medgen certs study`); --insecure runs unsigned")
     return load_signing_key(path)
@@ -41,13 +41,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     tls = keys = None
     if not args.insecure:
         tls = tls_from_certs(args.certs, args.ca, args.cert, args.key)
-    study_key(args)
+    signing_key = study_key(args)
     cfg, run = prepare_run(cfg, args.out, args.resume, args.overrides)
     if not args.insecure:
         keys = find_site_keys(cfg, args.site_keys or (args.certs / "sites" if args.certs else None))
     opts = ServerOptions(host=args.address, port=args.port, tls=tls, site_keys=keys or {},
                          state_db=args.state_db, health_timeout_s=args.health_timeout,
-                         study_key=study_key(args), link_port=args.link_port)
+                         study_key=signing_key, link_port=args.link_port)
     signal.signal(signal.SIGTERM, _on_sigterm)
     serve(cfg, run, opts)
     print(f"run directory: {run.path}\nreport: {build_report(run.path)}")

@@ -1,7 +1,7 @@
 """`medgen-client join`: a site's side of a real deployment — one SuperNode bound to the site's
 data through its node config (``site``, ``data-dir``, ``state-dir``; ``study-key``, the
-coordinator's study.pub that every run must be signed with, or ``allow-unsigned-studies``). The site's privacy ledger,
-slice cache and Flower files stay in ``--state-dir``. While the server is not up (or the
+coordinator's study.pub that every run must be signed with, or ``allow-unsigned-studies``). The
+site's privacy ledger, slice cache and Flower files stay in ``--state-dir``. While the server is not up (or the
 connection drops) the SuperNode is restarted with exponential back-off; a key the server keeps
 refusing, or a bad flag, stops it with the reason."""
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medgen.deployment.link import DeploymentError
 from medgen.deployment.procs import Child, flower_bin, flower_env, free_port
+from medgen.deployment.signing import NODE_KEY, NODE_UNSIGNED
 
 # What a SuperNode's log says when the SuperLink turns its key away, and when it gives up.
 # (Flower 1.41: "[code: 2004] Failed to activate SuperNode." and exit code 305.)
@@ -42,9 +43,9 @@ class NodeOptions:
 
 
 def node_config(opts: NodeOptions) -> str:
+    """The SuperNode's ``--node-config`` text (what the ClientApp reads as ``context.node_config``)."""
     def q(v) -> str:
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    from medgen.deployment.signing import NODE_KEY, NODE_UNSIGNED
 
     text = f"site={q(opts.site)} data-dir={q(opts.data)} state-dir={q(opts.state_dir)}"
     if opts.study_key is not None:

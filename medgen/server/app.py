@@ -30,10 +30,9 @@ app = ServerApp()
 def deployed(grid: Grid, context: Context) -> None:
     from medgen.config import load_config_text
     from medgen.deployment.grid import quick_replies
+    from medgen.deployment.signing import wait_for_signature
     from medgen.server.errors import FederationError
     from medgen.server.rundir import FileLog
-
-    from medgen.deployment.signing import wait_for_signature
 
     rc = context.run_config
     if not rc.get("medgen-config") or not rc.get("run-dir"):
