@@ -2,7 +2,9 @@
 
 Flower's simulation engine runs the ServerApp in this process and each site's ClientApp in a Ray
 actor (``simulation.client_cpus`` CPUs each), or on an existing Ray cluster
-(``simulation.ray_address``). Ray starts once per run, not per round.
+(``simulation.ray_address``). Ray starts once per run, not per round. The local Ray listens on
+127.0.0.1 only (``ray_loopback``): by default its GCS, raylet and workers listen on every
+interface.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -23,6 +26,20 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+LOOPBACK = "127.0.0.1"
+
+
+def ray_loopback() -> dict:
+    """The ``ray.init`` arguments (Flower's backend ``init_args``) that keep a local Ray on
+    127.0.0.1. Ray 2.55 turns ``_node_ip_address="127.0.0.1"`` into the machine's outward address
+    unless it runs as a single-machine node (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when
+    ``ray`` is imported, so it is also set on the loaded module); its GCS, raylet and workers then
+    listen on 127.0.0.1 instead of every interface (measured with ``ss -ltnp``)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # also for Ray's own child processes
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+    return {"_node_ip_address": LOOPBACK}
 
 
 def resolve_data(cfg: Config, log=print) -> Config:
@@ -85,6 +102,8 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
                "init_args": {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING}}
     if cfg.simulation.ray_address:
         backend["init_args"]["address"] = cfg.simulation.ray_address
+    else:
+        backend["init_args"].update(ray_loopback())
     log(f"run directory: {run.path}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -1,15 +1,19 @@
 """Real deployment: `medgen certs`, `medgen-server start` on a real Flower SuperLink with TLS and
 SuperNode authentication, `medgen-client join` SuperNodes, on a tiny phantom cohort. Nothing is
-mocked: the end-to-end tests run the real binaries over loopback. The site's side (handshake, what
-leaves a site) is also checked directly on the ClientApp, without processes."""
+mocked: the end-to-end tests run the real binaries over loopback, one of them as an attacker who
+holds only ca.pem. The site's side (handshake, study signature, what leaves a site) is also checked
+directly on the ClientApp, without processes."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -59,20 +63,43 @@ def certs(tmp_path_factory):
     return folder, outsider / "sites" / "D.key"
 
 
-def _context(cfg, site_folder: Path, run_config: dict, state_dir: Path | None = None) -> Context:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    node_config = {"site": site_folder.name, "data-dir": str(site_folder)}
-    if state_dir is not None:
-        node_config["state-dir"] = str(state_dir)
-    return Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config, node_config=node_config)
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The coordinator's study-signing key and the study.pub file a site holds."""
+    from medgen.deployment.certs import make_study_keys
+    from medgen.deployment.signing import load_signing_key
+
+    made = make_study_keys(tmp_path_factory.mktemp("study"))
+    return load_signing_key(made["study-key"]), made["study-pub"]
 
 
-def _message(cfg, kind: str, round_: int = 1, arrays=None, full: bool = False) -> Message:
+def _context(cfg, site_folder: Path, run_config: dict, state_dir: Path | None = None,
+             study_pub: Path | None = None, run_id: int = 1) -> Context:
+    """A deployed site's context; its state folder holds a policy that allows the DP-free TINY study."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 7, 1
+    state_dir = Path(state_dir or tempfile.mkdtemp(prefix="site-state-"))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "policy.yaml").write_text("require_dp: false\n")
+    node_config = {"site": site_folder.name, "data-dir": str(site_folder), "state-dir": str(state_dir)}
+    if study_pub is not None:
+        node_config["study-key"] = str(study_pub)
+    return Context(run_id=run_id, node_id=7, state=RecordDict(), run_config=run_config, node_config=node_config)
+
+
+def _message(cfg, kind: str, round_: int = 1, arrays=None, full: bool = False, sign=None, run_id: int = 1,
+             config_text: str | None = None) -> Message:
+    """A server message; ``sign`` (a study key) signs it for ``run_id`` as medgen-server does."""
     from flwr.app import ArrayRecord
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1  # set by Flower's runtime
-    content = RecordDict({"config": ConfigRecord({"medgen-config": dump_config(cfg), "round": round_,
-                                                  "state-root": "/nonexistent", "full": int(full)})})
+    from medgen.deployment.signing import sign_study
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 7, 1  # set by Flower's runtime
+    text = config_text if config_text is not None else dump_config(cfg)
+    config = {"medgen-config": text, "round": round_, "state-root": "/nonexistent", "full": int(full)}
+    if sign is not None:
+        config.update({"study-signature": sign_study(sign, run_id, "study-1", dump_config(cfg)),
+                       "study-name": "study-1"})
+    content = RecordDict({"config": ConfigRecord(config)})
     if arrays is not None:
         content["arrays"] = ArrayRecord(arrays)
     msg = Message(content=content, message_type=kind, dst_node_id=7)
@@ -112,6 +139,31 @@ def test_cli_errors_name_the_flag_or_file(tmp_path):
     out = subprocess.run([BIN / "medgen-client", "join", "--site", "A", "--data", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--data" in out.stderr and "missing" in out.stderr
+
+
+def test_study_key_flags_name_the_flag_or_file(certs, tmp_path):
+    """A site needs the coordinator's study.pub (--study-key or <certs>/study.pub); unsigned runs
+    only with --insecure --no-study-signature; a server without its study.key says how to make one."""
+    folder, _ = certs
+    join = [BIN / "medgen-client", "join", "--site", "A", "--server", "localhost:1", "--data", tmp_path,
+            "--ca", folder / "ca.pem", "--key", folder / "sites" / "A.key"]
+    run = lambda args: subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = run(join)
+    assert out.returncode == 2 and "--study-key FILE is needed" in out.stderr
+    out = run(join + ["--study-key", tmp_path / "nope.pub"])
+    assert out.returncode == 2 and "--study-key" in out.stderr and "nope.pub" in out.stderr
+    out = run(join + ["--study-key", folder / "ca.pem"])
+    assert out.returncode == 2 and "not a PEM public key" in out.stderr
+    out = run(join + ["--no-study-signature"])
+    assert out.returncode == 2 and "--no-study-signature is only for an --insecure" in out.stderr
+    bare = tmp_path / "bare"
+    init_ca(bare)
+    (bare / "study.key").unlink()
+    out = run([BIN / "medgen-server", "start", "--port", free_port(), "--certs", bare, "--out", tmp_path / "run"])
+    assert out.returncode == 2 and "--study-key" in out.stderr and "medgen certs study" in out.stderr
+    assert not (tmp_path / "run").exists()
+    made = subprocess.run([BIN / "medgen", "certs", "study", "--out", bare], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and (bare / "study.key").is_file() and "study.pub" in made.stdout
 
 
 def test_client_dry_run_checks_the_data_and_says_what_is_shared(cohort):
@@ -156,7 +208,8 @@ def test_version_handshake_refuses_with_both_versions(cohort, tmp_path):
     root, cache = cohort
     cfg = load_config(None, TINY + [f"data.cache_dir={cache}"])
     good = server_handshake(cfg)
-    assert check_handshake(good, cfg) is None and check_handshake({}, cfg) is None
+    assert check_handshake(good, cfg) is None and check_handshake({}, cfg, required=False) is None
+    assert "version handshake missing" in check_handshake({}, cfg)
     bad = {**good, "medgen-version": "0.0.1"}
     reply = client_app(_message(cfg, MessageType.QUERY), _context(cfg, root / "A", bad, tmp_path / "state"))
     error = str(reply.content["info"]["refused"])
@@ -166,17 +219,122 @@ def test_version_handshake_refuses_with_both_versions(cohort, tmp_path):
     assert "model version mismatch" in check_handshake(other, cfg)
 
 
-def test_what_leaves_a_site_is_weights_and_aggregate_numbers(cohort, tmp_path):
+def test_a_deployed_site_serves_only_runs_signed_for_this_run_and_config(cohort, study, tmp_path):
+    """check_study on the ClientApp: unsigned, signed with another key, a signature replayed from
+    another run, a config altered after signing: refused before any data is read (the site folder
+    does not exist, the attacker's cache stays empty), the reason names what failed and no path.
+    A correctly signed message is served; the simulation needs no signature."""
+    from medgen.deployment.signing import load_signing_key, make_study_key, study_fingerprint, study_identity
+
+    root, cache = cohort
+    key, pub = study
+    attacker_cache = tmp_path / "attacker-cache"
+    cfg = load_config(None, TINY + [f"data.cache_dir={attacker_cache}", "evaluation.share_images=true"])
+    other = tmp_path / "other.key"
+    other.write_bytes(make_study_key()[0])
+    tampered = dump_config(cfg).replace("share_images: true", "share_images: false")
+    assert tampered != dump_config(cfg)
+    nowhere = tmp_path / "no-such-site" / "A"
+    handshake = server_handshake(cfg)
+    cases = {"no study-signature": _message(cfg, MessageType.QUERY),
+             "does not verify under this site's study key": _message(cfg, MessageType.QUERY,
+                                                                     sign=load_signing_key(other)),
+             "signed for run 1, but this is run 2": _message(cfg, MessageType.QUERY, sign=key, run_id=1),
+             "is not the config the coordinator signed": _message(cfg, MessageType.QUERY, sign=key,
+                                                                  config_text=tampered)}
+    for expected, msg in cases.items():
+        run_id = 2 if "run 2" in expected else 1
+        reply = client_app(msg, _context(cfg, nowhere, handshake, study_pub=pub, run_id=run_id))
+        error = str(reply.content["info"]["refused"])
+        assert error.startswith("study signature: ") and expected in error, error
+        assert str(tmp_path) not in error and str(pub) not in error
+    train = _message(cfg, MessageType.TRAIN, arrays=build_model(cfg).state_dict())
+    reply = client_app(train, _context(cfg, nowhere, handshake, study_pub=pub))
+    assert "study signature: the run is not signed" in str(reply.content["info"]["refused"])
+    assert "arrays" not in reply.content
+    # a site without a study key serves nothing; one with an unreadable key names no path either
+    reply = client_app(_message(cfg, MessageType.QUERY, sign=key), _context(cfg, nowhere, handshake))
+    assert "no study key configured" in str(reply.content["info"]["refused"])
+    reply = client_app(_message(cfg, MessageType.QUERY, sign=key),
+                       _context(cfg, nowhere, handshake, study_pub=tmp_path / "missing.pub"))
+    assert "cannot be read" in str(reply.content["info"]["refused"]) and "missing.pub" not in str(reply.content["info"])
+    # a deployed site refuses a run without the version handshake
+    reply = client_app(_message(cfg, MessageType.QUERY, sign=key), _context(cfg, nowhere, {}, study_pub=pub))
+    assert "version handshake missing" in str(reply.content["info"]["refused"])
+    assert not attacker_cache.exists() and not nowhere.parent.exists()
+
+    # correctly signed: served (the site's own data, the site's cache)
+    good = load_config(None, TINY + [f"data.cache_dir={cache}"])
+    msg = _message(good, MessageType.QUERY, sign=key)
+    reply = client_app(msg, _context(good, root / "A", server_handshake(good), study_pub=pub))
+    assert "error" not in reply.content["info"] and reply.content["metrics"]["train-examples"] > 0
+    assert study_identity(dict(msg.content["config"])) == ("study-1", study_fingerprint(dump_config(good)))
+    # simulation: no site in the node config, no handshake, no signature
+    sim = good.model_copy(update={"data": good.data.model_copy(update={"root": root})})
+    ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config={"partition-id": 0})
+    reply = client_app(_message(sim, MessageType.QUERY), ctx)
+    assert "error" not in reply.content["info"], reply.content["info"]
+
+
+def test_private_keys_never_pass_through_a_planted_file(tmp_path):
+    """Every private key is written through a fresh file of random name (O_EXCL, 0600) and renamed:
+    a world-readable ``X.key.tmp`` or a symlink planted beside the key neither gets it nor is
+    followed."""
+    from medgen.deployment.certs import make_study_keys
+
+    victim = tmp_path / "elsewhere.txt"
+    victim.write_text("untouched")
+    planted = {}
+    for name in ("ca.key", "server.key", "study.key", "sites/A.key"):
+        path = tmp_path / "certs" / f"{name}.tmp"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name == "server.key":
+            path.symlink_to(victim)
+        else:
+            path.write_text("")
+            path.chmod(0o666)
+        planted[name] = path
+    made = init_ca(tmp_path / "certs")
+    made.update(make_site_keys(tmp_path / "certs", "A"))
+    made.update(make_study_keys(tmp_path / "certs", force=True))
+    assert victim.read_text() == "untouched"
+    for name, path in planted.items():
+        assert (path.is_symlink() and path.resolve() == victim) or path.read_text() == ""
+    for key in ("ca-key", "key", "study-key"):
+        assert oct(made[key].stat().st_mode & 0o777) == "0o600" and not made[key].is_symlink()
+        assert b"PRIVATE KEY" in made[key].read_bytes()
+    assert oct((tmp_path / "certs" / "study.pub").stat().st_mode & 0o777) == "0o644"
+    leftovers = [p.name for p in (tmp_path / "certs").rglob(".*.tmp")]
+    assert not leftovers, leftovers
+    with pytest.raises(CertError, match="study.key already exists"):
+        make_study_keys(tmp_path / "certs")
+
+
+def test_the_public_proxy_forwards_only_the_fleet_api():
+    from medgen.deployment.proxy import allowed
+
+    assert allowed("POST", b"/v1/fleet/pull-messages") and allowed("POST", b"/v1/fleet/push-object")
+    assert allowed("GET", b"/health") and allowed("HEAD", b"/health")
+    for method, path in [("POST", b"/v1/control/list-runs"), ("POST", b"/v1/control/start-run"),
+                         ("POST", b"/v1/runtime/pull-messages"), ("GET", b"/docs"), ("GET", b"/openapi.json"),
+                         ("POST", b"/v1/fleet/../control/list-runs"), ("POST", b"/v1/fleet/%2e%2e/control/x"),
+                         ("POST", b"/v1/fleet//control"), ("GET", b"/v1/fleet/get-run"), ("POST", b"/health"),
+                         ("POST", b"/V1/fleet/pull-messages"), ("POST", b"/v1/fleet/pull-messages/")]:
+        assert not allowed(method, path), (method, path)
+
+
+def test_what_leaves_a_site_is_weights_and_aggregate_numbers(cohort, study, tmp_path):
     """Inspect every message a site sends (query, train, full evaluation): weights with the global
     model's keys and shapes, scalar numbers, short strings — no image-sized array, no path."""
     root, cache = cohort
     cfg = load_config(None, TINY + [f"data.cache_dir={cache}", "privacy.enabled=true",
                                     "privacy.noise_multiplier=1.0"])
     state = build_model(cfg).state_dict()
-    ctx = _context(cfg, root / "A", server_handshake(cfg), state_dir=tmp_path / "site-state")
-    replies = [client_app(_message(cfg, MessageType.QUERY), ctx),
-               client_app(_message(cfg, MessageType.TRAIN, arrays=state), ctx),
-               client_app(_message(cfg, MessageType.EVALUATE, arrays=state, full=True), ctx)]
+    key, pub = study
+    ctx = _context(cfg, root / "A", server_handshake(cfg), state_dir=tmp_path / "site-state", study_pub=pub)
+    replies = [client_app(_message(cfg, MessageType.QUERY, sign=key), ctx),
+               client_app(_message(cfg, MessageType.TRAIN, arrays=state, sign=key), ctx),
+               client_app(_message(cfg, MessageType.EVALUATE, arrays=state, full=True, sign=key), ctx)]
     for reply in replies:
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         assert set(reply.content.keys()) <= {"metrics", "info", "arrays", "artefacts"}
@@ -230,7 +388,7 @@ class Deployment:
     def server(self, *extra, name="server") -> subprocess.Popen:
         sets = [x for kv in TINY for x in ("--set", kv)]
         return self.start(name, [BIN / "medgen-server", "start", "--address", "127.0.0.1", "--port", self.port,
-                                 "--certs", self.certs, *extra, *sets])
+                                 "--certs", self.certs, *sets, *extra])
 
     def site(self, site: str, key: Path | None = None, data: Path | None = None,
              policy: str = "require_dp: false\n") -> subprocess.Popen:
@@ -241,6 +399,7 @@ class Deployment:
         return self.start(f"site-{site}", [BIN / "medgen-client", "join", "--site", site, "--server",
                                            f"localhost:{self.port}", "--data", data or self.root / site,
                                            "--ca", self.certs / "ca.pem", "--key", key,
+                                           "--study-key", self.certs / "study.pub",
                                            "--state-dir", self.tmp / f"state-{site}", "--policy", policy_file])
 
     def output(self, name: str) -> str:
@@ -376,6 +535,130 @@ def test_deployed_sites_enforce_their_own_policies(deployment):
         keys = set(np.load(arrays).files)
         assert not {k for k in keys if "overlay" in k or k in ("memorisation-generated", "memorisation-train")}, keys
         assert all(np.load(arrays)[k].ndim <= 1 for k in keys), arrays
+
+
+ROGUE_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "rogue-study"
+version = "1.0.0"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "attacker"
+
+[tool.flwr.app.components]
+serverapp = "rogue:app"
+clientapp = "medgen.client.app:app"
+
+[tool.flwr.app.config]
+medgen-config = ""
+medgen-version = ""
+model-fingerprint = ""
+rogue-plan = ""
+rogue-out = ""
+"""
+
+ROGUE_SERVERAPP = """\
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context) -> None:
+    rc = context.run_config
+    nodes, deadline = [], time.monotonic() + 60
+    while not nodes and time.monotonic() < deadline:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.5)
+    results = {}
+    for name, (kind, config) in json.loads(str(rc["rogue-plan"])).items():
+        msgs = [Message(RecordDict({"config": ConfigRecord(config)}), message_type=kind, dst_node_id=n) for n in nodes]
+        replies = grid.send_and_receive(msgs, timeout=60)
+        results[name] = [r.error.reason if r.has_error() else dict(r.content["info"]) for r in replies]
+    Path(str(rc["rogue-out"])).write_text(json.dumps(results, default=str))
+"""
+
+
+def test_a_rogue_run_reaches_no_site(deployment):
+    """An attacker holding only ca.pem: (a) the public port answers the Fleet API only — ListRuns,
+    StartRun, RegisterNode fail there (and work on the SuperLink's loopback port); (b) a run
+    started through the loopback Control API, with an app bundle of its own naming medgen's
+    ClientApp and a config of its choosing (images shared, its own cache folder), unsigned or with
+    the legitimate run's signature replayed, is refused by the site, before any data is read. The
+    signed study then completes."""
+    import httpx
+    from flwr.cli.build import build_fab_from_files
+    from flwr.proto.control_pb2 import ListRunsRequest, RegisterNodeRequest
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    from medgen.deployment.certs import load_public_key
+    from medgen.deployment.link import Control
+
+    d = deployment
+    run_dir, ca = d.tmp / "run", d.certs / "ca.pem"
+    run = RunDir(run_dir)
+    d.server("--out", run_dir, "--set", "federation.rounds=1", "--set", "sites.heldout=[]")
+    d.site("A")  # the study waits for B: meanwhile the attacker tries its runs
+    connected = lambda: {r["site"] for r in run.records() if r["phase"] == "query" and "error" not in r}
+    _wait_until(lambda: "A" in connected(), d, 240, "a query reply from A")
+    link_port = int(re.search(r"Control API and Runtime API on 127\.0\.0\.1:(\d+) only", d.output("server"))[1])
+    legit = json.loads((run_dir / "deployment" / "study-signature.json").read_text())
+    assert legit["study-signature"] and legit["study"] == "run"
+
+    # (a) the public port: no Control API, no Runtime API, no docs
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as web:
+        for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/register-node",
+                     "/v1/runtime/pull-messages", "/v1/fleet/../control/list-runs"):
+            assert web.post(f"https://localhost:{d.port}{path}", content=b"").status_code == 404, path
+        assert web.get(f"https://localhost:{d.port}/docs").status_code == 404
+        assert web.get(f"https://localhost:{d.port}/health").status_code == 200
+    outsider_key = public_key_to_bytes(load_public_key(d.outsider_key.with_suffix(".pub")))
+    public = Control(f"localhost:{d.port}", ca)
+    fab = build_fab_from_files({"pyproject.toml": ROGUE_PYPROJECT.encode(), "rogue.py": ROGUE_SERVERAPP.encode()})[0]
+    for attempt in (lambda: public.client.ListRuns(ListRunsRequest()),
+                    lambda: public.client.RegisterNode(RegisterNodeRequest(public_key=outsider_key, name="evil")),
+                    lambda: public.start_run(fab, {})):
+        with pytest.raises(Exception):
+            attempt()
+    public.close()
+
+    # (b) through the loopback Control API (someone on the coordinator's machine)
+    inside = Control(f"localhost:{link_port}", ca)
+    assert inside.run_status(legit["run-id"])[0] == "running"
+    attacker_cache = d.tmp / "attacker-cache"
+    cfg = load_config(None, TINY + ["sites.heldout=[]", f"data.cache_dir={attacker_cache}",
+                                    "evaluation.share_images=true"])
+    text = dump_config(cfg)
+    base = {"medgen-config": text, "round": 1, "state-root": str(d.tmp / "attacker-state"), "full": 1}
+    replayed = {**base, "study-signature": legit["study-signature"], "study-name": legit["study"]}
+    plan = {"unsigned": ["query", base], "replayed": ["query", replayed], "train": ["train", replayed]}
+    out = d.tmp / "rogue.json"
+    rogue_id = inside.start_run(fab, {"medgen-config": text, **server_handshake(cfg), "rogue-plan": json.dumps(plan),
+                                      "rogue-out": str(out)})
+    _wait_until(out.is_file, d, 180, "the rogue run's results")
+    results = json.loads(out.read_text())
+    assert "the run is not signed" in results["unsigned"][0]["refused"]
+    assert f"signed for run {legit['run-id']}, but this is run {rogue_id}" in results["replayed"][0]["refused"]
+    assert "study signature" in str(results["train"][0])
+    assert not attacker_cache.exists() and not (d.tmp / "attacker-state").exists()
+    inside.close()
+
+    d.site("B")  # the signed study goes on
+    assert d.wait("server", 240) == 0, d.output("server")[-4000:]
+    assert "REFUSED: study signature" in d.output("site-A")
+    trained = {r["site"] for r in run.records() if r["phase"] == "train" and "loss" in r}
+    assert trained == {"A", "B"} and run.status()["status"] == "completed"
 
 
 def test_a_site_is_accepted_only_from_the_node_of_its_registered_key(cohort, tmp_path):

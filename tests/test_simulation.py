@@ -91,3 +91,51 @@ def test_train_baselines(tmp_path, cache, where):
     bad = subprocess.run([MEDGEN, "evaluate", "--checkpoint", tmp_path / "nope.pt", "--data", folder],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "nope.pt: checkpoint file not found" in bad.stderr
+
+
+RAY_LISTENERS = """
+import ipaddress, json, logging, os, socket
+from medgen.deployment.procs import descendants
+from medgen.simulation import ray_loopback
+
+args = ray_loopback()
+import ray
+
+ray.init(include_dashboard=False, num_cpus=1, logging_level=logging.ERROR, **args)
+ray.get(ray.remote(lambda: 1).remote())
+pids = {os.getpid(), *descendants(os.getpid())}
+inodes = {}
+for pid in pids:
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes[target[8:-1]] = pid
+    except OSError:
+        pass
+found = []
+for table in ("tcp", "tcp6"):
+    for line in open(f"/proc/net/{table}").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN, one of Ray's processes
+            hexaddr, port = fields[1].split(":")
+            raw = b"".join(bytes.fromhex(hexaddr[i:i + 8])[::-1] for i in range(0, len(hexaddr), 8))
+            found.append([str(ipaddress.ip_address(raw)), int(port, 16)])
+ray.shutdown()
+print(json.dumps(found))
+"""
+
+
+def test_the_local_ray_listens_on_loopback_only():
+    """`medgen simulate`'s Ray (ray_loopback's init args): the GCS, the raylet and the workers
+    listen on 127.0.0.1, not on every interface (they do without these arguments)."""
+    import ipaddress
+
+    out = subprocess.run([sys.executable, "-c", RAY_LISTENERS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    listeners = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(listeners) >= 3, listeners  # GCS, raylet, a worker at least
+    for address, port in listeners:
+        ip = ipaddress.ip_address(address)
+        ip = ip.ipv4_mapped or ip if ip.version == 6 else ip
+        assert ip.is_loopback, f"Ray listens on {address}:{port}"

@@ -19,7 +19,9 @@ from medgen.client.app import app as client_app
 from medgen.client.policy import ensure_policy, policy_text, violations
 from medgen.client.task import site_data, site_seed, train_local
 from medgen.config import ConfigError, SitePolicy, dump_config, load_config, load_policy
+from medgen.deployment.certs import make_study_keys
 from medgen.deployment.handshake import server_handshake
+from medgen.deployment.signing import load_signing_key, sign_study
 from medgen.models import build_model
 from medgen.privacy.dp import SECRET_FILE, plan, secret_seed, site_secret
 from medgen.server.rundir import RunDir
@@ -29,10 +31,19 @@ from test_federation import TINY, LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401
 DP = ["privacy.enabled=true", "privacy.target_epsilon=8"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def study_key(tmp_path_factory):
+    """The coordinator's study-signing key; deployed sites below hold its study.pub."""
+    global SIGNING_KEY, STUDY_PUB
+    made = make_study_keys(tmp_path_factory.mktemp("study"))
+    SIGNING_KEY, STUDY_PUB = load_signing_key(made["study-key"]), made["study-pub"]
+
+
 def _deployed(cfg, folder: Path, state: Path, policy: SitePolicy | None) -> Context:
     """The context a SuperNode started by `medgen-client join` gives the ClientApp."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    node = {"site": "A", "data-dir": str(folder), "state-dir": str(state), "policy": str(state / "policy.yaml")}
+    node = {"site": "A", "data-dir": str(folder), "state-dir": str(state), "policy": str(state / "policy.yaml"),
+            "study-key": str(STUDY_PUB)}
     if policy is not None:
         state.mkdir(parents=True, exist_ok=True)
         (state / "policy.yaml").write_text(policy_text(policy))
@@ -40,9 +51,12 @@ def _deployed(cfg, folder: Path, state: Path, policy: SitePolicy | None) -> Cont
 
 
 def _message(cfg, kind, round_=1, arrays=None) -> Message:
+    """A server message of run 1, signed as medgen-server signs it."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    content = RecordDict({"config": ConfigRecord({"medgen-config": dump_config(cfg), "round": round_,
-                                                  "state-root": "/server/chosen", "full": 0})})
+    text = dump_config(cfg)
+    content = RecordDict({"config": ConfigRecord({"medgen-config": text, "round": round_,
+                                                  "state-root": "/server/chosen", "full": 0, "study-name": "study-1",
+                                                  "study-signature": sign_study(SIGNING_KEY, 1, "study-1", text)})})
     if arrays is not None:
         content["arrays"] = ArrayRecord(arrays)
     msg = Message(content=content, message_type=kind, dst_node_id=7)

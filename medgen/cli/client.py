@@ -37,6 +37,27 @@ def default_state_dir(site: str) -> Path:
     return base / "medgen" / "sites" / site
 
 
+def _study_key(args: argparse.Namespace) -> Path | None:
+    """The coordinator's study.pub this site checks every run against (None: --no-study-signature)."""
+    from medgen.deployment.certs import CertError
+    from medgen.deployment.signing import load_verify_key
+
+    if args.no_study_signature:
+        if not args.insecure:
+            raise CertError("--no-study-signature is only for an --insecure test deployment: a site with TLS serves "
+                            "only runs signed with the coordinator's study.pub (--study-key FILE)")
+        print("WARNING: --no-study-signature: this site serves ANY run, signed or not, started by whoever reaches "
+              "the server; use it only on a closed test network", file=sys.stderr, flush=True)
+        return None
+    path = args.study_key or (args.certs / "study.pub" if args.certs else None)
+    if path is None:
+        raise CertError("--study-key FILE is needed: the coordinator's study.pub (or --certs DIR with DIR/study.pub); "
+                        "the site serves only runs signed with it"
+                        + ("; on a closed test network, --no-study-signature serves unsigned runs" if args.insecure else ""))
+    load_verify_key(path, "--study-key")
+    return path.resolve()
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     from medgen.deployment.certs import CertError, check_cert, check_private_key, check_site_name
 
@@ -61,6 +82,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             raise CertError("TLS and site authentication need --ca CA.pem and --key SITE.key (or --certs DIR); "
                             "--insecure joins a server started with --insecure")
         ca, key = check_cert(ca, "--ca").resolve(), check_private_key(key).resolve()
+    study_key = _study_key(args)
     from medgen.deployment.node import NodeOptions, join
 
     from medgen.client.policy import ensure_policy, policy_text
@@ -72,7 +94,8 @@ def cmd_join(args: argparse.Namespace) -> int:
     else:
         print(f"site {site}: policy {policy_file}")
     opts = NodeOptions(site=site, server=args.server, data=data, ca=ca, key=key, state_dir=state_dir,
-                       port=args.port, worker=args.clientapp == "worker", policy=policy_file)
+                       port=args.port, worker=args.clientapp == "worker", policy=policy_file, study_key=study_key,
+                       allow_unsigned=args.no_study_signature)
     signal.signal(signal.SIGTERM, _on_sigterm)
     return join(opts)
 
@@ -121,9 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--site", required=True, help="this site's name, as in the study's sites.train / sites.heldout")
     j.add_argument("--server", help="the coordinator's SuperLink, HOST:PORT")
     j.add_argument("--data", type=Path, required=True, help="this site's folder of NIfTI scans")
-    j.add_argument("--certs", type=Path, help="folder with ca.pem and sites/<site>.key")
+    j.add_argument("--certs", type=Path, help="folder with ca.pem, study.pub and sites/<site>.key")
     j.add_argument("--ca", type=Path, help="the study's CA certificate (verifies the server)")
     j.add_argument("--key", type=Path, help="this site's private key (made by `medgen certs site NAME`)")
+    j.add_argument("--study-key", type=Path, help="the coordinator's study.pub: only runs signed with it are "
+                   "served (default <certs>/study.pub)")
+    j.add_argument("--no-study-signature", action="store_true",
+                   help="with --insecure only: serve unsigned runs (a closed test network)")
     j.add_argument("--state-dir", type=Path, help="where the site keeps its policy, privacy ledger, DP secret, "
                    "slice cache and logs (default ~/.local/state/medgen/sites/<site>)")
     j.add_argument("--policy", type=Path, help="the site's policy file (default <state-dir>/policy.yaml, written "

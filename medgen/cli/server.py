@@ -16,6 +16,20 @@ def _on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def study_key(args: argparse.Namespace):
+    """The study-signing key: ``--study-key`` or ``<certs>/study.key``; required unless --insecure
+    (then used when present)."""
+    from medgen.deployment.signing import SigningError, load_signing_key
+
+    path = args.study_key or (args.certs / "study.key" if args.certs else None)
+    if args.insecure and args.study_key is None and (path is None or not path.is_file()):
+        return None
+    if path is None:
+        raise SigningError("the study-signing key is needed: --study-key FILE or --certs DIR (DIR/study.key, made by "
+                           "`medgen certs init` or `medgen certs study`); --insecure runs unsigned")
+    return load_signing_key(path)
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     from medgen.deployment.server import ServerOptions, find_site_keys, prepare_run, serve, tls_from_certs
     from medgen.evaluation.report import build_report
@@ -27,11 +41,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     tls = keys = None
     if not args.insecure:
         tls = tls_from_certs(args.certs, args.ca, args.cert, args.key)
+    signing_key = study_key(args)
     cfg, run = prepare_run(cfg, args.out, args.resume, args.overrides)
     if not args.insecure:
         keys = find_site_keys(cfg, args.site_keys or (args.certs / "sites" if args.certs else None))
     opts = ServerOptions(host=args.address, port=args.port, tls=tls, site_keys=keys or {},
-                         state_db=args.state_db, health_timeout_s=args.health_timeout)
+                         state_db=args.state_db, health_timeout_s=args.health_timeout,
+                         study_key=signing_key, link_port=args.link_port)
     signal.signal(signal.SIGTERM, _on_sigterm)
     serve(cfg, run, opts)
     print(f"run directory: {run.path}\nreport: {build_report(run.path)}")
@@ -42,14 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medgen-server", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="start the SuperLink and run the study")
-    start.add_argument("--address", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
-    start.add_argument("--port", type=int, default=9092,
-                       help="the one port sites (and the Control API) connect to (default 9092)")
+    start.add_argument("--address", default="0.0.0.0", help="address of the sites' port (default 0.0.0.0: all); "
+                       "only the Fleet API and /health are served there")
+    start.add_argument("--port", type=int, default=9092, help="the one port the sites connect to (default 9092)")
+    start.add_argument("--link-port", type=int, help="the SuperLink's own port, on 127.0.0.1 only (Control and "
+                       "Runtime APIs; default: a free one)")
     start.add_argument("--certs", type=Path, help="folder made by `medgen certs init` (ca.pem, server.pem, "
-                       "server.key, sites/<site>.pub)")
+                       "server.key, study.key, sites/<site>.pub)")
     start.add_argument("--ca", type=Path, help="CA certificate (default <certs>/ca.pem)")
     start.add_argument("--cert", type=Path, help="server certificate (default <certs>/server.pem)")
     start.add_argument("--key", type=Path, help="server private key (default <certs>/server.key)")
+    start.add_argument("--study-key", type=Path, help="the study-signing private key that signs every run "
+                       "(default <certs>/study.key)")
     start.add_argument("--site-keys", type=Path, help="folder of the sites' public keys <site>.pub "
                        "(default <certs>/sites)")
     start.add_argument("--state-db", type=Path, help="SuperLink state database file (default: in memory)")

@@ -14,7 +14,6 @@ node's ``partition-id`` indexes ``sites.train + sites.heldout``, the folder is
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from medgen.client.task import evaluate_local, local_steps, proximal_term, site_
 from medgen.config import Config, SitePolicy, load_config_text, load_policy
 from medgen.data.check import counts_text, scan_headers
 from medgen.data.errors import DataError, SiteDataError
+from medgen.deployment.signing import check_study, study_identity
 from medgen.data.sites import discover_site
 from medgen.deployment.handshake import check_handshake
 from medgen.evaluation.site import evaluate_site
@@ -85,12 +85,6 @@ def site_cache(site: Site) -> Path | None:
     return own or Path(os.environ.get("MEDGEN_CACHE_DIR") or site.state / "cache")
 
 
-def study_identity(config: dict) -> tuple[str, str]:
-    """(study name, config fingerprint) of a message: what a policy's ``allowed_studies`` names."""
-    text = str(config["medgen-config"])
-    return str(config.get("study-name", "")), hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 class SiteFailure(RuntimeError):
     """What a site reports to the server instead of its result; the text names the site."""
 
@@ -105,8 +99,9 @@ _KIND = {MessageType.QUERY: "query", MessageType.TRAIN: "train", MessageType.EVA
 
 
 def _handler(fn):
-    """Bind the node to its site and check the study (handshake, the site's policy) before any
-    data is read; put back what the site owns (its cache, its image policy); run
+    """Bind the node to its site and check the run before any data is read — the version
+    handshake and the study signature (both required at a deployed site), then the site's
+    policy; put back what the site owns (its cache, what it reads, its image policy); run
     ``fn(msg, cfg, site, round)``. Every reply, refusal and error goes to the site's sent-message
     log before it leaves; an error's text names the problem, not the site's paths (the site's own
     log, stderr, keeps them)."""
@@ -123,7 +118,9 @@ def _handler(fn):
             raise SiteFailure(f"{type(e).__name__}: {sent_log.redact(str(e))}") from None
         kind, round_ = msg.metadata.message_type, int(config.get("round", 0))
         entry = {"run": int(context.run_id), "kind": _KIND.get(kind, kind), "round": round_}
-        refusal = check_handshake(dict(context.run_config), cfg)
+        node_config = dict(context.node_config)
+        refusal = check_handshake(dict(context.run_config), cfg, required=site.deployed) \
+            or check_study(node_config, context.run_id, dict(config))
         if refusal is None and site.policy is not None:
             found = violations(cfg, site.policy, site.name, study_identity(dict(config)))
             refusal = refusal_text(site.name, found) if found else None

@@ -2,20 +2,27 @@
 
     DIR/ca.pem, ca.key            the study's certificate authority (keep ca.key offline)
     DIR/server.pem, server.key    the SuperLink's TLS certificate (localhost + the given host names)
+    DIR/study.key, study.pub      the coordinator's study-signing key pair (Ed25519, PEM): the
+                                  server signs every run with study.key, the sites check it with
+                                  study.pub (medgen/deployment/signing.py)
     DIR/sites/A.key, A.pub        site A's SuperNode key pair (EC P-384, OpenSSH format): the
                                   private key stays at the site, the public key is registered
                                   with the server
 
-Only ``ca.pem`` and ``sites/<site>.key`` go to a site; the server needs ``ca.pem``, ``server.*``
-and every ``sites/*.pub``.
+Only ``ca.pem``, ``study.pub`` and ``sites/<site>.key`` go to a site; the server needs ``ca.pem``,
+``server.*``, ``study.key`` and every ``sites/*.pub``. Every private key is written to a new file
+of random name in the target folder (``O_CREAT|O_EXCL``, mode 0600) and then renamed over the
+target: a file or link planted beside it can neither read nor redirect the key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -32,12 +39,22 @@ class CertError(ValueError):
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a fresh temporary file in the same folder (mkstemp:
+    O_CREAT|O_EXCL, mode 0600, random name), renamed over ``path``; public files end up 0644."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if not private:
+                os.fchmod(f.fileno(), 0o644)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -93,7 +110,21 @@ def init_ca(out: str | Path, hosts: list[str] | tuple[str, ...] = (), days: int 
             "ca-key": _write(out / "ca.key", _pem_key(ca_key), private=True),
             "cert": _write(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM)),
             "key": _write(out / "server.key", _pem_key(key), private=True),
+            **make_study_keys(out, force=True),
             "hosts": names}
+
+
+def make_study_keys(out: str | Path, force: bool = False) -> dict[str, Path]:
+    """The coordinator's study-signing key pair ``study.key`` (0600) / ``study.pub`` (Ed25519)."""
+    from medgen.deployment.signing import make_study_key
+
+    out = Path(out)
+    if (out / "study.key").exists() and not force:
+        raise CertError(f"{out / 'study.key'} already exists: a new key invalidates every site's study.pub "
+                        f"(use --force to replace it, then send the new study.pub to every site)")
+    private, public = make_study_key()
+    return {"study-key": _write(out / "study.key", private, private=True),
+            "study-pub": _write(out / "study.pub", public)}
 
 
 def check_site_name(site: str) -> str:

@@ -31,10 +31,15 @@ def server_handshake(cfg: Config) -> dict[str, str]:
     return {"medgen-version": medgen_version(), "model-fingerprint": model_fingerprint(cfg)}
 
 
-def check_handshake(run_config: dict, cfg: Config) -> str | None:
-    """Why this site must refuse the run, or None. A run config without handshake keys (the
-    simulation) passes."""
+def check_handshake(run_config: dict, cfg: Config, required: bool = True) -> str | None:
+    """Why this site must refuse the run, or None. A deployed site (``required``) refuses a run
+    config without the handshake keys. The simulation (``required=False``) has none: Flower 1.41's
+    ``run_simulation`` takes no run config, and its ServerApp and ClientApps are the same installed
+    medgen in one process tree, so there is nothing to mismatch."""
     theirs = str(run_config.get("medgen-version") or "")
+    if required and not (theirs and run_config.get("model-fingerprint")):
+        return ("version handshake missing: the run config has no medgen-version / model-fingerprint "
+                "(runs are started with `medgen-server start`)")
     if theirs and theirs != medgen_version():
         return (f"medgen version mismatch: the server runs medgen {theirs}, this site has medgen "
                 f"{medgen_version()}; install the same version at both ends")

@@ -1,15 +1,19 @@
-"""The SuperLink side: start ``flower-superlink`` as a child, wait on its health endpoint, and talk
-to its Control API (register site keys, submit the run, follow it, stop it).
+"""The SuperLink side: start ``flower-superlink`` as a child on loopback and the fleet-only proxy
+on the public address, wait on their health endpoints, and talk to the SuperLink's Control API
+(register site keys, submit the run, follow it, stop it).
 
 In Flower 1.41 one HTTPS port serves everything: the Fleet API (SuperNodes), the Control API
 (``flwr`` CLI: register nodes, start / stop runs, read logs) and the Runtime API (the ServerApp
 process), plus ``GET /health``. The Control API has no login in the open-source build: anyone who
-can reach the port can start runs and register nodes — see README "Deployment".
+can reach that port can start runs and register nodes. So the SuperLink listens on 127.0.0.1
+only, and the public port is ``medgen/deployment/proxy.py``, which forwards the Fleet API and
+``/health`` and nothing else — see README "Deployment".
 """
 
 from __future__ import annotations
 
 import ssl
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +47,10 @@ def url(address: str, tls: bool) -> str:
     return f"{'https' if tls else 'http'}://{address}"
 
 
-def wait_healthy(address: str, ca: Path | None, timeout: float, child: Child | None = None) -> float:
-    """Poll ``GET /health`` until it answers 200; returns the seconds waited."""
+def wait_healthy(address: str, ca: Path | None, timeout: float, child: Child | None = None,
+                 sni_hostname: str | None = None) -> float:
+    """Poll ``GET /health`` until it answers 200; returns the seconds waited. ``sni_hostname``:
+    the name to check the server certificate against, when ``address`` is a bare IP address."""
     t0 = time.monotonic()
     verify = _verify(ca)
     last = ""
@@ -53,7 +59,10 @@ def wait_healthy(address: str, ca: Path | None, timeout: float, child: Child | N
             raise DeploymentError(f"{child.name} exited with code {child.proc.returncode} before it was healthy; "
                                   f"its log ({child.log_file}) ends:\n{child.tail()}")
         try:
-            if httpx.get(f"{url(address, ca is not None)}/health", verify=verify, timeout=2.0).status_code == 200:
+            extensions = {"sni_hostname": sni_hostname} if sni_hostname and ca is not None else {}
+            with httpx.Client(verify=verify, timeout=2.0) as client:
+                status = client.get(f"{url(address, ca is not None)}/health", extensions=extensions).status_code
+            if status == 200:
                 return time.monotonic() - t0
         except httpx.HTTPError as e:
             last = f"{type(e).__name__}: {e}"
@@ -74,6 +83,17 @@ def start_superlink(host: str, port: int, tls: TLS | None, state_db: Path | None
     if state_db is not None:
         cmd += ["--database", str(state_db)]
     return Child("SuperLink", cmd, log_file, env=flower_env(flwr_home))
+
+
+def start_proxy(listen: str, upstream: str, tls: TLS | None, log_file: Path) -> Child:
+    """The fleet-only reverse proxy (medgen/deployment/proxy.py) on ``listen`` (HOST:PORT) in front
+    of the SuperLink at ``upstream`` (127.0.0.1:PORT)."""
+    cmd = [sys.executable, "-m", "medgen.deployment.proxy", "--listen", listen, "--upstream", upstream]
+    if tls is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--cert", str(tls.cert), "--key", str(tls.key), "--ca", str(tls.ca)]
+    return Child("fleet proxy", cmd, log_file, env=flower_env())
 
 
 class Control:

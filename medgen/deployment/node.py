@@ -1,6 +1,7 @@
 """`medgen-client join`: a site's side of a real deployment — one SuperNode bound to the site's
-data through its node config (``site``, ``data-dir``, ``state-dir``, ``policy``). The site's
-policy, privacy ledger, DP secret, sent-message log, slice cache and Flower files stay in
+data through its node config (``site``, ``data-dir``, ``state-dir``, ``policy``; ``study-key``, the
+coordinator's study.pub that every run must be signed with, or ``allow-unsigned-studies``). The
+site's policy, privacy ledger, DP secret, sent-message log, slice cache and Flower files stay in
 ``--state-dir``. While the server is not up (or the
 connection drops) the SuperNode is restarted with exponential back-off; a key the server keeps
 refusing, or a bad flag, stops it with the reason."""
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from medgen.deployment.link import DeploymentError
 from medgen.deployment.procs import Child, flower_bin, flower_env, free_port
+from medgen.deployment.signing import NODE_KEY, NODE_UNSIGNED
 
 # What a SuperNode's log says when the SuperLink turns its key away, and when it gives up.
 # (Flower 1.41: "[code: 2004] Failed to activate SuperNode." and exit code 305.)
@@ -38,6 +40,8 @@ class NodeOptions:
     max_refusals: int = 3  # the key may be registered a moment after the SuperLink is up
     worker: bool = True  # one long-lived ClientApp process (medgen/deployment/worker.py), not one per message
     policy: Path | None = None  # the site's policy file (default <state_dir>/policy.yaml)
+    study_key: Path | None = None  # the coordinator's study.pub: the site serves only runs signed with it
+    allow_unsigned: bool = False  # --insecure --no-study-signature: serve unsigned runs (a closed test network)
 
     @property
     def policy_file(self) -> Path:
@@ -45,10 +49,17 @@ class NodeOptions:
 
 
 def node_config(opts: NodeOptions) -> str:
+    """The SuperNode's ``--node-config`` text (what the ClientApp reads as ``context.node_config``)."""
     def q(v) -> str:
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return (f"site={q(opts.site)} data-dir={q(opts.data)} state-dir={q(opts.state_dir)} "
+
+    text = (f"site={q(opts.site)} data-dir={q(opts.data)} state-dir={q(opts.state_dir)} "
             f"policy={q(opts.policy_file)}")
+    if opts.study_key is not None:
+        text += f" {NODE_KEY}={q(opts.study_key)}"
+    if opts.allow_unsigned:
+        text += f" {NODE_UNSIGNED}={q('true')}"
+    return text
 
 
 def supernode_command(opts: NodeOptions, port: int) -> list[str]:

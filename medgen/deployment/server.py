@@ -1,14 +1,19 @@
 """`medgen-server start`: the coordinator's side of a real deployment.
 
 1. the run directory (as `medgen simulate`: a new one, or ``--resume`` an old one);
-2. a SuperLink child (TLS, SuperNode authentication), waited on through ``GET /health``;
+2. a SuperLink child (TLS, SuperNode authentication) on ``127.0.0.1:<free port>`` only, and the
+   fleet-only proxy child (``proxy.py``) on the public ``--address/--port``, both waited on
+   through ``GET /health``: the Control and Runtime APIs are not reachable from the network;
 3. every site's public key (``<certs>/sites/<site>.pub``) registered with the SuperLink;
 4. the medgen ServerApp submitted as a run (a FAB naming ``medgen.server.app:app``; the medgen
-   config, the run directory and the handshake travel in the run config);
+   config, the run directory and the handshake travel in the run config); once the SuperLink has
+   given it a run id, the run is signed with the study key and the signature handed over to the
+   ServerApp (``signing.py``), which sends it with every message;
 5. progress followed (the ServerApp writes ``<run>/server.log``) until the run finishes; then
    every child is stopped, whatever happened (also on Ctrl-C / SIGTERM).
 
-Everything Flower writes goes under ``<run>/deployment/`` (SuperLink log, Flower home).
+Everything Flower writes goes under ``<run>/deployment/`` (SuperLink and proxy logs, Flower home,
+the signature hand-over).
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medgen.config import Config, dump_config
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from medgen.config import Config, dump_config, load_config_text
 from medgen.deployment.certs import CertError, check_cert, load_public_key, site_public_keys
 from medgen.deployment.fab import build_fab
 from medgen.deployment.handshake import server_handshake
-from medgen.deployment.link import TLS, Control, DeploymentError, start_superlink, wait_healthy
-from medgen.deployment.procs import port_free, shielded
+from medgen.deployment.link import TLS, Control, DeploymentError, start_proxy, start_superlink, wait_healthy
+from medgen.deployment.procs import free_port, port_free, shielded
+from medgen.deployment.signing import hand_over, sign_study
 from medgen.server.errors import FederationError
 from medgen.server.rundir import RunDir, open_run
 
@@ -35,7 +43,8 @@ class ServerOptions:
     site_keys: dict[str, Path] = field(default_factory=dict)  # site -> OpenSSH public key
     state_db: Path | None = None
     health_timeout_s: float = 60.0
-    connect_address: str | None = None  # how this process reaches the SuperLink (default: localhost:port)
+    study_key: Ed25519PrivateKey | None = None  # signs every run; None: unsigned (--insecure only)
+    link_port: int | None = None  # the SuperLink's own port on 127.0.0.1 (default: a free one)
 
 
 def tls_from_certs(certs: Path | None, ca: Path | None, cert: Path | None, key: Path | None) -> TLS:
@@ -108,20 +117,32 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
         raise CertError(f"public keys are needed for every site: {sorted(cfg.sites.all)}")
     if not port_free(opts.host, opts.port):
         raise DeploymentError(f"--port {opts.port}: something already listens on {opts.host}:{opts.port}")
+    if opts.link_port and (opts.link_port == opts.port or not port_free("127.0.0.1", opts.link_port)):
+        raise DeploymentError(f"--link-port {opts.link_port}: already in use on 127.0.0.1 (or the same as --port)")
     work = run.path / "deployment"
     work.mkdir(parents=True, exist_ok=True)
-    address = opts.connect_address or f"{'localhost' if opts.tls else '127.0.0.1'}:{opts.port}"
-    link = start_superlink(opts.host, opts.port, opts.tls, opts.state_db, work / "superlink.log", work / "flwr-home",
-                           auth=opts.tls is not None)
+    link_port = opts.link_port or free_port("127.0.0.1")
+    address = f"{'localhost' if opts.tls else '127.0.0.1'}:{link_port}"
+    ca = opts.tls.ca if opts.tls else None
+    link = start_superlink("127.0.0.1", link_port, opts.tls, opts.state_db, work / "superlink.log",
+                           work / "flwr-home", auth=opts.tls is not None)
+    proxy = None
     control = None
     run_id = None
     interrupted = False
     follower = Follower(run.path / "server.log", log)
     try:
-        waited = wait_healthy(address, opts.tls.ca if opts.tls else None, opts.health_timeout_s, link)
-        log(f"SuperLink up on {opts.host}:{opts.port} ({'TLS, SuperNode authentication' if opts.tls else 'INSECURE: no TLS, no authentication'}; "
-            f"{waited:.1f} s; log {link.log_file})")
-        control = Control(address, opts.tls.ca if opts.tls else None)
+        waited = wait_healthy(address, ca, opts.health_timeout_s, link)
+        proxy = start_proxy(_join(opts.host, opts.port), f"127.0.0.1:{link_port}", opts.tls, work / "proxy.log")
+        waited += wait_healthy(_join(_reachable(opts.host), opts.port), ca, opts.health_timeout_s, proxy,
+                               sni_hostname="localhost")
+        log(f"SuperLink up: fleet API on {opts.host}:{opts.port} "
+            f"({'TLS, SuperNode authentication' if opts.tls else 'INSECURE: no TLS, no authentication'}; "
+            f"only /v1/fleet/* and /health are forwarded); Control API and Runtime API on "
+            f"127.0.0.1:{link_port} only ({waited:.1f} s; logs {link.log_file}, {proxy.log_file})")
+        if opts.study_key is None:
+            log("WARNING: no study key: runs are NOT signed; only sites joined with --no-study-signature serve them")
+        control = Control(address, ca)
         nodes = {}
         for site, key in opts.site_keys.items():
             nodes[site] = control.register(key, name=f"site-{site}")
@@ -129,12 +150,17 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
         run_config = {"medgen-config": dump_config(cfg), "run-dir": str(run.path), **server_handshake(cfg),
                       "site-nodes": ",".join(f"{s}={n}" for s, n in nodes.items())}
         run_id = control.start_run(build_fab(run_config["medgen-version"]), run_config)
-        log(f"run {run_id} submitted; run directory {run.path}; waiting for the sites "
-            f"({', '.join(cfg.sites.all)})")
+        sent_text = dump_config(load_config_text(run_config["medgen-config"]))  # what the ServerApp sends
+        token = sign_study(opts.study_key, run_id, run.path.name, sent_text) if opts.study_key else ""
+        hand_over(run.path, run_id, run.path.name, token)
+        log(f"run {run_id} submitted{' and signed' if token else ''} (study {run.path.name}); run directory "
+            f"{run.path}; waiting for the sites ({', '.join(cfg.sites.all)})")
         while True:
             follower.poll()
-            if not link.running():
-                raise DeploymentError(f"the SuperLink exited (code {link.proc.returncode}); its log ends:\n{link.tail()}")
+            for child in (link, proxy):
+                if not child.running():
+                    raise DeploymentError(f"the {child.name} exited (code {child.proc.returncode}); its log "
+                                          f"({child.log_file}) ends:\n{child.tail()}")
             status, sub_status, details = control.run_status(run_id)
             if status == "finished":
                 follower.poll()
@@ -162,12 +188,23 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
                         pass
                 control.close()
             link.stop()
+            if proxy is not None:
+                proxy.stop()
             # after the ServerApp is gone: its own last words (e.g. a push error as the link went
             # down) must not hide that the coordinator stopped the run
             if interrupted and run.status().get("status") != "completed":
                 run.set_status("failed", round=_last_round(run),
                                error=f"stopped by the coordinator ({interrupted}); continue with --resume {run.path}")
                 log(f"stopping: continue later with `medgen-server start --resume {run.path}`")
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reachable(host: str) -> str:
+    """Where this machine reaches a server listening on ``host``."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 def _last_round(run: RunDir) -> int:

@@ -21,7 +21,8 @@ def make_server_app(cfg: Config, run: RunDir) -> ServerApp:
 
 
 # Deployment: `medgen-server start` submits this app to the SuperLink (see medgen/deployment/fab.py);
-# the run config carries the medgen config (YAML text) and the run directory.
+# the run config carries the medgen config (YAML text) and the run directory; medgen-server hands
+# over the run's study signature (medgen/deployment/signing.py), which goes into every message.
 app = ServerApp()
 
 
@@ -29,6 +30,7 @@ app = ServerApp()
 def deployed(grid: Grid, context: Context) -> None:
     from medgen.config import load_config_text
     from medgen.deployment.grid import quick_replies
+    from medgen.deployment.signing import wait_for_signature
     from medgen.server.errors import FederationError
     from medgen.server.rundir import FileLog
 
@@ -36,6 +38,7 @@ def deployed(grid: Grid, context: Context) -> None:
     if not rc.get("medgen-config") or not rc.get("run-dir"):
         raise FederationError("the run config lacks medgen-config / run-dir: start runs with `medgen-server start`")
     run = RunDir(str(rc["run-dir"]))
+    study = wait_for_signature(run.path, context.run_id)  # medgen-server signs the run once it has its id
     site_nodes = dict(pair.split("=") for pair in str(rc.get("site-nodes") or "").split(",") if pair)
     run_federation(quick_replies(grid), load_config_text(str(rc["medgen-config"])), run,
-                   FileLog(run.path / "server.log"), {site: int(node) for site, node in site_nodes.items()})
+                   FileLog(run.path / "server.log"), {site: int(node) for site, node in site_nodes.items()}, study)

@@ -41,9 +41,10 @@ def _summary(metrics: dict) -> str:
 
 class Federation:
     def __init__(self, grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print,
-                 site_nodes: dict[str, int] | None = None):
+                 site_nodes: dict[str, int] | None = None, extra_config: dict[str, str] | None = None):
         self.grid, self.cfg, self.run, self.log = grid, cfg, run, log
         self.site_nodes = site_nodes or {}  # deployment: the node each site's registered key belongs to
+        self.extra_config = dict(extra_config or {})  # deployment: the study signature, in every message
         self.config_text = dump_config(cfg)
         self.nodes: dict[str, int] = {}
         self.declared: dict[str, int] = {}  # training slices each site said it holds when it connected
@@ -55,7 +56,7 @@ class Federation:
     # ----------------------------------------------------------------- messaging
     def _message(self, node: int, kind: str, round_: int, state: State | None = None, full: bool = False) -> Message:
         config = {"medgen-config": self.config_text, "round": round_, "state-root": str(self.run.path / "sites"),
-                  "study-name": self.run.path.name, "full": int(full)}
+                  "study-name": self.run.path.name, "full": int(full), **self.extra_config}
         content = RecordDict({"config": ConfigRecord(config)})
         if state is not None:
             content["arrays"] = ArrayRecord(state)
@@ -264,12 +265,13 @@ def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, 
 
 
 def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print,
-                   site_nodes: dict[str, int] | None = None) -> State:
+                   site_nodes: dict[str, int] | None = None, extra_config: dict[str, str] | None = None) -> State:
     """Run (or resume) the federation; the run directory's status says how it ended. With
     ``site_nodes`` (a deployment with SuperNode authentication) a site is accepted only from the
-    node its registered key belongs to."""
+    node its registered key belongs to; ``extra_config`` goes into every message's config (the
+    study signature, medgen/deployment/signing.py)."""
     run.set_status("running")
-    federation = Federation(grid, cfg, run, log, site_nodes)
+    federation = Federation(grid, cfg, run, log, site_nodes, extra_config)
     try:
         state = federation.run_rounds()
     except Exception as e:
