@@ -88,7 +88,8 @@ def budget(policy: SitePolicy | None, cfg: Config, site: str) -> tuple[float | N
 def policy_summary(policy: SitePolicy) -> str:
     """What the policy allows, for the coordinator (its paths stay at the site)."""
     shown = policy.model_dump(mode="json", exclude={"cache_dir", "inception_weights"})
-    return ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else json.dumps(v)}" for k, v in shown.items())
+    return ", ".join(f"{k}={(','.join(map(str, v)) or 'any') if isinstance(v, list) else json.dumps(v)}"
+                     for k, v in shown.items())
 
 
 def refusal_text(site: str, found: list[str]) -> str:

@@ -134,22 +134,24 @@ def _read_manifest_rows(path: Path) -> list[dict]:
 
 def _manifest_file(manifest: Path, row_no: int, column: str, value: str,
                    cfg: DataConfig) -> tuple[Path | None, DataError | None]:
-    """The file a manifest cell names, resolved through symlinks: (path, None), or (None, the
-    problem) when it lies outside the site folder (unless ``data.allow_external_paths``) or is
-    not a readable file."""
+    """The file a manifest cell names, as named in the folder: (path, None), or (None, the
+    problem) when its path leads outside the site folder (``../``, an absolute path elsewhere;
+    unless ``data.allow_external_paths``) or is not a readable file. A symlink inside the folder
+    is followed wherever it points: the site put it there, as it wrote the manifest."""
     folder = manifest.parent.resolve()
     where = f"listed in {manifest.name} row {row_no} ({column})"
+    named = Path(os.path.normpath(folder / value))
+    if not cfg.allow_external_paths and not named.is_relative_to(folder):
+        return None, DataError(manifest, f"row {row_no} ({column}): {value!r} leads outside the site folder "
+                                         f"({named}); set data.allow_external_paths: true to allow it")
     try:
-        file = (folder / value).resolve()
+        named.resolve(strict=False)
     except (RuntimeError, OSError):  # a symlink loop
         return None, DataError(folder / value, f"{where} but is a symlink loop")
-    if not cfg.allow_external_paths and not file.is_relative_to(folder):
-        return None, DataError(manifest, f"row {row_no} ({column}): {value!r} resolves to {file}, outside the "
-                                         "site folder; set data.allow_external_paths: true to allow it")
     problem = file_problem(folder / value)
     if problem is not None:
         return None, DataError(problem.path, f"{where} but {problem.problem}")
-    return file, None
+    return named, None
 
 
 def _from_manifest(path: Path, cfg: DataConfig) -> SiteListing:
@@ -171,10 +173,10 @@ def _from_manifest(path: Path, cfg: DataConfig) -> SiteListing:
         if row_problems:  # a row is used whole or not at all: never a lesion scan without its mask
             continue
         scan_id = _scan_id(files["image"], folder.resolve())
-        if files["image"] in seen:
+        if (real := files["image"].resolve()) in seen:  # also one file named twice through a link
             problems.append(DataError(path, f"row {row_no}: image {image_field!r} appears twice"))
             continue
-        seen.add(files["image"])
+        seen.add(real)
         subject = str(row.get("subject") or "").strip() or _stem(files["image"])
         scans.append(Scan(scan_id, files["image"], files["mask"], files["brain_mask"], label, subject))
     return SiteListing(folder, "manifest", scans, problems)

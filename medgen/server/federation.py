@@ -49,6 +49,7 @@ class Federation:
         self.nodes: dict[str, int] = {}
         self.declared: dict[str, int] = {}  # training slices each site said it holds when it connected
         self.strangers: set[int] = set()  # nodes naming a site the study does not have: not asked again
+        self.refusals: dict[str, str] = {}  # sites that refused the study when asked, and why
         self.exhausted: set[str] = set()  # sites that refused to train (privacy budget spent, or their policy)
         self.last_round = 0
         self.stopped: str | None = None
@@ -106,6 +107,7 @@ class Federation:
                     if "refused" in info:
                         self.log(f"site {site}: REFUSED the study (left out, asked again next round): {info['refused']}")
                         self.run.log(0, site, "query", {"refused": str(info["refused"]), **policy})
+                        self.refusals[site] = str(info["refused"])
                         continue
                     if "error" in info:
                         self.log(f"site {site}: left out for now: {info['error']}")
@@ -120,6 +122,7 @@ class Federation:
                         continue
                     if self.nodes.get(site, node) != node and self.nodes[site] in node_ids:
                         raise FederationError(f"two nodes claim site {site!r}")
+                    self.refusals.pop(site, None)
                     self.nodes[site] = reply.metadata.src_node_id
                     summary = dict(reply.content["metrics"])
                     if isinstance(summary.get("train-examples"), (int, float)):
@@ -164,7 +167,8 @@ class Federation:
             if round_ > start and not set(cfg.sites.all) <= self.nodes.keys():
                 self.discover_sites(wait=False)  # a site that failed or joined late gets another chance
             for site in sorted(set(cfg.sites.train) - self.nodes.keys()):
-                run.log(round_, site, "train", {"error": "site not connected"})
+                run.log(round_, site, "train", {"refused": self.refusals[site]} if site in self.refusals
+                        else {"error": "site not connected"})
             willing = [s for s in cfg.sites.train if s not in self.exhausted]
             msgs = {s: self._message(self.nodes[s], MessageType.TRAIN, round_, aggregator.payload(s, state))
                     for s in willing if s in self.nodes}
