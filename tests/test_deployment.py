@@ -497,6 +497,47 @@ def test_loopback_deployment(deployment):
     assert (d.tmp / "state-A" / "supernode.log").is_file() and (d.tmp / "state-A" / "flwr-home").is_dir()
 
 
+def test_sigkilled_coordinator_and_site_leave_nothing_running(deployment):
+    """SIGKILL medgen-server after round 1: its SuperLink, proxy, SuperExec and ServerApp end too
+    and the port comes free; SIGKILL a site: its SuperNode and worker end. Both start again at
+    once, and `--resume` finishes the study."""
+    from medgen.deployment.procs import descendants, port_free
+    from medgen.watchdog import _start_time
+
+    d = deployment
+    run_dir = d.tmp / "run"
+    run = RunDir(run_dir)
+    d.server("--out", run_dir, "--set", "federation.rounds=2")
+    d.site("A"), d.site("B"), d.site("C")
+    _wait_until((run_dir / "checkpoints" / "round-0001.pt").is_file, d, 240, "round-0001.pt")
+
+    def kill(name: str) -> list[int]:
+        below = [p for p in descendants(d.procs[name].pid) if "medgen.watchdog" not in _cmdline(p)]
+        assert below, f"{name} has no children"
+        d.procs[name].send_signal(signal.SIGKILL)
+        d.procs[name].wait()
+        deadline = time.monotonic() + 30
+        while [p for p in below if _start_time(p)] and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert not [_cmdline(p) for p in below if _start_time(p)], f"{name}'s children live on"
+        return below
+
+    assert len(kill("server")) >= 3  # SuperLink, proxy, SuperExec / ServerApp
+    assert port_free("127.0.0.1", d.port)
+    kill("site-C")
+    d.site("C")
+    d.server("--resume", run_dir, name="server-2")
+    assert d.wait("server-2", 300) == 0, d.output("server-2")[-4000:]
+    assert load_checkpoint(run.last_checkpoint())["round"] == 2 and run.status()["status"] == "completed"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_deployed_sites_enforce_their_own_policies(deployment):
     """Two studies on the same running sites. Study 1 trains with DP-SGD at ε = 8: site A (default
     policy, lifetime budget 10) trains, site B (budget 5) refuses naming max_epsilon, held-out C

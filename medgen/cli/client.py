@@ -11,6 +11,7 @@ from pathlib import Path
 
 from medgen.cli.main import _config_args, run_command
 from medgen.config import ConfigError, load_config
+from medgen.watchdog import guard
 
 SHARED = """\
 What this site sends to the server (nothing else leaves it; each message is logged first in
@@ -97,6 +98,7 @@ def cmd_join(args: argparse.Namespace) -> int:
                        port=args.port, worker=args.clientapp == "worker", policy=policy_file, study_key=study_key,
                        allow_unsigned=args.no_study_signature)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    guard()  # the SuperNode and the ClientApp worker end with this process, even on SIGKILL
     return join(opts)
 
 

@@ -63,6 +63,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from medgen.simulation import simulate
+    from medgen.watchdog import guard
+
+    guard()  # Ray's processes end with this one, even on SIGKILL
 
     if args.resume:
         if args.config:

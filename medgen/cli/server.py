@@ -10,6 +10,7 @@ from pathlib import Path
 
 from medgen.cli.main import _config_args, run_command
 from medgen.config import ConfigError, load_config
+from medgen.watchdog import guard
 
 
 def _on_sigterm(signum, frame):
@@ -49,6 +50,7 @@ def cmd_start(args: argparse.Namespace) -> int:
                          state_db=args.state_db, health_timeout_s=args.health_timeout,
                          study_key=signing_key, link_port=args.link_port)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    guard()  # the SuperLink, proxy and ServerApp end with this process, even on SIGKILL
     serve(cfg, run, opts)
     print(f"run directory: {run.path}\nreport: {build_report(run.path)}")
     return 0

@@ -43,6 +43,7 @@ class ServerOptions:
     site_keys: dict[str, Path] = field(default_factory=dict)  # site -> OpenSSH public key
     state_db: Path | None = None
     health_timeout_s: float = 60.0
+    port_wait_s: float = 10.0  # how long a taken --port may take to come free
     study_key: Ed25519PrivateKey | None = None  # signs every run; None: unsigned (--insecure only)
     link_port: int | None = None  # the SuperLink's own port on 127.0.0.1 (default: a free one)
 
@@ -115,6 +116,9 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
     returning or raising (KeyboardInterrupt / SystemExit included)."""
     if opts.tls is not None and set(opts.site_keys) != set(cfg.sites.all):
         raise CertError(f"public keys are needed for every site: {sorted(cfg.sites.all)}")
+    deadline = time.monotonic() + opts.port_wait_s  # a killed predecessor's processes may still be stopping
+    while not port_free(opts.host, opts.port) and time.monotonic() < deadline:
+        time.sleep(0.5)
     if not port_free(opts.host, opts.port):
         raise DeploymentError(f"--port {opts.port}: something already listens on {opts.host}:{opts.port}")
     if opts.link_port and (opts.link_port == opts.port or not port_free("127.0.0.1", opts.link_port)):
