@@ -139,3 +139,33 @@ def test_the_local_ray_listens_on_loopback_only():
         ip = ipaddress.ip_address(address)
         ip = ip.ipv4_mapped or ip if ip.version == 6 else ip
         assert ip.is_loopback, f"Ray listens on {address}:{port}"
+
+
+def test_a_sigkilled_simulate_leaves_no_ray_process_and_resumes(tmp_path, cache):
+    """SIGKILL `medgen simulate` once round 1 is checkpointed: Ray's GCS, raylet and workers end
+    with it, and `--resume` finishes the study."""
+    import signal
+    import time
+
+    from medgen.deployment.procs import descendants
+    from medgen.watchdog import _start_time
+
+    run_dir = tmp_path / "run"
+    sets = [x for kv in TINY + [f"data.cache_dir={cache}", "federation.rounds=3"] for x in ("--set", kv)]
+    proc = subprocess.Popen([MEDGEN, "simulate", "--out", str(run_dir), *sets], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "round-0001.pt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "no round 1"
+        time.sleep(0.2)
+    below = descendants(proc.pid)
+    assert any("raylet" in Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in below if _start_time(p))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while [p for p in below if _start_time(p)] and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not [p for p in below if _start_time(p)], "Ray processes live on"
+    out = medgen("simulate", "--resume", run_dir, cache=cache)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert load_checkpoint(RunDir(run_dir).last_checkpoint())["round"] == 3
