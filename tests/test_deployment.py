@@ -531,6 +531,30 @@ def test_sigkilled_coordinator_and_site_leave_nothing_running(deployment):
     assert load_checkpoint(run.last_checkpoint())["round"] == 2 and run.status()["status"] == "completed"
 
 
+def test_a_site_whose_supernode_crashed_rejoins(deployment):
+    """Site B's SuperNode is SIGKILLed mid-study: medgen-client starts it again; the SuperLink turns
+    it away while it still counts the dead node as online, which the site waits out instead of
+    taking it for a key refusal; B trains again in a later round."""
+    from medgen.deployment.procs import descendants
+
+    d = deployment
+    run_dir = d.tmp / "run"
+    run = RunDir(run_dir)
+    d.server("--out", run_dir, "--set", "federation.rounds=200", "--set", "federation.min_sites=1",
+             "--set", "sites.heldout=[]", "--set", "federation.round_timeout_s=20")
+    d.site("A"), d.site("B")
+    trained = lambda: [r["round"] for r in run.records() if r["site"] == "B" and r["phase"] == "train" and "loss" in r]
+    _wait_until(lambda: len(trained()) >= 1, d, 240, "a round trained by B")
+    node = [p for p in descendants(d.procs["site-B"].pid) if "medgen.deployment.supernode" in _cmdline(p)]
+    assert len(node) == 1
+    os.kill(node[0], signal.SIGKILL)
+    crashed_after = max(trained())
+    _wait_until(lambda: max(trained()) > crashed_after + 1, d, 200, "B training again after its crash")
+    assert d.procs["site-B"].poll() is None
+    out = d.output("site-B")
+    assert "refused site B's key" not in out and "still counts this site's previous SuperNode as online" in out
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

@@ -23,6 +23,7 @@ from medgen.deployment.signing import NODE_KEY, NODE_UNSIGNED
 # (Flower 1.41: "[code: 2004] Failed to activate SuperNode." and exit code 305.)
 REFUSED = re.compile(r"(?i)(code: 2004\]|failed to activate supernode|no supernode found with the given public key)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+SERVED = re.compile(r"^task \S+: ")  # the worker served a task: the server had accepted this node
 INVALID_ARGS = re.compile(r"(?i)(unable to parse the private key|does not point to a file|error: argument)")
 
 
@@ -38,6 +39,7 @@ class NodeOptions:
     max_backoff_s: float = 30.0
     max_attempts: int | None = None
     max_refusals: int = 3  # the key may be registered a moment after the SuperLink is up
+    stale_patience_s: float = 150.0  # how long a node the server accepted before may be refused (see join)
     worker: bool = True  # one long-lived ClientApp process (medgen/deployment/worker.py), not one per message
     policy: Path | None = None  # the site's policy file (default <state_dir>/policy.yaml)
     study_key: Path | None = None  # the coordinator's study.pub: the site serves only runs signed with it
@@ -121,6 +123,7 @@ def join(opts: NodeOptions, log=print) -> int:
     port = opts.port or free_port()
     log_file = opts.state_dir / "supernode.log"
     backoff, attempt, refusals = 1.0, 0, 0
+    accepted, stale_since = False, None  # has the server accepted this site's node in this session?
     mode = "TLS" if opts.ca else "INSECURE (no TLS)"
     log(f"site {opts.site}: joining {opts.server} ({mode}{', authenticated' if opts.key else ''}); data {opts.data}; "
         f"state {opts.state_dir}; SuperNode log {log_file}")
@@ -142,6 +145,7 @@ def join(opts: NodeOptions, log=print) -> int:
                 for line in map(_plain, tail.lines()):
                     if REFUSED.search(line) and "REFUSED" not in line:
                         refused = line
+                    accepted = accepted or bool(SERVED.match(line))
                     if _interesting(line):
                         log(f"[supernode {opts.site}] {line.strip()}")
                 if refused:
@@ -156,6 +160,20 @@ def join(opts: NodeOptions, log=print) -> int:
             if worker is not None:
                 worker.stop()
             code = node.stop()
+        if refused and accepted:
+            # Flower answers a node whose predecessor crashed exactly as it answers an unknown key, while
+            # it still counts the old node as online (until 2 missed heartbeats, 60 s): wait that out
+            stale_since = stale_since or time.monotonic()
+            if time.monotonic() - stale_since > opts.stale_patience_s:
+                raise DeploymentError(f"the server has refused site {opts.site}'s SuperNode for "
+                                      f"{opts.stale_patience_s:g} s since it last served: {refused.strip()}")
+            log(f"site {opts.site}: the server still counts this site's previous SuperNode as online (it stopped "
+                f"without signing off; released within 60 s); trying again in 5 s")
+            time.sleep(5)
+            continue
+        if not refused and time.monotonic() - started > 30:
+            accepted = True  # it ran without being turned away
+        stale_since = None
         if refused:
             refusals += 1
             pub = Path(str(opts.key)).with_suffix(".pub") if opts.key else None
