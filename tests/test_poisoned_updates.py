@@ -273,3 +273,29 @@ def test_a_damaged_slice_cache_entry_is_rebuilt(tmp_path):
     np.testing.assert_array_equal(again.images, first.images)
     with np.load(entry) as z:
         assert z["images"].shape == first.images.shape
+
+
+def test_skipped_files_are_counted_in_the_log_status_and_report(tiny_cohort, tmp_path, capfd):
+    """With data.on_bad_file=skip a site trains on its good scans; the server learns how many it
+    skipped (never their names), in its terminal, status.json and the report; the site's own log
+    names them."""
+    folder = tmp_path / "cohort"
+    for site in "ABC":
+        (folder / site).mkdir(parents=True)
+        for f in (tiny_cohort.root / site).iterdir():
+            if f.name != "manifest.csv":
+                (folder / site / f.name).symlink_to(f)
+    (folder / "B" / "sub-099.nii.gz").write_bytes(b"not a nifti")
+    cfg = tiny_cfg(tiny_cohort, *THREE)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": folder, "on_bad_file": "skip"})})
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    lines = []
+    run_federation(PoisonGrid(3, lambda r: r), cfg, run, log=lines.append)
+    assert run.status()["skipped-files"] == {"B": 1}
+    assert any("site B: connected" in line and "1 bad file(s) skipped" in line for line in lines)
+    assert not any("sub-099" in line for line in lines)
+    assert "site B: skipped:" in capfd.readouterr().err
+    from medgen.evaluation.report import build_report
+
+    assert "bad files skipped" in build_report(run.path).read_text()

@@ -193,7 +193,9 @@ def query(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
         reply = _reply(msg, site.name, {})
         reply.content["info"]["error"] = sent_log.redact(str(e))
         return reply
-    reply = _reply(msg, site.name, data_summary(train, val))
+    for problem in train.problems:  # the site's own log names them; the server gets the count
+        print(f"site {site.name}: skipped: {problem}", file=sys.stderr, flush=True)
+    reply = _reply(msg, site.name, {**data_summary(train, val), "skipped-files": len(train.problems)})
     voxel_sizes, orientations, _ = scan_headers(discover_site(site.folder, cfg.data).scans)
     reply.content["info"]["voxel-sizes"] = counts_text(voxel_sizes)
     reply.content["info"]["orientations"] = counts_text(orientations)

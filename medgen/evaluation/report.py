@@ -258,7 +258,7 @@ def build_report(run_dir: str | Path) -> Path:
     table = _table([[k] + [final[s].get(k, "") for s in columns] for k in ["round", *shown]],
                    ["metric"] + [f"{s} (held out)" if s in heldout else s for s in columns])
     counts = [[r["site"], r.get("train-examples", ""), r.get("eval-examples", ""), r.get("lesion-slices", ""),
-               r.get("subjects", ""), r.get("voxel-sizes", ""), r.get("orientations", ""),
+               r.get("subjects", ""), r.get("skipped-files", ""), r.get("voxel-sizes", ""), r.get("orientations", ""),
                r.get("error", r.get("refused", "")), r.get("policy", "none (simulated)")]
               for r in records if r["phase"] == "query"]
     samples = sorted(run.samples.glob("round-*.png"))
@@ -268,7 +268,8 @@ def build_report(run_dir: str | Path) -> Path:
     body = [
         "<h2>Configuration</h2>", _table(summary, ["key", "value"]),
         "<h2>Data per site</h2>", _table(counts, ["site", "training slices", "evaluation slices", "lesion slices",
-                                                  "subjects", "scan voxel sizes (mm)", "scan orientations",
+                                                  "subjects", "bad files skipped", "scan voxel sizes (mm)",
+                                                  "scan orientations",
                                                   "problem or refusal", "site policy"]), _histograms(records, sites),
         "<h2>Training</h2>", _curves(records, sites, "train", ["loss", "epsilon"], "training, per site") or
         "<p>No training in this run.</p>",

@@ -129,7 +129,9 @@ class Federation:
                         self.declared[site] = int(summary["train-examples"])
                     summary.update({k: str(info[k]) for k in ("voxel-sizes", "orientations", "policy") if k in info})
                     self.run.log(0, site, "query", summary)
-                    self.log(f"site {site}: connected ({_summary(summary)})")
+                    skipped = int(summary.get("skipped-files", 0))
+                    note = f"; {skipped} bad file(s) skipped, named in the site's own log" if skipped else ""
+                    self.log(f"site {site}: connected ({_summary(summary)}{note})")
             if not wait or expected <= self.nodes.keys():
                 return
             if len(set(node_ids) - self.strangers) >= len(expected) or time.monotonic() > deadline:
@@ -283,5 +285,9 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], No
         log(f"FAILED: {e}")
         raise
     extra = {"stopped": federation.stopped} if federation.stopped else {}
+    skipped = {r["site"]: int(r["skipped-files"]) for r in run.records()
+               if r["phase"] == "query" and r.get("skipped-files")}
+    if skipped:
+        extra["skipped-files"] = skipped  # per site; the names stay in each site's own log
     run.set_status("completed", round=federation.last_round, **extra)
     return state
