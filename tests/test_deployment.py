@@ -86,6 +86,9 @@ def _context(cfg, site_folder: Path, run_config: dict, state_dir: Path | None = 
     return Context(run_id=run_id, node_id=7, state=RecordDict(), run_config=run_config, node_config=node_config)
 
 
+SERVER_STATE_ROOT = str(Path(tempfile.gettempdir()) / f"medgen-server-state-root-{uuid.uuid4().hex}")
+
+
 def _message(cfg, kind: str, round_: int = 1, arrays=None, full: bool = False, sign=None, run_id: int = 1,
              config_text: str | None = None) -> Message:
     """A server message; ``sign`` (a study key) signs it for ``run_id`` as medgen-server does."""
@@ -95,7 +98,7 @@ def _message(cfg, kind: str, round_: int = 1, arrays=None, full: bool = False, s
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 7, 1  # set by Flower's runtime
     text = config_text if config_text is not None else dump_config(cfg)
-    config = {"medgen-config": text, "round": round_, "state-root": "/nonexistent", "full": int(full)}
+    config = {"medgen-config": text, "round": round_, "state-root": SERVER_STATE_ROOT, "full": int(full)}
     if sign is not None:
         config.update({"study-signature": sign_study(sign, run_id, "study-1", dump_config(cfg)),
                        "study-name": "study-1"})

@@ -15,7 +15,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from medgen.client.app import app as client_app
 from medgen.config import load_config
 from medgen.server.errors import FederationError
-from medgen.server.federation import check_update, run_federation
+from medgen.server.federation import run_federation
+from medgen.server.validation import check_update
 from medgen.server.rundir import RunDir, load_checkpoint
 from medgen.server.strategy import FedAdam, FedAvg, FedBN, FedYogi, Update
 from medgen.simulation import resolve_data

@@ -7,7 +7,6 @@ from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
 from medgen.client.task import evaluate_local, site_data, train_local
-from medgen.config import load_config
 from medgen.models import build_model
 from medgen.privacy.dp import plan, poisson_batches
 from medgen.privacy.ledger import BudgetExceeded, PrivacyLedger

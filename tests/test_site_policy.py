@@ -5,13 +5,12 @@ everything it sent. Direct ClientApp messages for a deployed site, LocalGrid for
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from medgen.client import sent_log
@@ -21,12 +20,13 @@ from medgen.client.task import site_data, site_seed, train_local
 from medgen.config import ConfigError, SitePolicy, dump_config, load_config, load_policy
 from medgen.deployment.certs import make_study_keys
 from medgen.deployment.handshake import server_handshake
-from medgen.deployment.signing import load_signing_key, sign_study
+from medgen.deployment.signing import load_signing_key
 from medgen.models import build_model
 from medgen.privacy.dp import SECRET_FILE, plan, secret_seed, site_secret
 from medgen.server.rundir import RunDir
 from medgen.server.federation import run_federation
-from test_federation import TINY, LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401  (fixture)
+from test_deployment import SERVER_STATE_ROOT, _message as deployment_message
+from test_federation import LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401  (fixture)
 
 DP = ["privacy.enabled=true", "privacy.target_epsilon=8"]
 
@@ -52,16 +52,7 @@ def _deployed(cfg, folder: Path, state: Path, policy: SitePolicy | None) -> Cont
 
 def _message(cfg, kind, round_=1, arrays=None) -> Message:
     """A server message of run 1, signed as medgen-server signs it."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    text = dump_config(cfg)
-    content = RecordDict({"config": ConfigRecord({"medgen-config": text, "round": round_,
-                                                  "state-root": "/server/chosen", "full": 0, "study-name": "study-1",
-                                                  "study-signature": sign_study(SIGNING_KEY, 1, "study-1", text)})})
-    if arrays is not None:
-        content["arrays"] = ArrayRecord(arrays)
-    msg = Message(content=content, message_type=kind, dst_node_id=7)
-    msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-    return msg
+    return deployment_message(cfg, kind, round_, arrays, sign=SIGNING_KEY)
 
 
 # ----------------------------------------------------------------------------- the policy file
@@ -158,7 +149,7 @@ def test_the_site_owns_its_paths(tiny_cohort, tmp_path):
     reply = client_app(_message(cfg, MessageType.TRAIN, 1, state_dict), ctx)
     assert reply.content["metrics"]["epsilon"] > 0
     assert (state / "privacy-ledger.json").is_file() and (state / SECRET_FILE).is_file()
-    assert not Path("/server/chosen").exists()
+    assert not Path(SERVER_STATE_ROOT).exists()  # the state folder the server named
 
 
 def test_the_lifetime_budget_spans_studies(tiny_cohort, tmp_path):

@@ -24,7 +24,7 @@ from medgen.server.central_evaluation import SERVER_SITE, evaluate_server_data, 
 from medgen.server.errors import FederationError
 from medgen.server.rundir import RunDir, load_weights
 from medgen.server.strategy import State, make_aggregator
-from medgen.server.validation import Rejected, bound_norms, check_update, read_update  # noqa: F401  (check_update: API)
+from medgen.server.validation import Rejected, bound_norms, read_update
 
 
 def _clean_reason(reason: str) -> str:
