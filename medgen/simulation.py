@@ -13,10 +13,10 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import warnings
 from pathlib import Path
 
+from medgen._compat.ray import ray_loopback
 from medgen.config import Config
 from medgen.data.dataset import cache_root
 from medgen.server.errors import FederationError
@@ -26,20 +26,6 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-LOOPBACK = "127.0.0.1"
-
-
-def ray_loopback() -> dict:
-    """The ``ray.init`` arguments (Flower's backend ``init_args``) that keep a local Ray on
-    127.0.0.1. Ray 2.55 turns ``_node_ip_address="127.0.0.1"`` into the machine's outward address
-    unless it runs as a single-machine node (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when
-    ``ray`` is imported, so it is also set on the loaded module); its GCS, raylet and workers then
-    listen on 127.0.0.1 instead of every interface (measured with ``ss -ltnp``)."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # also for Ray's own child processes
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = False
-    return {"_node_ip_address": LOOPBACK}
 
 
 def resolve_data(cfg: Config, log=print) -> Config:

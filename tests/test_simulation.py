@@ -96,7 +96,7 @@ def test_train_baselines(tmp_path, cache, where):
 RAY_LISTENERS = """
 import ipaddress, json, logging, os, socket
 from medgen.deployment.procs import descendants
-from medgen.simulation import ray_loopback
+from medgen._compat.ray import ray_loopback
 
 args = ray_loopback()
 import ray

@@ -1,2 +1,2 @@
-"""The only place that reaches into Flower's or Opacus' modules beyond their top-level API: one
-module per library, each checking the version it was written against."""
+"""The only place that reaches into Flower's or Ray's modules beyond their top-level API: one
+module per library, each saying the version it was written against."""
