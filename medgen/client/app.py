@@ -111,14 +111,14 @@ def _handler(fn):
         config = msg.content["config"]
         cfg = load_config_text(str(config["medgen-config"]))
         torch.set_num_threads(client_threads(cfg))
+        node_config = dict(context.node_config)
         try:
-            site = bind_site(cfg, dict(context.node_config), dict(config))
+            site = bind_site(cfg, node_config, dict(config))
         except Exception as e:  # no site folders to log to: only the reason goes back
             print(f"medgen ClientApp: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             raise SiteFailure(f"{type(e).__name__}: {sent_log.redact(str(e))}") from None
         kind, round_ = msg.metadata.message_type, int(config.get("round", 0))
         entry = {"run": int(context.run_id), "kind": _KIND.get(kind, kind), "round": round_}
-        node_config = dict(context.node_config)
         refusal = check_handshake(dict(context.run_config), cfg, required=site.deployed) \
             or check_study(node_config, context.run_id, dict(config))
         if refusal is None and site.policy is not None:
