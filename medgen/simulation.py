@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -46,6 +48,32 @@ def resolve_data(cfg: Config, log=print) -> Config:
         synthesize_cohort(folder, spec["sites"], spec["subjects"], spec["seed"], spec["lesion_fraction"])
         (folder / "done").write_text(json.dumps(spec))
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": folder, "cache_dir": cache})})
+
+
+HUNG_GRACE_S = 20.0  # how long Flower's engine may take to shut down after the federated loop returned
+
+
+def release_hung_sites(loop_done: threading.Event, engine_done: threading.Event, log=print) -> None:
+    """Once the federated loop has returned, give the simulation engine ``HUNG_GRACE_S`` to shut
+    down; if it has not, a site's ClientApp actor does not answer (stopped, or stuck in a call) and
+    Ray waits for it forever: kill the run's ClientApp actors, which lets the engine end. The run's
+    outcome is already written."""
+    loop_done.wait()
+    if engine_done.wait(HUNG_GRACE_S):
+        return
+    from medgen.deployment.procs import descendants
+
+    stuck = []
+    for pid in descendants(os.getpid()):
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if name.startswith("ray::ClientAppActor"):
+            stuck.append(pid)
+            os.kill(pid, signal.SIGKILL)
+    log(f"the run has ended, but a site's ClientApp process did not answer for {HUNG_GRACE_S:g} s; "
+        f"stopped the ClientApp actors ({', '.join(map(str, stuck)) or 'none found'})")
 
 
 def resolve_client_cpus(cfg: Config) -> Config:
@@ -91,10 +119,16 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
     else:
         backend["init_args"].update(ray_loopback())
     log(f"run directory: {run.path}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(make_server_app(data_cfg, run), client_app, num_supernodes=len(cfg.sites.all),
-                       backend_config=backend)
+    loop_done, engine_done = threading.Event(), threading.Event()
+    if not cfg.simulation.ray_address:
+        threading.Thread(target=release_hung_sites, args=(loop_done, engine_done, log), daemon=True).start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(make_server_app(data_cfg, run, on_done=loop_done.set), client_app,
+                           num_supernodes=len(cfg.sites.all), backend_config=backend)
+    finally:
+        engine_done.set()
     status = run.status()
     if status.get("status") != "completed":
         raise FederationError(f"simulation did not complete: {status.get('error', status.get('status'))} "

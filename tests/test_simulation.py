@@ -169,3 +169,42 @@ def test_a_sigkilled_simulate_leaves_no_ray_process_and_resumes(tmp_path, cache)
     out = medgen("simulate", "--resume", run_dir, cache=cache)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert load_checkpoint(RunDir(run_dir).last_checkpoint())["round"] == 3
+
+
+def test_a_hung_site_is_abandoned_and_simulate_exits(tmp_path, cache):
+    """A site's Ray actor stops answering (SIGSTOP) after round 1: its messages time out, the run
+    completes with the other site, and `medgen simulate` exits instead of waiting for it forever."""
+    import os
+    import signal
+    import time
+
+    from medgen.deployment.procs import descendants
+    from medgen.simulation import HUNG_GRACE_S
+
+    run_dir = tmp_path / "run"
+    extra = ["federation.rounds=2", "federation.min_sites=1", "federation.round_timeout_s=10",
+             "simulation.client_cpus=1"]
+    sets = [x for kv in TINY + [f"data.cache_dir={cache}", *extra] for x in ("--set", kv)]
+    proc = subprocess.Popen([MEDGEN, "simulate", "--out", str(run_dir), *sets], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "round-0001.pt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "no round 1"
+        time.sleep(0.2)
+    actors = [p for p in descendants(proc.pid)
+              if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ray::ClientAppActor")]
+    assert actors
+    os.kill(actors[0], signal.SIGSTOP)
+    try:
+        out, _ = proc.communicate(timeout=120 + HUNG_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("medgen simulate did not exit after the run ended")
+    finally:
+        for pid in actors:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert RunDir(run_dir).status()["status"] == "completed", out[-2000:]
+    assert proc.returncode == 0

@@ -10,12 +10,17 @@ from medgen.server.federation import run_federation
 from medgen.server.rundir import RunDir
 
 
-def make_server_app(cfg: Config, run: RunDir) -> ServerApp:
+def make_server_app(cfg: Config, run: RunDir, on_done=None) -> ServerApp:
+    """The simulation's ServerApp; ``on_done()`` is called when its loop has returned, however."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, run)
+        try:
+            run_federation(grid, cfg, run)
+        finally:
+            if on_done is not None:
+                on_done()
 
     return app
 
