@@ -5,6 +5,8 @@ everything it sent. Direct ClientApp messages for a deployed site, LocalGrid for
 from __future__ import annotations
 
 import json
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from medgen.models import build_model
 from medgen.privacy.dp import SECRET_FILE, plan, secret_seed, site_secret
 from medgen.server.rundir import RunDir
 from medgen.server.federation import run_federation
-from test_deployment import SERVER_STATE_ROOT, _message as deployment_message
+from test_deployment import _message as deployment_message
 from test_federation import LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401  (fixture)
 
 DP = ["privacy.enabled=true", "privacy.target_epsilon=8"]
@@ -50,9 +52,15 @@ def _deployed(cfg, folder: Path, state: Path, policy: SitePolicy | None) -> Cont
     return Context(run_id=1, node_id=7, state=RecordDict(), run_config=server_handshake(cfg), node_config=node)
 
 
+SERVER_CHOSEN = Path(tempfile.gettempdir()) / f"medgen-server-chosen-{uuid.uuid4().hex}"  # a deployed site ignores it
+
+
 def _message(cfg, kind, round_=1, arrays=None) -> Message:
-    """A server message of run 1, signed as medgen-server signs it."""
-    return deployment_message(cfg, kind, round_, arrays, sign=SIGNING_KEY)
+    """A server message of run 1, signed as medgen-server signs it, naming a state folder of the
+    server's choosing."""
+    msg = deployment_message(cfg, kind, round_, arrays, sign=SIGNING_KEY)
+    msg.content["config"]["state-root"] = str(SERVER_CHOSEN)
+    return msg
 
 
 # ----------------------------------------------------------------------------- the policy file
@@ -149,7 +157,7 @@ def test_the_site_owns_its_paths(tiny_cohort, tmp_path):
     reply = client_app(_message(cfg, MessageType.TRAIN, 1, state_dict), ctx)
     assert reply.content["metrics"]["epsilon"] > 0
     assert (state / "privacy-ledger.json").is_file() and (state / SECRET_FILE).is_file()
-    assert not Path(SERVER_STATE_ROOT).exists()  # the state folder the server named
+    assert not SERVER_CHOSEN.exists()
 
 
 def test_the_lifetime_budget_spans_studies(tiny_cohort, tmp_path):
