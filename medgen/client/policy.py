@@ -5,8 +5,7 @@ Two checks, both before a single step is taken:
 - :func:`violations` reads only the server's config (before any data is read): DP required,
   ε and δ budgets, noise and clipping bounds, the protected unit, image sharing, families, steps,
   the study itself;
-- :func:`plan_violations` reads the round's DP plan (the noise solved from the site's data, the
-  steps of ``train.local_epochs``).
+- :func:`plan_violations` reads the round's DP plan (the noise solved from the site's data).
 
 :func:`site_config` then replaces what the site owns: its slice cache, its InceptionV3 weights and
 image sharing, whatever the server's config says.
@@ -63,14 +62,12 @@ def violations(cfg: Config, policy: SitePolicy, site: str, study: tuple[str, str
 
 
 def plan_violations(plan: DPPlan, policy: SitePolicy) -> list[str]:
-    """What the round's DP plan breaks (the noise solved for the site's data, the steps it implies)."""
-    found = []
+    """What the round's DP plan breaks: the noise solved for the site's data. (Its steps are
+    checked for every training round, DP or not, in the ClientApp.)"""
     if plan.noise_multiplier < policy.min_noise_multiplier:
-        found.append(f"min_noise_multiplier: the study's privacy.target_epsilon needs noise multiplier "
-                     f"{plan.noise_multiplier:.3g} at this site < {policy.min_noise_multiplier:g}")
-    if plan.steps > policy.max_local_steps:
-        found.append(f"max_local_steps: {plan.steps} steps this round > {policy.max_local_steps}")
-    return found
+        return [f"min_noise_multiplier: the study's privacy.target_epsilon needs noise multiplier "
+                f"{plan.noise_multiplier:.3g} at this site < {policy.min_noise_multiplier:g}"]
+    return []
 
 
 def budget_delta(policy: SitePolicy, plan: DPPlan) -> float:

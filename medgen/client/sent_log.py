@@ -14,12 +14,12 @@ import re
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-
 FILE = "sent-messages.jsonl"
 
 
 def _record(rec, image_size: int) -> dict:
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord  # only a sending site needs Flower here
+
     if isinstance(rec, ArrayRecord):
         shapes = {k: list(a.shape) for k, a in rec.items()}
         images = [k for k, s in shapes.items() if len(s) >= 2 and s[-2:] == [image_size, image_size]]
@@ -33,8 +33,8 @@ def _record(rec, image_size: int) -> dict:
     return {"type": type(rec).__name__, "keys": []}
 
 
-def describe(content: RecordDict, image_size: int) -> dict[str, dict]:
-    """Per record of ``content``: its kind, key names, bytes (and array shapes)."""
+def describe(content, image_size: int) -> dict[str, dict]:
+    """Per record of ``content`` (a Flower RecordDict): its kind, key names, bytes (and array shapes)."""
     return {name: _record(rec, image_size) for name, rec in content.items()}
 
 
