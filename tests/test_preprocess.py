@@ -305,7 +305,10 @@ del x, y, r
 vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
 limit = vm + int(float(sys.argv[3]) * n**3 * 4)
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-slices = preprocess_subject(load_volume(path), DataConfig())
+# medgen's own steps: the threshold brain mask, no bias correction, where those options exist
+fast = {"brain_mask": "threshold", "bias_correction": "none"}
+cfg = DataConfig(**{k: v for k, v in fast.items() if k in DataConfig.model_fields})
+slices = preprocess_subject(load_volume(path), cfg)
 print("slices", len(slices.images))
 """
 
