@@ -97,7 +97,10 @@ class ModelConfig(_Section):
     width: int = Field(16, ge=4, le=512, description="channels of the first conv layer (16: CPU; 64: GPU)")
     latent_dim: int = Field(64, ge=2, le=4096, description="VAE / GAN latent size")
     recon_loss: Literal["mse", "l1"] = "mse"
-    beta: float = Field(1.0, ge=0.0, description="VAE: weight of the KL term")
+    beta: float = Field(
+        0.1, ge=0.0, description="VAE: weight of the KL term (0.1: sharper reconstructions, better anomaly maps; "
+                                 "benchmarks/README.md)"
+    )
     kl_warmup_steps: int = Field(0, ge=0, description="VAE: KL weight ramps 0 -> beta over these local steps")
     norm_groups: int = Field(8, ge=1, description="GroupNorm groups (no BatchNorm: DP-SGD compatible)")
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="GAN generator / DDPM weights EMA used for sampling")

@@ -105,3 +105,8 @@ def test_written_ddpm_config_keeps_its_space():
     del old["model"]["space"]
     assert load_config_text(yaml.safe_dump(old)).model.space == "pixel"
     assert load_config(None, ["model.family=ddpm"]).model.space == "latent"  # a user's config: the default
+
+
+def test_every_example_config_is_valid():
+    for path in sorted(EXAMPLE.parent.glob("*.yaml")):
+        load_config(path)  # raises ConfigError naming the key
