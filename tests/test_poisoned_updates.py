@@ -226,6 +226,10 @@ def test_a_cut_metrics_line_and_a_damaged_checkpoint_are_survived(tiny_cohort, t
     with run.metrics_file.open("a") as f:
         f.write('{"round": 3, "site": "A", "pha')  # a crash mid-write
     assert len(run.records()) == n and "the last line is cut" in capsys.readouterr().err
+    from medgen.cli.main import main
+
+    assert main(["report", str(run.path)]) == 0  # the report command reads past it too
+    assert "report:" in capsys.readouterr().out
     (run.checkpoints / "round-0002.pt").write_bytes(b"torn")  # the newest checkpoint is damaged
     (run.checkpoints / ".round-0003.pt.abc.tmp").write_bytes(b"partial")
     lines = []
