@@ -124,15 +124,17 @@ def _handler(fn):
         if refusal is None and site.policy is not None:
             found = violations(cfg, site.policy, site.name, study_identity(dict(config)))
             refusal = refusal_text(site.name, found) if found else None
-        if refusal:
-            print(f"site {site.name}: REFUSED: {refusal}", file=sys.stderr, flush=True)
-            if kind == MessageType.EVALUATE:
-                sent_log.append(site.state, {**entry, "status": "error", "reason": refusal})
-                raise SiteFailure(f"site {site.name}: {refusal}")
-            return _sent(site, entry, _refuse(msg, site.name, refusal), cfg)
-        cfg = site_config(cfg, site.policy, site_cache(site))
-        try:
-            return _sent(site, entry, fn(msg, cfg, site, round_), cfg)  # a reply whose log fails does not leave
+        try:  # a reply or refusal whose log entry cannot be written does not leave
+            if refusal:
+                print(f"site {site.name}: REFUSED: {refusal}", file=sys.stderr, flush=True)
+                if kind == MessageType.EVALUATE:
+                    sent_log.append(site.state, {**entry, "status": "error", "reason": refusal})
+                    raise SiteFailure(f"site {site.name}: {refusal}")
+                return _sent(site, entry, _refuse(msg, site.name, refusal), cfg)
+            cfg = site_config(cfg, site.policy, site_cache(site))
+            return _sent(site, entry, fn(msg, cfg, site, round_), cfg)
+        except SiteFailure:
+            raise
         except Exception as e:
             print(f"site {site.name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             text = f"site {site.name}: {type(e).__name__}: {sent_log.redact(str(e))}"
