@@ -173,7 +173,8 @@ def test_study_key_flags_name_the_flag_or_file(certs, tmp_path):
 def test_client_dry_run_checks_the_data_and_says_what_is_shared(cohort):
     root, cache = cohort
     out = subprocess.run([BIN / "medgen-client", "join", "--site", "A", "--data", str(root / "A"), "--dry-run",
-                          "--set", f"data.cache_dir={cache}", "--set", "data.image_size=32"],
+                          "--set", f"data.cache_dir={cache}", "--set", "data.image_size=32",
+                          *(x for kv in FAST_DATA for x in ("--set", kv))],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK: usable" in out.stdout and "usable slices:" in out.stdout
