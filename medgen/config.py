@@ -206,6 +206,12 @@ class EvaluationConfig(_Section):
         0.99, gt=0.5, lt=1.0, description="Dice threshold: this quantile of healthy validation pixels' scores "
                                           "(0.99: about 1% of healthy brain pixels flagged)"
     )
+    median_filter_px: int = Field(
+        5, ge=0, le=15, description="anomaly maps: per-slice median filter of this size before scoring (0 = none)"
+    )
+    erode_brain_px: int = Field(
+        0, ge=0, le=10, description="anomaly maps: scores within this many pixels of the brain-mask edge set to 0"
+    )
     inception_weights: Path | None = Field(
         None, description="pytorch-fid InceptionV3 weights; null = the torch hub cache; FID is skipped without them"
     )
@@ -223,6 +229,13 @@ class EvaluationConfig(_Section):
     membership_inference: bool = Field(
         True, description="memorisation audit: also the loss-based membership-inference AUC (train vs held-out)"
     )
+
+    @field_validator("median_filter_px")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v > 1 and v % 2 == 0:
+            raise ValueError("must be 0, 1 or odd (a median filter centred on its pixel)")
+        return v
 
 
 class SimulationConfig(_Section):

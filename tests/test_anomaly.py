@@ -138,3 +138,22 @@ def test_curves_and_undefined_cases():
     assert len(A.roc_curve(scores, none, brain)[0]) == 0
     with pytest.raises(ValueError, match="shape"):
         A.pixel_auroc(scores, lesion[:, :10], brain)
+
+
+def test_references_are_the_no_model_scores_on_the_same_pixels():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.45, 0.55, (6, 16, 16)).astype(np.float32)
+    brain = np.zeros((6, 16, 16), bool)
+    brain[:, 2:14, 2:14] = True
+    lesion = np.zeros_like(brain)
+    lesion[3:, 6:9, 6:9] = True
+    images[lesion] = 0.95  # bright lesions: exactly what an intensity threshold finds
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    calib = rng.uniform(0.4, 0.6, (4, 16, 16)).astype(np.float32)
+    refs = A.references(images, lesion, brain, labels, calib, brain[:4], quantile=0.99)
+    p = lesion.sum() / brain.sum()
+    assert refs["prevalence"] == pytest.approx(p)
+    assert refs["all_brain_dice"] == pytest.approx(2 * p / (1 + p))
+    assert refs["brain_area_slice_auroc"] == 0.5  # every slice has the same brain area
+    assert refs["outlier_pixel_auroc"] == 1.0 and refs["outlier_dice_at_threshold"] == 1.0
+    assert "outlier_pixel_auroc" not in A.references(images, lesion, brain, labels, calib[:0], brain[:0], 0.99)

@@ -50,6 +50,10 @@ def test_dump_round_trips(tmp_path):
     ("sites.heldout=[A]", "sites", "never train"),
     ("sites.train=[]", "sites.train", "at least 1"),
     ("seed=-3", "seed", "greater than or equal to 0"),
+    # upper bounds (issue 16: train.local_steps=1e15 was accepted)
+    ("train.local_steps=1000000000000000", "train.local_steps", "less than or equal to 1000000"),
+    ("train.batch_size=1000000", "train.batch_size", "less than or equal to 65536"),
+    ("federation.samples_per_class=100000", "federation.samples_per_class", "less than or equal to 256"),
 ])
 def test_bad_values_name_the_key(override, key, words):
     with pytest.raises(ConfigError) as e:

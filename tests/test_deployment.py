@@ -560,6 +560,39 @@ def test_a_site_whose_supernode_crashed_rejoins(deployment):
     assert "refused site B's key" not in out and "still counts this site's previous SuperNode as online" in out
 
 
+def test_a_crash_looping_site_worker_is_restarted_each_time(deployment):
+    """Site B's ClientApp worker (the process that runs medgen's ClientApp for its SuperNode) is
+    SIGKILLed three times, each time once B has trained a round since the last crash:
+    medgen-client starts it again every time, a round B misses names it and the reason, B trains
+    again after every crash, and the study completes."""
+    from medgen.deployment.procs import descendants
+
+    d = deployment
+    run_dir = d.tmp / "run"
+    run = RunDir(run_dir)
+    d.server("--out", run_dir, "--set", "federation.rounds=8", "--set", "federation.min_sites=1",
+             "--set", "sites.heldout=[]", "--set", "federation.round_timeout_s=20")
+    d.site("A"), d.site("B")
+    trained = lambda: [r["round"] for r in run.records() if r["site"] == "B" and r["phase"] == "train" and "loss" in r]
+    killed = []
+    for _ in range(3):
+        last = max(trained(), default=0)
+        _wait_until(lambda: max(trained(), default=0) > last, d, 240, f"B training after round {last}")
+        workers = [p for p in descendants(d.procs["site-B"].pid) if "medgen.deployment.worker" in _cmdline(p)]
+        assert len(workers) == 1 and workers[0] not in killed, workers
+        os.kill(workers[0], signal.SIGKILL)
+        killed.append(workers[0])
+    last = max(trained())
+    assert d.wait("server", 300) == 0, d.output("server")[-4000:]
+    assert max(trained()) > last, (trained(), d.output("server")[-3000:])
+    assert d.procs["site-B"].poll() is None  # still serving: a crashed worker is not a reason to leave
+    assert d.output("site-B").count("the ClientApp worker exited") >= 3
+    records = run.records()
+    missed = [r for r in records if r["site"] == "B" and r["phase"] in ("train", "evaluate") and "error" in r]
+    assert all(r["error"].strip() for r in missed), missed
+    assert run.status()["status"] == "completed" and load_checkpoint(run.last_checkpoint())["round"] == 8
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

@@ -254,3 +254,76 @@ def test_brain_mask_on_skull_stripped_image_is_tight():
 def test_grid_is_dataclass_with_spacing():
     grid = Grid(shape=(2, 3, 4), affine=np.diag([1.5, 2.0, 3.0, 1.0]))
     np.testing.assert_allclose(grid.spacing, [1.5, 2.0, 3.0])
+
+
+def test_slab_distance_thresholds_equal_scipys_whole_volume_transform(monkeypatch):
+    """The brain-mask step thresholds distance transforms slab by slab (memory); with slabs of a
+    few slices the answer is the one scipy gives on the whole volume, for any spacing and radius."""
+    from scipy import ndimage
+
+    from medgen.data import preprocess
+
+    rng = np.random.default_rng(0)
+    for shape, spacing, radius in [((30, 26, 41), (2.0, 2.0, 2.0), 4.0), ((21, 33, 37), (1.5, 1.0, 3.0), 4.001),
+                                   ((40, 20, 25), (0.9, 1.2, 0.7), 2.5)]:
+        monkeypatch.setattr(preprocess, "EDT_SLAB_VOXELS", shape[0] * shape[1] * 3)
+        mask = ndimage.gaussian_filter(rng.random(shape), 2) > 0.5
+        expected = ndimage.distance_transform_edt(mask, sampling=spacing) > radius
+        assert np.array_equal(preprocess._farther_than(mask, np.asarray(spacing), radius), expected)
+
+
+def test_a_field_of_view_too_large_to_resample_is_refused_first():
+    """64^3 voxels of 20 mm (a 1.3 m field of view) would be 640^3 voxels at 2 mm: refused, naming
+    the file and data.max_voxels, before anything of that size is allocated."""
+    vol = Volume(data=np.ones((64, 64, 64), np.float32), affine=np.diag([20.0, 20.0, 20.0, 1.0]),
+                 path=Path("huge.nii.gz"))
+    with pytest.raises(DataError, match=r"huge\.nii\.gz.*field of view.*data\.max_voxels"):
+        preprocess_subject(vol, DataConfig())
+
+
+MEMORY_CHILD = r"""
+import gzip, resource, sys
+import nibabel as nib
+import numpy as np
+from medgen.config import DataConfig
+from medgen.data.nifti import load_volume
+from medgen.data.preprocess import preprocess_subject
+
+path, n = sys.argv[1], int(sys.argv[2])
+header = nib.Nifti1Header()  # n^3 float64 at 1 mm: zeros around a bright ellipsoid, one slice at a time
+header.set_data_shape((n, n, n))
+header.set_data_dtype(np.float64)
+affine = np.diag([1.0, 1.0, 1.0, 1.0])
+affine[:3, 3] = -(n - 1) / 2
+header.set_sform(affine, code=1)
+c = np.arange(n) - (n - 1) / 2
+x, y = np.meshgrid(c, c, indexing="ij")
+with gzip.open(path, "wb", compresslevel=1) as f:
+    header.write_to(f)
+    for z in c:
+        r = np.sqrt((x / (0.4 * n)) ** 2 + (y / (0.45 * n)) ** 2 + (z / (0.35 * n)) ** 2)
+        f.write((np.where(r < 1, 100.0, 0.0) + np.where(r < 0.6, 50.0, 0.0)).tobytes(order="F"))
+del x, y, r
+vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+limit = vm + int(float(sys.argv[3]) * n**3 * 4)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+# medgen's own steps: the threshold brain mask, no bias correction, where those options exist
+fast = {"brain_mask": "threshold", "bias_correction": "none"}
+cfg = DataConfig(**{k: v for k, v in fast.items() if k in DataConfig.model_fields})
+slices = preprocess_subject(load_volume(path), cfg)
+print("slices", len(slices.images))
+"""
+
+
+def test_preprocessing_a_large_float64_volume_stays_within_a_few_decoded_volumes(tmp_path):
+    """A 256^3 float64 .nii.gz (a few hundred kB, 64 MB as float32), loaded and preprocessed in a
+    child whose address space may grow by only 3.5 float32 volumes beyond what it had mapped
+    after its imports (RLIMIT_AS): it completes. Reading the file whole took 4.2 volumes for the
+    load alone (the float64 array, a second copy of it inside gzip, the float32 result);
+    benchmarks/memory.py measures the peak (about 2.2 volumes)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path / "big.nii.gz"), "256", "3.5"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "slices" in out.stdout, out.stderr[-2000:]

@@ -44,10 +44,20 @@ def test_report_sections_and_numbers(tiny_cohort, tmp_path):
     assert any(c.startswith("LPS") for c in page.cells) and any(c.startswith("PSR") for c in page.cells)
     assert page.images >= 5  # histograms, curves, samples, ROC/PR: all embedded, nothing to fetch
     assert "http" not in index.read_text().replace("http://www.w3.org", "")
+    last_c = [r for r in run.records() if r["phase"] == "evaluate" and r["site"] == "C"][-1]
+    assert 0 < last_c["reference-prevalence"] < 0.5
+    p = last_c["reference-prevalence"]
+    assert abs(last_c["reference-all-brain-dice"] - 2 * p / (1 + p)) < 1e-9
     for site in "ABC":
         site_page = Page((run.path / "report" / f"site-{site}.html").read_text())
         assert "Records" in site_page.headings
-    assert Page((run.path / "report" / "site-C.html").read_text()).images >= 2  # ROC/PR + shared overlays
+    site_c = Page((run.path / "report" / "site-C.html").read_text())
+    assert site_c.images >= 2  # ROC/PR + shared overlays
+    # every lesion metric beside its no-model references, computed at the site on the same pixels
+    row = site_c.cells.index("pixel-auprc")
+    assert site_c.cells[row + 2:row + 4] == ["chance: prevalence", f"{last_c['reference-prevalence']:.4g}"]
+    assert site_c.cells[row + 4] == f"{last_c.get('reference-outlier-pixel-auprc', float('nan')):.4g}"  # nan: no healthy subject to calibrate
+    assert site_c.cells[row + 5].startswith(("beats", "does NOT beat"))
     final = json.loads((run.path / "report" / "metrics.json").read_text())["final"]
     last = [r for r in run.records() if r["phase"] == "evaluate" and r["site"] == "C"][-1]
     assert final["C"]["pixel-auroc"] == last["pixel-auroc"] and final["C"]["frd-healthy"] == last["frd-healthy"]

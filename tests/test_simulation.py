@@ -210,3 +210,55 @@ def test_a_hung_site_is_abandoned_and_simulate_exits(tmp_path, cache):
                 pass
     assert RunDir(run_dir).status()["status"] == "completed", out[-2000:]
     assert proc.returncode == 0
+
+
+def test_a_crash_looping_site_is_named_every_round_and_the_others_finish(tmp_path, cache):
+    """Site B's ClientApp raises on every message from round 2 on: its state folder (where a site
+    logs every reply before it leaves) is replaced by a file after round 1, a real fault the site
+    cannot recover from by itself. Every later round names B and the reason, the study completes
+    with A (federation.min_sites=1), and no Ray process is left."""
+    import shutil
+    import time
+
+    from medgen.deployment.procs import descendants
+    from medgen.watchdog import _start_time
+
+    run_dir = tmp_path / "run"
+    sets = [x for kv in TINY + [f"data.cache_dir={cache}", "federation.rounds=3", "federation.min_sites=1"]
+            for x in ("--set", kv)]
+    proc = subprocess.Popen([MEDGEN, "simulate", "--out", str(run_dir), *sets], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "round-0001.pt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "no round 1"
+        time.sleep(0.1)
+    below = descendants(proc.pid)
+    state = run_dir / "sites" / "B"
+    shutil.rmtree(state)
+    state.write_text("not a folder\n")
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("medgen simulate did not finish")
+    assert proc.returncode == 0, out[-3000:]
+    run = RunDir(run_dir)
+    assert run.status()["status"] == "completed"
+    records = run.records()
+    b = {r["round"]: r for r in records if r["site"] == "B" and r["phase"] == "train"}
+    assert "loss" in b[1] and "error" not in b[1]
+    failed = [r for r in sorted(b) if "error" in b[r]]
+    assert failed and failed == list(range(failed[0], 4)), b  # from the fault on, every round (the race: 2 or 3)
+    # named by the site, without the site's paths (a site redacts them from what it sends)
+    assert all(b[r]["error"].startswith("site B: FileExistsError") and "/sites/B" not in b[r]["error"]
+               for r in failed), [b[r]["error"] for r in failed]
+    assert all(f"round {r}: site B FAILED (train): " in out for r in failed)
+    trained_a = [r["round"] for r in records if r["site"] == "A" and r["phase"] == "train" and "loss" in r]
+    assert trained_a == [1, 2, 3]
+    sites = {r["round"]: r["sites"] for r in records if r["site"] == "global" and r["phase"] == "train"}
+    assert sites[1] == 2 and all(sites[r] == 1 for r in failed)
+    assert load_checkpoint(run.last_checkpoint())["round"] == 3
+    deadline = time.monotonic() + 30
+    while [p for p in below if _start_time(p)] and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not [p for p in below if _start_time(p)], "Ray processes live on"

@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(check)
     check.set_defaults(func=cmd_data_check)
 
+    from medgen.cli.cohort import add_parser as add_cohort_parser
+
+    add_cohort_parser(data_commands)
+
     from medgen.cli.certs import add_parser as add_certs_parser
 
     add_certs_parser(commands)

@@ -132,13 +132,15 @@ def _handler(fn):
             return _sent(site, entry, _refuse(msg, site.name, refusal), cfg)
         cfg = site_config(cfg, site.policy, site_cache(site))
         try:
-            reply = fn(msg, cfg, site, round_)
+            return _sent(site, entry, fn(msg, cfg, site, round_), cfg)  # a reply whose log fails does not leave
         except Exception as e:
             print(f"site {site.name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             text = f"site {site.name}: {type(e).__name__}: {sent_log.redact(str(e))}"
-            sent_log.append(site.state, {**entry, "status": "error", "reason": text})
+            try:
+                sent_log.append(site.state, {**entry, "status": "error", "reason": text})
+            except OSError as log_error:  # e.g. the state folder itself is what broke
+                print(f"site {site.name}: cannot write the sent-message log: {log_error}", file=sys.stderr, flush=True)
             raise SiteFailure(text) from None
-        return _sent(site, entry, reply, cfg)
 
     return wrapped
 

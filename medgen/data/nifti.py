@@ -32,6 +32,7 @@ MIN_BRAIN_VOXELS = 8  # ... in at least this many voxels
 MAX_HEADER_BYTES = 16 * 2**20  # header plus extensions (DICOM dumps, comments) before the voxels
 QFORM_SFORM_TOLERANCE_MM = 1.0  # farther apart than this at any corner voxel: a warning
 _GZIP_MAGIC = b"\x1f\x8b"
+READ_SLAB_BYTES = 4 * 2**20  # voxels are read (and decompressed) this much at a time
 
 
 @dataclass
@@ -236,10 +237,11 @@ def check_affine(affine: np.ndarray, path: str | Path) -> np.ndarray:
     return _check_affine(affine, Path(path))
 
 
-def _open(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> nib.Nifti1Image | nib.Nifti2Image:
+def _open(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS,
+          keep_file_open: bool = False) -> nib.Nifti1Image | nib.Nifti2Image:
     _checked_raw_header(path, max_voxels)
     try:
-        img = nib.load(path)
+        img = nib.load(path, keep_file_open=keep_file_open)
     except ImageFileError as e:
         raise _unrecognised(path, e) from None
     except _READ_ERRORS as e:
@@ -387,7 +389,7 @@ def _check_affine(affine: np.ndarray, path: Path) -> np.ndarray:
 def _load(path: str | Path, volume_index: int | None, max_voxels: int = DEFAULT_MAX_VOXELS,
           min_extent_mm: float | None = None) -> Volume:
     path = Path(path)
-    img = _open(path, max_voxels)
+    img = _open(path, max_voxels, keep_file_open=True)  # read in slabs below: one pass over a .gz
     shape = _check_shape(img, path)
     affine = _check_affine(img.affine, path)
     if min_extent_mm is not None:
@@ -402,13 +404,26 @@ def _load(path: str | Path, volume_index: int | None, max_voxels: int = DEFAULT_
         if not 0 <= index < n:
             raise DataError(path, f"data.volume_index={index} out of range for 4-D with {n} volume(s)")
     try:
-        if len(shape) == 3:
-            data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
-        else:
-            data = np.asarray(img.dataobj[:, :, :, index], dtype=np.float32).reshape(shape[:3])
+        data, bad = _read_float32(img, shape, None if len(shape) == 3 else index)
     except _READ_ERRORS as e:
         raise DataError(path, f"truncated or corrupt file ({type(e).__name__}: {e})") from None
-    bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise DataError(path, f"{bad} of {data.size} voxels are NaN or Inf")
     return Volume(data=data, affine=affine, path=path)
+
+
+def _read_float32(img, shape: tuple[int, ...], index: int | None) -> tuple[np.ndarray, int]:
+    """(the 3-D volume (volume ``index`` of a 4-D file) as float32, scaled; its number of NaN/Inf
+    voxels), read in slabs of axial slices of about READ_SLAB_BYTES on disk: memory beyond the
+    float32 result stays a few slabs, whatever the stored type (reading it whole holds the stored
+    array, 8 bytes a voxel for float64, and for a .gz a second copy of it while decompressing)."""
+    nx, ny, nz = shape[:3]
+    out = np.empty((nx, ny, nz), dtype=np.float32, order="F")  # the file's own (Fortran) order
+    step = max(1, READ_SLAB_BYTES // max(1, nx * ny * img.get_data_dtype().itemsize))
+    tail = () if index is None else (index,)
+    bad = 0
+    for z in range(0, nz, step):
+        slab = img.dataobj[(slice(None), slice(None), slice(z, z + step), *tail)]
+        out[:, :, z:z + step] = np.asarray(slab).reshape(nx, ny, -1)
+        bad += int(out[:, :, z:z + step].size - np.count_nonzero(np.isfinite(out[:, :, z:z + step])))
+    return out, bad

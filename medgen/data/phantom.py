@@ -247,7 +247,7 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], n_ctrl: int)
     return f / max(float(np.abs(f).max()), 1e-6)
 
 
-def _rotation(deg: np.ndarray) -> np.ndarray:
+def rotation(deg: np.ndarray) -> np.ndarray:
     ax, ay, az = np.deg2rad(deg)
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
@@ -266,7 +266,7 @@ def subject_coordinates(grid: SiteGrid, rng: np.random.Generator) -> tuple[np.nd
     rot = rng.uniform(-4.0, 4.0, 3)
     shift = rng.uniform(-4.0, 4.0, 3)
     rms = rng.uniform(1.5, 3.0)
-    q = _rotation(rot) @ np.diag(scale)
+    q = rotation(rot) @ np.diag(scale)
     m = q @ grid.affine[:3, :3]  # output voxel -> template mm (linear part)
     b = q @ (grid.affine[:3, 3] - BRAIN_CENTRE_MM) + BRAIN_CENTRE_MM + shift - t.origin_mm
     axes = [np.arange(n, dtype=np.float32) for n in grid.shape]
@@ -364,7 +364,7 @@ def _blob(rng: np.random.Generator, vol_ml: float) -> np.ndarray:
     axes = r_eq * axes / np.prod(axes) ** (1 / 3)
     half = int(np.ceil(axes.max() * 1.4)) + 2
     g = np.mgrid[-half:half + 1, -half:half + 1, -half:half + 1].astype(np.float32)
-    rot = _rotation(rng.uniform(-180, 180, 3)).astype(np.float32)
+    rot = rotation(rng.uniform(-180, 180, 3)).astype(np.float32)
     local = np.einsum("ij,j...->i...", rot.T, g)
     rho = np.sqrt(sum((local[i] / axes[i]) ** 2 for i in range(3)))
     noise = ndi.gaussian_filter(rng.standard_normal(rho.shape).astype(np.float32), max(1.5, 0.3 * r_eq))

@@ -33,6 +33,8 @@ from medgen.data.errors import DataError
 from medgen.data.nifti import Volume, check_affine
 
 SQUARE_MARGIN = 0.08  # the square field of view is this much wider than the brain
+SLAB = 32  # axial slices per slab where a whole-volume temporary would cost several volumes
+EDT_SLAB_VOXELS = 2**21  # voxels per slab of _farther_than (scipy's transform: ~48 bytes each, ~100 MB)
 
 
 @dataclass
@@ -73,6 +75,12 @@ def preprocess_subject(
     brain mask, and an image that is constant inside the brain.
     """
     grid = target_grid(image.data.shape, check_affine(image.affine, image.path), cfg.spacing_mm)
+    n_voxels = int(np.prod(grid.shape, dtype=np.int64))
+    if n_voxels > cfg.max_voxels:  # e.g. 512^3 voxels of 20 mm: a 10 m field of view
+        fov = " x ".join(f"{n * s:.0f}" for n, s in zip(grid.shape, grid.spacing))
+        shape = "x".join(map(str, grid.shape))
+        raise DataError(image.path, f"its field of view ({fov} mm) at data.spacing_mm is {shape} = {n_voxels:.3g} "
+                                    f"voxels, more than data.max_voxels={cfg.max_voxels}; refused before resampling")
     data = resample_image(image, grid)
     if brain is not None:
         mask = resample_mask(brain, grid)
@@ -93,9 +101,7 @@ def preprocess_subject(
 
     keep = select_slices(mask, cfg.min_brain_fraction)
     window = square_window(mask, grid.spacing)
-    images, brain_s, lesion_s = extract_slices(
-        [data, mask.astype(np.float32), les.astype(np.float32)], keep, window, cfg.image_size
-    )
+    images, brain_s, lesion_s = extract_slices([data, mask, les], keep, window, cfg.image_size)
     brain_s = brain_s >= 0.5
     images = np.where(brain_s, np.clip(images, 0.0, 1.0), 0.0).astype(np.float32)
     return SubjectSlices(images=images, brain=brain_s, lesion=lesion_s >= 0.5, slice_index=keep)
@@ -208,24 +214,48 @@ def estimate_brain_mask(data: np.ndarray, spacing_mm, erode_mm: float = 4.0, clo
     """
     spacing = np.asarray(spacing_mm, dtype=np.float64)
     smooth = ndimage.gaussian_filter(data.astype(np.float32, copy=False), 1.5 / spacing, truncate=3.0)
-    fg = _largest_component(smooth > _otsu(smooth))
+    fg = smooth > _otsu(smooth)
+    del smooth  # before labelling: the int32 labels are another volume
+    fg = _largest_component(fg)
     if not fg.any():
         return fg
     # Work in the bounding box of the head (plus room for the closing) to keep it cheap.
     pad = int(np.ceil(max(erode_mm, close_mm) / spacing.min())) + 2
     box = tuple(slice(max(i.start - pad, 0), i.stop + pad) for i in ndimage.find_objects(fg.astype(np.uint8))[0])
     head = fg[box]
-    core = _largest_component(ndimage.distance_transform_edt(head, sampling=spacing) > erode_mm)
+    core = _largest_component(_farther_than(head, spacing, erode_mm))
     if core.any():
-        near_core = ndimage.distance_transform_edt(~core, sampling=spacing) <= erode_mm + 1e-3
+        near_core = ~_farther_than(~core, spacing, erode_mm + 1e-3)
         head = _largest_component(head & near_core)
-    dilated = ndimage.binary_fill_holes(ndimage.distance_transform_edt(~head, sampling=spacing) <= close_mm + 1e-3)
-    closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > close_mm + 1e-3
+    dilated = ndimage.binary_fill_holes(~_farther_than(~head, spacing, close_mm + 1e-3))
+    closed = _farther_than(dilated, spacing, close_mm + 1e-3)
     head = ndimage.binary_fill_holes(head | closed)
     for z in range(head.shape[2]):
         head[:, :, z] = ndimage.binary_fill_holes(head[:, :, z])
     out = np.zeros(data.shape, bool)
     out[box] = _largest_component(head)
+    return out
+
+
+def _farther_than(mask: np.ndarray, spacing: np.ndarray, radius: float) -> np.ndarray:
+    """``distance_transform_edt(mask, sampling=spacing) > radius`` (bool, the shape of ``mask``),
+    computed in axial slabs of about EDT_SLAB_VOXELS voxels: scipy's transform holds about 48 bytes
+    a voxel at once (int32 feature indices, their offsets, float64 distances), 12 float32 volumes
+    of the mask's size. A voxel is within ``radius`` of a background (False) voxel only if that
+    voxel lies within ``radius / spacing[2]`` slices of it, so each slab carries that many slices
+    of margin on either side and gives the same answer as the whole volume."""
+    nz = mask.shape[2]
+    margin = int(np.ceil(radius / spacing[2])) + 1
+    step = max(1, EDT_SLAB_VOXELS // max(1, mask.shape[0] * mask.shape[1]) - 2 * margin)
+    out = np.empty(mask.shape, bool)
+    for z0 in range(0, nz, step):
+        z1 = min(z0 + step, nz)
+        a, b = max(z0 - margin, 0), min(z1 + margin, nz)
+        part = mask[:, :, a:b]
+        if part.all():  # no background within reach (scipy's transform is undefined without any)
+            out[:, :, z0:z1] = True
+            continue
+        out[:, :, z0:z1] = ndimage.distance_transform_edt(part, sampling=spacing)[:, :, z0 - a:z1 - a] > radius
     return out
 
 
@@ -265,11 +295,15 @@ def normalise(data: np.ndarray, brain: np.ndarray, percentiles=(1.0, 99.0)) -> n
     values = data[brain]
     if values.size == 0:
         raise ValueError("brain mask is empty")
-    lo, hi = np.percentile(values, percentiles)
+    lo, hi = np.percentile(values, percentiles, overwrite_input=True)  # values is our own copy
+    del values
     if hi <= lo:
         raise ValueError(f"intensities inside the brain mask are constant ({lo:g} at percentiles {percentiles})")
-    out = np.clip((data - lo) / (hi - lo), 0.0, 1.0)
-    return np.where(brain, out, 0.0).astype(np.float32)
+    out = np.empty(data.shape, np.float32)
+    for z in range(0, data.shape[-1], SLAB):  # in slabs: the float64 temporaries stay small
+        s = np.s_[..., z:z + SLAB]
+        out[s] = np.where(brain[s], np.clip((data[s] - lo) / (hi - lo), 0.0, 1.0), 0.0)
+    return out
 
 
 # ------------------------------------------------------------------------------------ slices
@@ -301,16 +335,19 @@ def extract_slices(volumes: list[np.ndarray], index: np.ndarray, window, size: i
     """Axial slices ``index`` of each (X, Y, Z) volume, cropped to ``window`` and resized to (size, size).
 
     Area averaging when shrinking (anti-aliased), linear interpolation when enlarging; 0 outside the
-    volume. Output per volume: (N, size, size) float32 in display orientation (module docstring).
+    volume. Masks may come as bool (only the chosen slices are converted to float32). Output per
+    volume: (N, size, size) float32 in display orientation (module docstring).
     """
     (x0, wx), (y0, wy) = window
     mx = _resize_matrix(x0, wx, volumes[0].shape[0], size)
     my = _resize_matrix(y0, wy, volumes[0].shape[1], size)
     out = []
     for vol in volumes:
-        stack = np.moveaxis(vol[:, :, index], 2, 0).astype(np.float32, copy=False)  # (N, X, Y)
-        resized = np.einsum("iX,nXY,jY->nji", mx, stack, my, optimize=True)  # (N, y, x)
-        out.append(np.ascontiguousarray(resized[:, ::-1, :], dtype=np.float32))
+        resized = np.empty((len(index), size, size), np.float32)
+        for n in range(0, len(index), SLAB):  # SLAB slices at a time: no copy of the whole volume
+            stack = np.moveaxis(vol[:, :, index[n:n + SLAB]], 2, 0).astype(np.float32, copy=False)  # (N, X, Y)
+            resized[n:n + SLAB] = np.einsum("iX,nXY,jY->nji", mx, stack, my, optimize=True)  # (N, y, x)
+        out.append(np.ascontiguousarray(resized[:, ::-1, :]))
     return out
 
 

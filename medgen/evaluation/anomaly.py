@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 MAX_CURVE_POINTS = 200
 
@@ -105,6 +106,21 @@ def pixel_auprc(scores, lesion, brain) -> float:
     return float(np.sum(np.diff(recall) * precision[1:]))
 
 
+def postprocess(scores, brain, median_px: int = 0, erode_px: int = 0) -> np.ndarray:
+    """The usual post-processing of unsupervised anomaly maps (Baur et al., 2021): a per-slice
+    ``median_px`` x ``median_px`` median filter (0: none; odd), then 0 within ``erode_px`` pixels of
+    the brain-mask edge (0: none), where reconstructions err on every subject. ``scores`` and
+    ``brain`` (N, S, S); returns (N, S, S) float32 >= 0. Applied alike to the healthy slices that
+    fix the threshold and to the slices scored."""
+    s, br = _maps(scores, brain=brain)
+    if median_px > 1:
+        s = ndimage.median_filter(s, size=(1, median_px, median_px), mode="nearest")
+    if erode_px > 0:
+        inner = ndimage.binary_erosion(br, structure=np.ones((1, 3, 3), bool), iterations=erode_px)
+        s = np.where(inner, s, 0.0)
+    return s.astype(np.float32)
+
+
 def threshold_from_healthy(scores_healthy, brain_healthy, quantile: float = 0.95) -> float:
     """The anomaly threshold fixed on HEALTHY validation slices: the ``quantile`` of their brain
     pixels' scores, so that about 1 - ``quantile`` (5%) of healthy brain pixels of that distribution
@@ -187,6 +203,39 @@ def slice_auroc(scores, brain, labels, reduce: str = "mean_top1pct") -> float:
     if len(y) != len(per_slice):
         raise ValueError(f"{len(y)} labels for {len(per_slice)} slices")
     return _auroc(y, per_slice)
+
+
+def intensity_outlier(images, brain, level: float) -> np.ndarray:
+    """The no-model anomaly score: |x - ``level``| inside ``brain`` (0 outside), ``level`` being the
+    median brain intensity of healthy slices — what a threshold on the image itself does (a
+    FLAIR hyperintensity threshold, a T1 hypointensity one). (N, S, S) float32 >= 0."""
+    x, br = _maps(images, brain=brain)
+    return np.where(br, np.abs(x - level), 0.0).astype(np.float32)
+
+
+def references(images, lesion, brain, labels, calib_images, calib_brain, quantile: float,
+               median_px: int = 0, erode_px: int = 0) -> dict[str, float]:
+    """The trivial references of lesion detection, on the scored slices themselves (``images``,
+    ``lesion``, ``brain`` (N, S, S), ``labels`` (N,)): ``prevalence`` (the AUPRC of a random score),
+    ``all_brain_dice`` (the Dice of calling the whole brain lesion, 2p/(1+p)),
+    ``brain_area_slice_auroc`` (a slice scored by its brain area alone), and the
+    :func:`intensity_outlier` score as ``outlier_*``: post-processed like the model's maps, its
+    threshold fixed on the healthy calibration slices ``calib_images`` / ``calib_brain`` at
+    ``quantile``. Without calibration slices, the outlier score is left out."""
+    _, les, br = _maps(images, lesion, brain)
+    y = np.asarray(labels).astype(bool).ravel()
+    out = {"prevalence": float((les & br).sum() / max(int(br.sum()), 1)),
+           "all_brain_dice": dice(br, les & br) if (les & br).any() else float("nan"),
+           "brain_area_slice_auroc": _auroc(y, br.reshape(len(br), -1).sum(1).astype(np.float64))}
+    cal_x, cal_br = _maps(calib_images, brain=calib_brain)
+    if not cal_br.any():
+        return out
+    level = float(np.median(cal_x[cal_br]))
+    maps = postprocess(intensity_outlier(images, brain, level), brain, median_px, erode_px)
+    calib = postprocess(intensity_outlier(cal_x, cal_br, level), cal_br, median_px, erode_px)
+    report = anomaly_report(maps, lesion, brain, labels, threshold_from_healthy(calib, cal_br, quantile))
+    out.update({f"outlier_{k}": v for k, v in report.items() if k not in ("best_dice_upper_bound", "threshold")})
+    return out
 
 
 def _downsample(*curves: np.ndarray, max_points: int) -> tuple[np.ndarray, ...]:

@@ -106,6 +106,37 @@ def _by_setting(metrics: dict, a: dict) -> str:
     return "".join(parts)
 
 
+# metric: (its reference without a model, name of that reference)
+_REFERENCES = {"pixel-auroc": (None, "chance: 0.5"), "pixel-auprc": ("reference-prevalence", "chance: prevalence"),
+               "dice-at-threshold": ("reference-all-brain-dice", "whole brain called lesion"),
+               "slice-auroc": ("reference-brain-area-slice-auroc", "slice brain area")}
+
+
+def _references(metrics: dict) -> str:
+    """Each lesion metric of a site beside its trivial references on the same pixels and slices
+    (see ``anomaly.references``), and whether the model beats both."""
+    if "reference-prevalence" not in metrics:
+        return ""
+    rows = []
+    for key, (ref_key, ref_name) in _REFERENCES.items():
+        if key not in metrics:
+            continue
+        trivial = 0.5 if ref_key is None else metrics.get(ref_key, float("nan"))
+        outlier = metrics.get(f"reference-outlier-{key}", float("nan"))
+        value = metrics[key]
+        refs = ((ref_name, trivial), ("intensity outlier", outlier))
+        missing = [name for name, ref in refs if np.isnan(ref)]
+        not_beaten = [name for name, ref in refs if not np.isnan(ref) and not value > ref]
+        verdict = ("does NOT beat " + " nor ".join(not_beaten) if not_beaten else
+                   "beats both" if not missing else "beats what was computed")
+        verdict += f" ({', '.join(missing)}: not computed, e.g. no healthy subject to calibrate)" if missing else ""
+        rows.append([key, value, ref_name, trivial, outlier, verdict])
+    return ('<p class="note">Every lesion metric beside what needs no model, on the same scored pixels and slices. '
+            "Intensity outlier: |intensity - median healthy brain intensity|, post-processed and thresholded like "
+            "the model's maps (README, \"Lesion detection\").</p>"
+            + _table(rows, ["metric", "model", "trivial reference", "its value", "intensity outlier (no model)", ""]))
+
+
 def _overlays(a: dict) -> str:
     if "overlay-images" not in a:
         return '<p class="note">No overlays: this site does not share images (evaluation.share_images).</p>'
@@ -295,7 +326,7 @@ def build_report(run_dir: str | Path) -> Path:
                 _curves(records, [site], "train", ["loss", "epsilon"], f"site {site}: training"),
                 _curves(records, [site], "evaluate", ["loss", "pixel-auroc"], f"site {site}: evaluation"),
                 "<h2>Lesion detection</h2>", _roc_pr({site: arrays[site]} if site in arrays else {}) or
-                "<p>No lesion evaluation at this site.</p>",
+                "<p>No lesion evaluation at this site.</p>", _references(final.get(site, {})),
                 _by_setting(final.get(site, {}), arrays.get(site, {})), _overlays(arrays.get(site, {})),
                 _privacy(records, site, final.get(site, {}), arrays.get(site, {})),
                 _sent(run, records, site),

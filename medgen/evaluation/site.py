@@ -76,14 +76,19 @@ def split_for_threshold(data: SiteSlices, seed: int) -> tuple[np.ndarray, np.nda
     return in_calib, ~in_calib
 
 
-def _maps(model: GenerativeModel, data: SiteSlices, index: np.ndarray, setting: dict) -> np.ndarray:
+def _maps(model: GenerativeModel, data: SiteSlices, index: np.ndarray, setting: dict, cfg: Config) -> np.ndarray:
+    """The model's anomaly maps of slices ``index``, post-processed (``evaluation.median_filter_px``,
+    ``evaluation.erode_brain_px``): (len(index), S, S) float32 >= 0."""
     out = []
     for at in range(0, len(index), 32):
         idx = index[at: at + 32]
         images = torch.from_numpy(data.images[idx]).unsqueeze(1)
         brain = torch.from_numpy(data.brain[idx]).unsqueeze(1)
         out.append(model.anomaly_map(images, brain, **setting).cpu().numpy()[:, 0])
-    return np.concatenate(out) if out else np.zeros((0, *data.images.shape[1:]), np.float32)
+    if not out:
+        return np.zeros((0, *data.images.shape[1:]), np.float32)
+    ev = cfg.evaluation
+    return anomaly.postprocess(np.concatenate(out), data.brain[index], ev.median_filter_px, ev.erode_brain_px)
 
 
 def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config):
@@ -98,8 +103,8 @@ def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config):
     metrics, curves, overlays = {}, {}, {}
     for i, setting in enumerate(model.anomaly_sweep()):
         tag = _suffix(setting)
-        maps = _maps(model, data, scored_idx, setting)
-        calib_maps = _maps(model, data, calib_idx, setting)
+        maps = _maps(model, data, scored_idx, setting, cfg)
+        calib_maps = _maps(model, data, calib_idx, setting, cfg)
         threshold = anomaly.threshold_from_healthy(calib_maps, data.brain[calib_idx], cfg.evaluation.healthy_quantile) \
             if len(calib_idx) else float("nan")
         report = anomaly.anomaly_report(maps, data.lesion[scored_idx], data.brain[scored_idx],
@@ -114,6 +119,11 @@ def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config):
             pick = scored_idx[np.argsort(-data.lesion[scored_idx].sum((1, 2)))[:4]]
             overlays = {"overlay-images": data.images[pick], "overlay-lesion": data.lesion[pick].astype(np.uint8),
                         "overlay-maps": maps[np.searchsorted(scored_idx, pick)], "overlay-threshold": np.array([threshold])}
+    ev = cfg.evaluation
+    refs = anomaly.references(data.images[scored_idx], data.lesion[scored_idx], data.brain[scored_idx],
+                              data.labels[scored_idx], data.images[calib_idx], data.brain[calib_idx],
+                              ev.healthy_quantile, ev.median_filter_px, ev.erode_brain_px)
+    metrics.update({"reference-" + k.replace("_", "-"): float(v) for k, v in refs.items()})
     return metrics, curves, overlays
 
 
