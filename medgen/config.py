@@ -48,6 +48,17 @@ class DataConfig(_Section):
     brain_mask_suffix: str = Field("_brainmask", min_length=1)
     bids_suffix: str = Field("T1w", min_length=1, description="BIDS contrast to use (T1w, FLAIR, T2w)")
     on_bad_file: Literal["fail", "skip"] = "fail"
+    brain_mask: Literal["auto", "model", "threshold"] = Field(
+        "auto",
+        description="brain mask of a scan without a supplied one: model = deepbet (a trained network shipped "
+                    "in its wheel, ~2.5 s per volume on 2 CPU cores), threshold = Otsu + morphology (no model; keeps "
+                    "skull base and neck on heads with skull), auto = model when deepbet is installed, else "
+                    "threshold. A supplied brain mask always wins",
+    )
+    bias_correction: Literal["n4", "none"] = Field(
+        "n4", description="bias-field correction before intensity normalisation: n4 = SimpleITK's N4 inside "
+                          "the brain mask (~1 s per volume on 2 CPU cores), none = off",
+    )
     max_voxels: int = Field(
         512**3, ge=1,
         description="refuse a file whose header implies more voxels than this (all volumes of a 4-D file), "

@@ -34,6 +34,12 @@ def head(shape=(40, 48, 40), seed=0, lesion_centre=None, lesion_radius=4):
     return image.astype(np.float32), lesion
 
 
+# Data settings of the tests that preprocess phantom or synthetic volumes without brain masks: deepbet
+# (~2.5 s per volume) and N4 (~1 s) would make the suite minutes slower; test_brain_extraction.py
+# tests both. The defaults (data.brain_mask=auto, data.bias_correction=n4) are for real scans.
+FAST_DATA = ["data.brain_mask=threshold", "data.bias_correction=none"]
+
+
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 AFFINE[:3, 3] = [-40, -48, -40]
 
@@ -57,5 +63,6 @@ def make_plain_site(folder: Path, n_healthy=2, n_lesion=2) -> Path:
 
 @pytest.fixture
 def cfg(tmp_path):
-    """Default config with the slice cache inside the test's tmp folder."""
-    return load_config(None, [f"data.cache_dir={tmp_path / 'cache'}"])
+    """Default config with the slice cache inside the test's tmp folder and ``FAST_DATA`` (the
+    synthetic heads here are ellipsoids, not brains)."""
+    return load_config(None, [f"data.cache_dir={tmp_path / 'cache'}", *FAST_DATA])

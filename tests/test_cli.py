@@ -6,13 +6,14 @@ from pathlib import Path
 
 import yaml
 
-from conftest import make_plain_site
+from conftest import FAST_DATA, make_plain_site
 
 MEDGEN = str(Path(sys.executable).parent / "medgen")
 
 
 def run(*args, cache):
-    return subprocess.run([MEDGEN, *map(str, args), "--set", f"data.cache_dir={cache}"],
+    sets = [x for kv in [f"data.cache_dir={cache}", *FAST_DATA] for x in ("--set", kv)]
+    return subprocess.run([MEDGEN, *map(str, args), *sets],
                           capture_output=True, text=True, timeout=300)
 
 

@@ -9,7 +9,9 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "phantom.yaml"
 
 
 def test_defaults_and_example_agree():
-    assert load_config(EXAMPLE) == load_config(None, ["evaluation.share_images=true"])  # the demo shares overlays
+    # the demo shares overlays, and keeps the phantom on the threshold mask without N4 (examples/phantom.yaml)
+    assert load_config(EXAMPLE) == load_config(None, ["evaluation.share_images=true", "data.brain_mask=threshold",
+                                                      "data.bias_correction=none"])
     cfg = load_config()
     assert cfg.data.image_size == 64 and cfg.model.family == "vae"
     assert cfg.sites.train == ["A", "B", "C"] and cfg.sites.heldout == ["D"]
@@ -32,7 +34,7 @@ def test_dump_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("override, key, words", [
-    ("data.imagesize=64", "data.imagesize", "unknown key; allowed here: allow_external_paths, bids_suffix"),
+    ("data.imagesize=64", "data.imagesize", "unknown key; allowed here: allow_external_paths, bias_correction, bids_suffix"),
     ("nonsense.x=1", "nonsense", "unknown key"),
     ("data.image_size=abc", "data.image_size", "valid integer"),
     ("data.image_size=8", "data.image_size", "greater than or equal to 16"),

@@ -23,6 +23,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from conftest import FAST_DATA
 from medgen.client import sent_log
 from medgen.client.app import app as client_app
 from medgen.config import dump_config, load_config
@@ -39,7 +40,7 @@ from medgen.simulation import resolve_data
 BIN = Path(sys.executable).parent
 TINY = ["sites.train=[A,B]", "sites.heldout=[C]", "phantom.subjects_per_site=3", "train.local_steps=3",
         "train.batch_size=8", "model.width=8", "model.latent_dim=16", "data.image_size=32",
-        "federation.samples_per_class=2", "federation.round_timeout_s=120"]
+        "federation.samples_per_class=2", "federation.round_timeout_s=120", *FAST_DATA]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -172,7 +173,8 @@ def test_study_key_flags_name_the_flag_or_file(certs, tmp_path):
 def test_client_dry_run_checks_the_data_and_says_what_is_shared(cohort):
     root, cache = cohort
     out = subprocess.run([BIN / "medgen-client", "join", "--site", "A", "--data", str(root / "A"), "--dry-run",
-                          "--set", f"data.cache_dir={cache}", "--set", "data.image_size=32"],
+                          "--set", f"data.cache_dir={cache}", "--set", "data.image_size=32",
+                          *(x for kv in FAST_DATA for x in ("--set", kv))],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK: usable" in out.stdout and "usable slices:" in out.stdout

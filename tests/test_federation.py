@@ -12,6 +12,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from conftest import FAST_DATA
 from medgen.client.app import app as client_app
 from medgen.config import load_config
 from medgen.server.errors import FederationError
@@ -62,7 +63,7 @@ class LocalGrid(Grid):
 
 TINY = ["sites.train=[A,B]", "sites.heldout=[C]", "phantom.subjects_per_site=3", "train.local_steps=3",
         "train.batch_size=8", "model.width=8", "model.latent_dim=16", "data.image_size=32",
-        "federation.samples_per_class=2"]
+        "federation.samples_per_class=2", *FAST_DATA]
 
 
 @pytest.fixture(scope="module")

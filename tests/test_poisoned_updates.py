@@ -264,12 +264,12 @@ def test_a_file_as_out_and_a_missing_device_are_clear_errors(tiny_cohort, tmp_pa
 def test_a_damaged_slice_cache_entry_is_rebuilt(tmp_path):
     import numpy as np
 
-    from conftest import make_plain_site
+    from conftest import FAST_DATA, make_plain_site
     from medgen.config import load_config
     from medgen.data.dataset import load_site
 
     folder = make_plain_site(tmp_path / "site", n_healthy=1, n_lesion=0)
-    cfg = load_config(None, [f"data.cache_dir={tmp_path / 'cache'}"]).data
+    cfg = load_config(None, [f"data.cache_dir={tmp_path / 'cache'}", *FAST_DATA]).data
     first = load_site(folder, cfg)
     entry = next((tmp_path / "cache").rglob("*.npz"))
     entry.write_bytes(entry.read_bytes()[:200])  # a zip cut short: BadZipFile

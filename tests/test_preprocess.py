@@ -30,6 +30,8 @@ from medgen.data.preprocess import (
 MARK = np.array([-20.0, 24.0, 8.0])  # world mm: patient left (x < 0), anterior (y > 0), superior
 RADII = np.array([40.0, 48.0, 36.0])  # brain ellipsoid, mm
 
+FAST = {"brain_mask": "threshold", "bias_correction": "none"}  # as conftest.FAST_DATA
+
 
 def grid_affine(shape, spacing, codes="RAS", centre=(0.0, 0.0, 0.0), rotation=None) -> np.ndarray:
     """Voxel -> world affine whose voxel axes point along ``codes``, centred on ``centre`` (mm)."""
@@ -104,7 +106,7 @@ def assert_aligned(image: Volume, mask: Volume):
 
 
 def assert_marker_left_top(image: Volume, mask: Volume, expected_z: float, size=64):
-    out = preprocess_subject(image, DataConfig(image_size=size), lesion=mask)
+    out = preprocess_subject(image, DataConfig(**FAST, image_size=size), lesion=mask)
     has = out.lesion.any(axis=(1, 2))
     assert has.any() and np.abs(out.slice_index[has] - expected_z).max() <= 3.5
     rows, cols = np.nonzero(out.lesion.any(axis=0))
@@ -151,11 +153,11 @@ def test_mask_that_does_not_overlap_names_the_mask():
     far = marker_mask("RAS", (1.0, 1.0, 1.0), (20, 20, 20), centre=(400.0, 0.0, 0.0))
     for kwargs in ({"lesion": far}, {"brain": far}):
         with pytest.raises(DataError) as e:
-            preprocess_subject(image, DataConfig(), **kwargs)
+            preprocess_subject(image, DataConfig(**FAST), **kwargs)
         assert e.value.path == far.path and "does not overlap the image" in e.value.problem
     broken = volume(np.ones((4, 4, 4)), np.zeros((4, 4)), "broken_mask.nii.gz")
     with pytest.raises(DataError, match="broken_mask.nii.gz.*affine"):
-        preprocess_subject(image, DataConfig(), lesion=broken)
+        preprocess_subject(image, DataConfig(**FAST), lesion=broken)
 
 
 def test_normalise_maps_brain_percentiles_to_0_and_1():
@@ -191,7 +193,7 @@ def test_preprocess_subject_outputs():
     brain = world(image.data.shape, mask_affine)
     brain = ((brain / RADII[:, None, None, None]) ** 2).sum(0) < 1
     for fraction, size in [(0.25, 64), (0.9, 32)]:
-        out = preprocess_subject(image, DataConfig(image_size=size, min_brain_fraction=fraction),
+        out = preprocess_subject(image, DataConfig(**FAST, image_size=size, min_brain_fraction=fraction),
                                  brain=volume(brain, mask_affine, "brain.nii.gz"))
         n = len(out.slice_index)
         np.testing.assert_array_equal(out.slice_index, select_slices(brain, fraction))

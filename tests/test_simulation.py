@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FAST_DATA
 from medgen.server.rundir import RunDir, load_checkpoint
 
 MEDGEN = str(Path(sys.executable).parent / "medgen")
 TINY = ["sites.train=[A,B]", "sites.heldout=[C]", "phantom.subjects_per_site=3", "train.local_steps=3",
         "train.batch_size=8", "model.width=8", "model.latent_dim=16", "data.image_size=32",
-        "federation.samples_per_class=2"]
+        "federation.samples_per_class=2", *FAST_DATA]
 
 
 def medgen(*args, cache):
@@ -82,7 +83,8 @@ def test_train_baselines(tmp_path, cache, where):
     # any checkpoint on any site folder
     folder = next(cache.glob("phantom/*/C"))
     out = subprocess.run([MEDGEN, "evaluate", "--checkpoint", run.last_checkpoint(), "--data", folder,
-                          "--out", tmp_path / "eval", "--set", f"data.cache_dir={cache}"],
+                          "--out", tmp_path / "eval", "--set", f"data.cache_dir={cache}", "--set", FAST_DATA[0],
+                          "--set", FAST_DATA[1]],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     scored = RunDir(tmp_path / "eval").records()

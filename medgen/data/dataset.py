@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from medgen.config import DataConfig
+from medgen.data import brain_mask
 from medgen.data.errors import DataError, SiteDataError
 from medgen.data.nifti import MIN_BRAIN_EXTENT_MM, inspect_header, load_lesion_mask, load_mask, load_volume
 from medgen.data.preprocess import SubjectSlices, preprocess_subject
@@ -29,7 +30,8 @@ from medgen.fileio import atomic_write
 HEALTHY, LESION = 0, 1
 # Bump when preprocessing changes in a way the config does not show, to invalidate old caches.
 PIPELINE_VERSION = 2
-_CACHE_KEYS = ("image_size", "spacing_mm", "volume_index", "percentiles", "min_brain_fraction", "lesion_labels")
+_CACHE_KEYS = ("image_size", "spacing_mm", "volume_index", "percentiles", "min_brain_fraction", "lesion_labels",
+               "bias_correction")
 
 
 @dataclass
@@ -154,11 +156,24 @@ def load_site(folder: str | Path, cfg: DataConfig, site: str | None = None) -> S
         elif scan.lesion_mask is not None and not slices.lesion.any():
             notes.append(f"{scan.id}: its lesion mask falls outside the slices kept (or is below one pixel)")
         parts.append((scan, slices))
+    notes += _brain_mask_notes([scan for scan, _ in parts], cfg)
     if problems and cfg.on_bad_file == "fail":
         raise SiteDataError(folder, problems)
     if not parts:
         raise SiteDataError(folder, problems or [DataError(folder, "no usable scan")])
     return _assemble(site, parts, cfg, problems, notes, warnings)
+
+
+def _brain_mask_notes(scans: list[Scan], cfg: DataConfig) -> list[str]:
+    """Which brain masks the site's usable scans got: supplied, or the method data.brain_mask chose."""
+    estimated = sum(scan.brain_mask is None for scan in scans)
+    if not estimated:
+        return []
+    method, fallback = brain_mask.resolve(cfg.brain_mask)
+    name = "deepbet model" if method == brain_mask.MODEL else "threshold (Otsu) estimate"
+    notes = [f"brain masks: {len(scans) - estimated} supplied, {estimated} by the {name} "
+             f"(data.brain_mask={cfg.brain_mask})"]
+    return notes + ([fallback] if fallback else [])
 
 
 def check_headers(scan: Scan, cfg: DataConfig) -> list[DataError]:
@@ -203,6 +218,8 @@ def _cache_key(scan: Scan, cfg: DataConfig) -> str:
         st = path.stat()
         files.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
     settings = {k: getattr(cfg, k) for k in _CACHE_KEYS}
+    if scan.brain_mask is None:  # the method data.brain_mask resolves to here, not the setting ("auto")
+        settings["brain_mask"] = brain_mask.cache_tag(brain_mask.resolve(cfg.brain_mask)[0])
     blob = json.dumps([PIPELINE_VERSION, settings, files, scan.label], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

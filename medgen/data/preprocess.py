@@ -5,7 +5,9 @@ The path of one subject (:func:`preprocess_subject`):
 1. :func:`target_grid` - an axis-aligned RAS+ grid at ``cfg.spacing_mm`` covering the image.
 2. :func:`resample_image` / :func:`resample_mask` - image and masks into that grid through their own
    affines (exact reorientation first, so non-oblique data needs only a diagonal map).
-3. :func:`estimate_brain_mask` - when no brain mask is given (works with or without a skull).
+3. :func:`brain_mask_estimate` - when no brain mask is given: deepbet or :func:`estimate_brain_mask`
+   (``data.brain_mask``); then N4 bias-field correction inside the brain mask, supplied or
+   estimated (``data.bias_correction``, :mod:`medgen.data.bias`).
 4. :func:`normalise` - brain percentiles ``cfg.percentiles`` -> [0, 1], 0 outside the brain.
 5. :func:`select_slices`, :func:`square_window`, :func:`extract_slices` - axial slices with enough
    brain, one square field of view per subject, resized to ``cfg.image_size``.
@@ -25,6 +27,8 @@ import numpy as np
 from scipy import ndimage
 
 from medgen.config import DataConfig
+from medgen.data import brain_mask
+from medgen.data.bias import n4_correct
 from medgen.data.errors import DataError
 from medgen.data.nifti import Volume, check_affine
 
@@ -83,9 +87,12 @@ def preprocess_subject(
         if not mask.any():
             raise DataError(brain.path, f"brain mask is empty inside the field of view of {image.path.name}")
     else:
-        mask = estimate_brain_mask(data, grid.spacing)
-        if not mask.any():
-            raise DataError(image.path, "no brain found (brain-mask estimation gave an empty mask)")
+        mask = brain_mask_estimate(data, grid, cfg.brain_mask, image)
+    if cfg.bias_correction == "n4":
+        try:
+            data = n4_correct(data, mask, grid.spacing)
+        except ValueError as e:
+            raise DataError(image.path, str(e)) from None
     try:
         data = normalise(data, mask, cfg.percentiles)
     except ValueError as e:
@@ -182,6 +189,20 @@ def _box(lo, hi) -> str:
 
 
 # -------------------------------------------------------------------------------- brain mask
+
+
+def brain_mask_estimate(data: np.ndarray, grid: Grid, setting: str, image: Volume) -> np.ndarray:
+    """Brain mask of ``data`` (resampled into the RAS+ ``grid``) by the method ``data.brain_mask`` =
+    ``setting`` resolves to (:mod:`medgen.data.brain_mask`): bool (grid.shape). DataError naming
+    ``image``'s file when no brain is found."""
+    method, _ = brain_mask.resolve(setting)
+    try:
+        mask = brain_mask.model_mask(data) if method == brain_mask.MODEL else estimate_brain_mask(data, grid.spacing)
+    except ValueError as e:
+        raise DataError(image.path, f"no brain found ({method} brain mask: {e})") from None
+    if not mask.any():
+        raise DataError(image.path, f"no brain found (the {method} brain mask is empty)")
+    return mask
 
 
 def estimate_brain_mask(data: np.ndarray, spacing_mm, erode_mm: float = 4.0, close_mm: float = 4.0) -> np.ndarray:
