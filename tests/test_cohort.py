@@ -153,3 +153,18 @@ def test_postprocess_median_and_erosion():
 def test_median_filter_size_must_be_odd():
     with pytest.raises(ConfigError, match="median_filter_px"):
         load_config(None, ["evaluation.median_filter_px=4"])
+
+
+@needs_ixi
+def test_implant_without_brain_masks_places_lesions_in_the_model_brain_mask(tmp_path):
+    """A head with skull and no brain mask: the lesions go where deepbet (data.brain_mask=auto)
+    finds brain, in the scan's own (PSR) grid — scored here against the reference parcellation."""
+    ixi = SHARED / "ixi-t1"
+    cfg = Config().data
+    split_site(ixi / "scans", tmp_path / "sites", [f"S{i}" for i in range(35)], cfg)
+    folder = implant_site(tmp_path / "sites" / "S1", tmp_path / "D", cfg, fraction=0.25)
+    (scan_id,) = json.loads((folder / "implant.json").read_text())["scans"]
+    name = Path(scan_id).name
+    mask = nib.load(folder / "masks" / f"{name}_lesion.nii.gz").get_fdata() > 0
+    reference = nib.load(ixi / "brainmasks" / name.replace("_T1", "_brainmask.nii.gz")).get_fdata() > 0
+    assert mask.any() and (mask & reference).sum() >= 0.95 * mask.sum()

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from medgen.config import DataConfig
+from medgen.data import brain_mask
 from medgen.data.errors import DataError
 from medgen.data.implant import implant_lesions
 from medgen.data.nifti import load_mask, load_volume
@@ -117,9 +118,15 @@ def _with_brain_mask(scan: Scan, folder: Path) -> Scan:
 
 
 def _brain(scan: Scan, image, cfg: DataConfig) -> np.ndarray:
-    """The scan's brain mask on its own grid: the supplied one, else estimated."""
+    """The scan's brain mask on its own grid: the supplied one, else estimated as ``data.brain_mask``
+    says (the model works in RAS+ voxel order: the scan is reoriented there and back, exactly)."""
     if scan.brain_mask is None:
-        return estimate_brain_mask(image.data, np.sqrt((image.affine[:3, :3] ** 2).sum(axis=0)))
+        if brain_mask.resolve(cfg.brain_mask)[0] == brain_mask.THRESHOLD:
+            return estimate_brain_mask(image.data, np.sqrt((image.affine[:3, :3] ** 2).sum(axis=0)))
+        ornt = nib.orientations.io_orientation(image.affine)
+        ras = brain_mask.model_mask(nib.orientations.apply_orientation(image.data, ornt))
+        back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+        return nib.orientations.apply_orientation(ras, back).astype(bool)
     mask = load_mask(scan.brain_mask, cfg.volume_index, cfg.max_voxels)
     if mask.data.shape != image.data.shape or not np.allclose(mask.affine, image.affine, atol=1e-3):
         raise DataError(scan.brain_mask, f"brain mask grid differs from its scan {scan.image.name} "
