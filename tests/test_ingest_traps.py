@@ -49,6 +49,13 @@ def rewritten(source: Path, at: Path, fn, affine=None) -> Path:
     return at
 
 
+def shifted(d: np.ndarray) -> np.ndarray:
+    """``d`` moved by (30, 50, 0) voxels, nothing wrapped round."""
+    out = np.zeros_like(d)
+    out[30:, 50:, :] = d[:-30, :-50, :]
+    return out
+
+
 def messages(report) -> dict[str, str]:
     return {e.path.name: e.problem for e in [*report.problems, *report.warnings]}
 
@@ -110,8 +117,8 @@ def test_a_brain_mask_off_the_head_and_one_from_another_subject(tmp_path, cfg):
     a, b, c = ixi_ids(3)
     site = tmp_path / "site"
     link(scan(a), site / f"{a}_T1.nii.gz")
-    # The same header, the mask moved 50 voxels (100 mm) off the head.
-    rewritten(parcellation(a), site / f"{a}_T1_brainmask.nii.gz", lambda d: np.roll(d, 50, axis=1))
+    # The same header, the mask moved 60 mm posterior and 100 mm superior (PSR voxels), off the head.
+    rewritten(parcellation(a), site / f"{a}_T1_brainmask.nii.gz", shifted)
     link(scan(b), site / f"{b}_T1.nii.gz")
     link(parcellation(c), site / f"{b}_T1_brainmask.nii.gz")  # subject c's mask beside subject b's scan
     link(scan(c), site / f"{c}_T1.nii.gz")
