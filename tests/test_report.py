@@ -47,6 +47,9 @@ def test_report_sections_and_numbers(tiny_cohort, tmp_path):
     for site in "ABC":
         site_page = Page((run.path / "report" / f"site-{site}.html").read_text())
         assert "Records" in site_page.headings
+        # the picture each site drew of its data into its own state folder, shown on its page
+        assert "Data" in site_page.headings and (run.path / "sites" / site / "overview.png").is_file()
+        assert site_page.images >= 1
     assert Page((run.path / "report" / "site-C.html").read_text()).images >= 2  # ROC/PR + shared overlays
     final = json.loads((run.path / "report" / "metrics.json").read_text())["final"]
     last = [r for r in run.records() if r["phase"] == "evaluate" and r["site"] == "C"][-1]
