@@ -69,7 +69,7 @@ def _colours(png: Path) -> tuple[int, int]:
     from matplotlib.image import imread
 
     rgb = imread(png)[..., :3]
-    rgb = rgb[: int(0.94 * len(rgb))]
+    rgb = rgb[: int(0.9 * len(rgb))]
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     return int(((r > 0.8) & (g > 0.6) & (b < 0.4)).sum()), int(((r > 0.8) & (g < 0.35) & (b < 0.35)).sum())
 

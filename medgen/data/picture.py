@@ -56,7 +56,7 @@ def draw_site(slices: SiteSlices, path: str | Path, title: str, subjects: int = 
     if not rows:
         raise ValueError("no slice to draw")
     ncol = max(len(idx) for _, idx in rows)
-    fig = Figure(figsize=(1.9 * ncol + 0.4, 2.05 * len(rows) + 0.9))
+    fig = Figure(figsize=(1.9 * ncol + 0.4, 2.2 * len(rows) + 0.9), layout="constrained")
     axes = fig.subplots(len(rows), ncol, squeeze=False)
     for ax in axes.ravel():
         ax.set_xticks([])
@@ -80,8 +80,7 @@ def draw_site(slices: SiteSlices, path: str | Path, title: str, subjects: int = 
     size = slices.images.shape[-1]
     fig.suptitle(f"{title}\n{len(rows)} of {n_scans} scan(s), {len(slices)} slices at {size}x{size} px as trained on; "
                  "anterior up, patient left on image left", fontsize=8.5)
-    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7.5, frameon=False)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.93))
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=7.5, frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
