@@ -62,3 +62,36 @@ def test_synth_rejects_bad_flags(tmp_path):
     assert out.returncode == 2 and "phantom.subjects_per_site" in out.stderr
     out = run("data", "synth", "--out", tmp_path / "x", "--sites", "A,A", cache=tmp_path)
     assert out.returncode == 2 and "sites.train" in out.stderr
+
+
+def _colours(png: Path) -> tuple[int, int]:
+    """(yellow pixels, red pixels) of a picture above its legend: the brain and lesion outlines of a
+    site picture."""
+    from matplotlib.image import imread
+
+    rgb = imread(png)[..., :3]
+    rgb = rgb[: int(0.9 * len(rgb))]
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return int(((r > 0.8) & (g > 0.6) & (b < 0.4)).sum()), int(((r > 0.8) & (g < 0.35) & (b < 0.35)).sum())
+
+
+def test_check_draws_a_picture_of_every_site(tmp_path):
+    a = make_plain_site(tmp_path / "A", n_healthy=1, n_lesion=1)
+    b = make_plain_site(tmp_path / "B", n_healthy=2, n_lesion=0)
+    out = run("data", "check", f"{a}/", cache=tmp_path / "c")
+    assert out.returncode == 0, out.stdout + out.stderr
+    picture = tmp_path / "A-overview.png"
+    assert f"picture: {picture}" in out.stdout
+    yellow, red = _colours(picture)
+    assert yellow > 200 and red > 20  # brain and lesion outlined
+
+    out = run("data", "check", a, "--picture", tmp_path / "mine.png", cache=tmp_path / "c")
+    assert out.returncode == 0 and (tmp_path / "mine.png").is_file()
+    out = run("data", "check", a, b, "--picture", tmp_path / "pictures", cache=tmp_path / "c")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == ["A-overview.png", "B-overview.png"]
+    assert _colours(tmp_path / "pictures" / "B-overview.png")[1] == 0  # no lesion at B
+    out = run("data", "check", a, b, "--picture", tmp_path / "mine.png", cache=tmp_path / "c")
+    assert out.returncode == 2 and "--picture must be a folder" in out.stderr
+    out = run("data", "check", b, "--no-picture", cache=tmp_path / "c")
+    assert out.returncode == 0 and "picture:" not in out.stdout and not (tmp_path / "B-overview.png").exists()

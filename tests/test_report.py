@@ -51,6 +51,9 @@ def test_report_sections_and_numbers(tiny_cohort, tmp_path):
     for site in "ABC":
         site_page = Page((run.path / "report" / f"site-{site}.html").read_text())
         assert "Records" in site_page.headings
+        # the picture each site drew of its data into its own state folder, shown on its page
+        assert "Data" in site_page.headings and (run.path / "sites" / site / "overview.png").is_file()
+        assert site_page.images >= 1
     site_c = Page((run.path / "report" / "site-C.html").read_text())
     assert site_c.images >= 2  # ROC/PR + shared overlays
     # every lesion metric beside its no-model references, computed at the site on the same pixels

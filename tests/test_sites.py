@@ -51,7 +51,7 @@ def test_manifest_csv_and_yaml(tmp_path, cfg):
 def test_manifest_errors(tmp_path, cfg):
     site = make_plain_site(tmp_path / "A", n_healthy=1, n_lesion=0)
     (site / "manifest.csv").write_text("img,lbl\nsub-00.nii.gz,healthy\n")
-    with pytest.raises(DataError, match=r"unknown column\(s\) \['img', 'lbl'\]") as e:
+    with pytest.raises(DataError, match=r"no 'image' column \(its columns: img, lbl") as e:
         discover_site(site, cfg.data)
     assert e.value.path.name == "manifest.csv"
     (site / "manifest.csv").write_text("image,label\n")
@@ -173,3 +173,43 @@ def test_unreadable_entries_named_like_nifti_are_reported(tmp_path, cfg):
         ("sub-01_run-2_T1w.nii.gz", f"named like a NIfTI file but is a broken symlink (to {bids}/nowhere.nii.gz); "
                                     "skipped"),
         ("sub-01_T1w.nii.gz", "not used: its mask sub-01_label-lesion_mask.nii.gz cannot be read")]
+
+
+def test_manifest_extra_columns_are_kept_and_named_once(tmp_path, cfg):
+    site = make_plain_site(tmp_path / "A", n_healthy=2, n_lesion=0)
+    (site / "manifest.csv").write_text("image,age,site_scanner\nsub-00.nii.gz,34,x\nsub-01.nii.gz,51,y\n")
+    listing = discover_site(site, cfg.data)
+    assert [s.id for s in listing.scans] == ["sub-00", "sub-01"] and not listing.problems
+    assert listing.notes == ["manifest.csv: column(s) age, site_scanner ignored "
+                             "(medgen uses subject, image, mask, brain_mask, label)"]
+
+
+def test_bids_named_files_side_by_side_and_plain_names(tmp_path, cfg):
+    image, mask = head(lesion_centre=(14, 24, 20))
+    flat = tmp_path / "flat"
+    save(flat / "sub-01_ses-1_dwi.nii.gz", image)
+    save(flat / "sub-01_ses-1_FLAIR.nii.gz", image)
+    save(flat / "sub-01_ses-1_msk.nii.gz", mask)
+    save(flat / "sub-02_dwi.nii.gz", image)
+    listing = discover_site(flat, cfg.data.model_copy(update={"bids_suffix": "dwi"}))
+    assert listing.layout == "bids"
+    assert [(s.id, s.subject, s.lesion_mask and s.lesion_mask.name) for s in listing.scans] == [
+        ("sub-01_ses-1", "sub-01", "sub-01_ses-1_msk.nii.gz"), ("sub-02", "sub-02", None)]
+    with pytest.raises(DataError, match=r"no T1w scans \(data.bids_suffix\); found: dwi \(2\), FLAIR \(1\)"):
+        discover_site(flat, cfg.data)
+    # sub-XX.nii.gz with sub-XX_mask.nii.gz is a plain site (no BIDS suffix on the scans)
+    assert discover_site(make_plain_site(tmp_path / "plain", 1, 1), cfg.data).layout == "plain"
+
+
+def test_bids_rawdata_root_and_other_datatypes(tmp_path, cfg):
+    image, mask = head(lesion_centre=(14, 24, 20))
+    root = tmp_path / "study"
+    save(root / "rawdata/sub-01/ses-1/perf/sub-01_ses-1_cbf.nii.gz", image)
+    save(root / "rawdata/sub-01/ses-1/anat/sub-01_ses-1_run-1_T1w.nii.gz", image)
+    save(root / "derivatives/lesions/sub-01/ses-1/anat/sub-01_ses-1_label-lesion_mask.nii.gz", mask)
+    listing = discover_site(root, cfg.data)
+    (found,) = listing.scans
+    assert (found.id, found.subject, found.contrast) == ("sub-01_ses-1_run-1", "sub-01", "T1w")
+    assert found.lesion_mask.name == "sub-01_ses-1_label-lesion_mask.nii.gz"  # fewer entities: the session's
+    (cbf,) = discover_site(root, cfg.data.model_copy(update={"bids_suffix": "cbf"})).scans
+    assert cbf.image.parent.name == "perf" and cbf.lesion_mask is not None

@@ -51,14 +51,48 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from medgen.data.check import check_site
 
     cfg = _load(args)
+    pictures = _picture_paths(args.folders, args.picture, args.no_picture)
     worst = 0
     for i, folder in enumerate(args.folders):
         if i:
             print()
         report = check_site(folder, cfg.data)
         print(report.summary(cfg.data))
+        if pictures:
+            print(_site_picture(report, pictures[i]))
         worst = max(worst, report.exit_code)
     return worst
+
+
+def _picture_paths(folders: list[Path], picture: Path | None, none: bool) -> list[Path]:
+    """Where `data check` draws each site: ``DIR-overview.png`` beside it; with ``--picture``, that
+    file (one DIR) or ``<folder>/<DIR name>-overview.png`` (several DIRs: ``--picture`` is a folder)."""
+    from medgen.data.picture import default_picture_path
+
+    if none:
+        return []
+    if picture is None:
+        return [default_picture_path(f) for f in folders]
+    if len(folders) == 1 and not picture.is_dir():
+        return [picture]
+    if picture.exists() and not picture.is_dir():
+        raise ConfigError(f"--picture {picture}: with {len(folders)} site folders --picture must be a folder")
+    names = [default_picture_path(f).name for f in folders]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--picture {picture}: two site folders share a name; check them one at a time")
+    return [picture / n for n in names]
+
+
+def _site_picture(report, path: Path) -> str:
+    from medgen.data.picture import draw_site
+
+    if report.slices is None or len(report.slices) == 0:
+        return "picture: none (no usable slice)"
+    try:
+        draw_site(report.slices, path, f"site folder {report.folder}")
+    except OSError as e:
+        return f"picture: not written ({path}: {e.strerror or e}); choose a place with --picture FILE"
+    return f"picture: {path}"
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -165,8 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = data_commands.add_parser(
         "check", help="validate site folders and summarise them",
-        description="Exit code: 0 usable; 1 usable but some files are bad; 2 nothing usable.")
+        description="Summarise site folders, list every problem (naming the file), and draw each site's "
+                    "slices as they will be trained on. Exit code: 0 usable; 1 usable but some files are "
+                    "bad; 2 nothing usable.")
     check.add_argument("folders", nargs="+", type=Path, metavar="DIR")
+    drawn = check.add_mutually_exclusive_group()
+    drawn.add_argument("--picture", type=Path, metavar="FILE",
+                       help="where to draw the site (default DIR-overview.png beside DIR); with several DIRs a "
+                            "folder, holding DIR-overview.png for each")
+    drawn.add_argument("--no-picture", action="store_true", help="draw no picture")
     _config_args(check)
     check.set_defaults(func=cmd_data_check)
 

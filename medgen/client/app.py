@@ -30,6 +30,8 @@ from medgen.client.policy import (budget, budget_delta, plan_violations, policy_
 from medgen.client.task import evaluate_local, local_steps, proximal_term, site_data, site_seed, train_local
 from medgen.config import Config, SitePolicy, load_config_text, load_policy
 from medgen.data.check import counts_text, scan_headers
+from medgen.data.dataset import concat_slices
+from medgen.data.picture import write_site_picture
 from medgen.data.errors import DataError, SiteDataError
 from medgen.deployment.signing import check_study, study_identity
 from medgen.data.sites import discover_site
@@ -199,6 +201,7 @@ def query(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
         return reply
     for problem in train.problems:  # the site's own log names them; the server gets the count
         print(f"site {site.name}: skipped: {problem}", file=sys.stderr, flush=True)
+    write_site_picture(concat_slices([train, val], site.name), site.state, site.name)  # stays in its state folder
     reply = _reply(msg, site.name, {**data_summary(train, val), "skipped-files": len(train.problems)})
     voxel_sizes, orientations, _ = scan_headers(discover_site(site.folder, cfg.data).scans)
     reply.content["info"]["voxel-sizes"] = counts_text(voxel_sizes)

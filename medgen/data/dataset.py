@@ -23,13 +23,15 @@ from medgen.config import DataConfig
 from medgen.data import brain_mask
 from medgen.data.errors import DataError, SiteDataError
 from medgen.data.nifti import MIN_BRAIN_EXTENT_MM, inspect_header, load_lesion_mask, load_mask, load_volume
+from medgen.data.plausibility import (brain_off_head_problem, grid_mismatch_warning, label_map_problem,
+                                      lesion_coverage_problem)
 from medgen.data.preprocess import SubjectSlices, preprocess_subject
 from medgen.data.sites import Scan, discover_site
 from medgen.fileio import atomic_write
 
 HEALTHY, LESION = 0, 1
 # Bump when preprocessing changes in a way the config does not show, to invalidate old caches.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 _CACHE_KEYS = ("image_size", "spacing_mm", "volume_index", "percentiles", "min_brain_fraction", "lesion_labels",
                "bias_correction")
 
@@ -137,7 +139,7 @@ def load_site(folder: str | Path, cfg: DataConfig, site: str | None = None) -> S
     listing = discover_site(folder, cfg)
     problems = list(listing.problems)
     warnings = list(listing.warnings)
-    notes: list[str] = []
+    notes: list[str] = list(listing.notes)
     cache = cache_root(cfg) / f"{site}-{hashlib.sha256(str(folder).encode()).hexdigest()[:10]}"
     parts: list[tuple[Scan, SubjectSlices]] = []
     for scan in listing.scans:
@@ -155,6 +157,10 @@ def load_site(folder: str | Path, cfg: DataConfig, site: str | None = None) -> S
             notes.append(f"{scan.id}: labelled lesion without a lesion mask; all its slices are labelled lesion")
         elif scan.lesion_mask is not None and not slices.lesion.any():
             notes.append(f"{scan.id}: its lesion mask falls outside the slices kept (or is below one pixel)")
+        if scan.lesion_mask is not None and (wrong := lesion_coverage_problem(scan.lesion_mask, slices.lesion,
+                                                                             slices.brain)):
+            problems.append(_naming_scan(wrong, scan))
+            continue
         parts.append((scan, slices))
     notes += _brain_mask_notes([scan for scan, _ in parts], cfg)
     if problems and cfg.on_bad_file == "fail":
@@ -178,8 +184,11 @@ def _brain_mask_notes(scans: list[Scan], cfg: DataConfig) -> list[str]:
 
 def check_headers(scan: Scan, cfg: DataConfig) -> list[DataError]:
     """Header-only checks of every file of a scan (:func:`~medgen.data.nifti.inspect_header`): raises
-    DataError for a refused header, returns the warnings (e.g. qform and sform disagree)."""
-    return [DataError(path, w) for path in scan.files for w in inspect_header(path, cfg.max_voxels)]
+    DataError for a refused header, returns the warnings (e.g. qform and sform disagree, a mask on
+    another subject's grid)."""
+    warnings = [DataError(path, w) for path in scan.files for w in inspect_header(path, cfg.max_voxels)]
+    masks = [m for m in (scan.lesion_mask, scan.brain_mask) if m is not None]
+    return warnings + [w for m in masks if (w := grid_mismatch_warning(scan.image, m)) is not None]
 
 
 def _naming_scan(error: DataError, scan: Scan) -> DataError:
@@ -255,6 +264,8 @@ def _is_entry_of(name: str, safe_id: str) -> bool:
 
 def _preprocess(scan: Scan, cfg: DataConfig) -> SubjectSlices:
     image = load_volume(scan.image, cfg.volume_index, cfg.max_voxels, min_extent_mm=MIN_BRAIN_EXTENT_MM)
+    if (wrong := label_map_problem(image)) is not None:
+        raise wrong
     lesion = load_lesion_mask(scan.lesion_mask, cfg.volume_index, cfg.lesion_labels, cfg.max_voxels) \
         if scan.lesion_mask else None
     brain = load_mask(scan.brain_mask, cfg.volume_index, cfg.max_voxels) if scan.brain_mask else None
@@ -265,4 +276,6 @@ def _preprocess(scan: Scan, cfg: DataConfig) -> SubjectSlices:
             raise DataError(lesion.path, f"lesion mask is not empty but scan {scan.id!r} is labelled healthy")
     if brain is not None and not brain.data.any():
         raise DataError(brain.path, "brain mask is empty")
+    if brain is not None and (wrong := brain_off_head_problem(image, brain)) is not None:
+        raise wrong
     return preprocess_subject(image, cfg, lesion=lesion, brain=brain)

@@ -6,10 +6,14 @@ Three layouts, tried in this order:
     columns ``image`` (required), ``mask`` (lesion mask), ``brain_mask``, ``label``
     (``healthy``/``lesion``, or 0/1) and ``subject`` (rows of one subject are one patient);
     paths relative to the folder and inside it (unless ``data.allow_external_paths``).
-(b) **BIDS** — ``sub-*/[ses-*/]anat/*_<bids_suffix>.nii[.gz]``; the subject is ``sub-<label>``
-    (its sessions and runs are scans of one patient); masks under ``derivatives/`` named after
-    the scan's entities: ``*lesion*_mask.nii[.gz]`` (lesion) and ``*desc-brain*_mask.nii[.gz]``
-    (brain).
+(b) **BIDS** — ``[rawdata/]sub-*/[ses-*/]<datatype>/*_<bids_suffix>.nii[.gz]`` for any
+    datatype folder (``anat``, ``dwi``, ``perf``, ...), or BIDS-named files side by side in the
+    folder itself (``sub-01_ses-1_dwi.nii.gz``, as the ISLES challenge distributes a case); the
+    subject is ``sub-<label>`` (its sessions and runs are scans of one patient). Masks, under
+    ``derivatives/`` (of the folder or of ``rawdata/``) or beside the scans, carry a subset of the
+    scan's entities and the suffix ``_mask`` or ``_msk``: ``*lesion*`` or ``_msk`` is a lesion
+    mask, ``*desc-brain*`` / ``*label-brain*`` a brain mask. When no scan has ``data.bids_suffix``
+    the error names the contrasts that are there.
 (c) **plain files** — every ``NAME.nii[.gz]`` is a scan (and its own subject);
     ``NAME<suffix>.nii[.gz]`` is its lesion mask for a suffix in ``data.lesion_mask_suffixes``
     (``_mask``, ``_seg``, ``_lesion``) and ``NAME<data.brain_mask_suffix>`` (``_brainmask``) its
@@ -17,6 +21,9 @@ Three layouts, tried in this order:
 
 File extensions are matched case-insensitively. Entries named like NIfTI that are not files
 (folders, broken or looping symlinks) are reported, never silently skipped.
+
+Manifest columns other than MANIFEST_COLUMNS (``age``, ``sex``, ...) are kept in the file and
+ignored here; the listing's ``notes`` names them once.
 
 Each scan has an ``id`` unique in the site (its slice-cache entry, notes) and a ``subject``: the
 patient it belongs to, the unit of the train/validation split and of DP's ``privacy.unit: subject``.
@@ -53,6 +60,7 @@ class Scan:
     brain_mask: Path | None = None
     label: Label | None = None
     subject: str = ""
+    contrast: str = ""  # the BIDS suffix ("T1w", "dwi") or a contrast word ending a plain name ("T1"); "" unknown
 
     def __post_init__(self):
         if not self.subject:
@@ -74,6 +82,7 @@ class SiteListing:
     scans: list[Scan]
     problems: list[DataError]
     warnings: list[DataError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def discover_site(folder: str | Path, cfg: DataConfig) -> SiteListing:
@@ -90,8 +99,10 @@ def discover_site(folder: str | Path, cfg: DataConfig) -> SiteListing:
         raise DataError(folder, f"holds {len(manifests)} manifests ({', '.join(m.name for m in manifests)}); keep one")
     if manifests:
         listing = _from_manifest(manifests[0], cfg)
-    elif any(p.is_dir() for p in folder.glob("sub-*")):
-        listing = _from_bids(folder, cfg)
+    elif (root := _bids_root(folder)) is not None:
+        listing = _from_bids(folder, root, cfg)
+    elif _is_flat_bids(folder):
+        listing = _from_bids(folder, None, cfg)
     else:
         listing = _from_plain_files(folder, cfg)
     if not listing.scans and not listing.problems:
@@ -110,7 +121,8 @@ def _label(value: object, where: Path, row: int) -> tuple[Label | None, DataErro
     return None, DataError(where, f"row {row}: label {value!r} is not one of healthy, lesion, 0, 1")
 
 
-def _read_manifest_rows(path: Path) -> list[dict]:
+def _read_manifest_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """(the rows, the names of the columns medgen does not use, sorted)."""
     try:
         if path.suffix == ".csv":
             with path.open(newline="") as f:
@@ -124,12 +136,10 @@ def _read_manifest_rows(path: Path) -> list[dict]:
         raise DataError(path, "manifest must be a table (CSV) or a list of mappings (YAML)")
     if not rows:
         raise DataError(path, "manifest has no rows")
-    unknown = sorted({str(k) for r in rows for k in r if k not in MANIFEST_COLUMNS})
-    if unknown:
-        raise DataError(path, f"unknown column(s) {unknown}; allowed: {', '.join(MANIFEST_COLUMNS)}")
     if "image" not in rows[0]:
-        raise DataError(path, "manifest has no 'image' column")
-    return rows
+        raise DataError(path, f"manifest has no 'image' column (its columns: {', '.join(map(str, rows[0]))}; "
+                              f"medgen uses {', '.join(MANIFEST_COLUMNS)})")
+    return rows, sorted({str(k) for r in rows for k in r if k not in MANIFEST_COLUMNS})
 
 
 def _manifest_file(manifest: Path, row_no: int, column: str, value: str,
@@ -157,7 +167,10 @@ def _manifest_file(manifest: Path, row_no: int, column: str, value: str,
 def _from_manifest(path: Path, cfg: DataConfig) -> SiteListing:
     folder = path.parent
     scans, problems, seen = [], [], set()
-    for row_no, row in enumerate(_read_manifest_rows(path), start=2 if path.suffix == ".csv" else 1):
+    rows, ignored = _read_manifest_rows(path)
+    notes = [f"{path.name}: column(s) {', '.join(ignored)} ignored (medgen uses {', '.join(MANIFEST_COLUMNS)})"] \
+        if ignored else []
+    for row_no, row in enumerate(rows, start=2 if path.suffix == ".csv" else 1):
         image_field = str(row.get("image") or "").strip()
         if not image_field:
             problems.append(DataError(path, f"row {row_no}: empty 'image'"))
@@ -178,8 +191,9 @@ def _from_manifest(path: Path, cfg: DataConfig) -> SiteListing:
             continue
         seen.add(real)
         subject = str(row.get("subject") or "").strip() or _stem(files["image"])
-        scans.append(Scan(scan_id, files["image"], files["mask"], files["brain_mask"], label, subject))
-    return SiteListing(folder, "manifest", scans, problems)
+        scans.append(Scan(scan_id, files["image"], files["mask"], files["brain_mask"], label, subject,
+                          plain_contrast(_stem(files["image"]))))
+    return SiteListing(folder, "manifest", scans, problems, notes=notes)
 
 
 def _scan_id(image: Path, folder: Path) -> str:
@@ -236,7 +250,7 @@ def _from_plain_files(folder: Path, cfg: DataConfig) -> SiteListing:
             continue
         if _unreadable_mask(path, list(mine.values()), unreadable, problems):
             continue
-        scans.append(Scan(stem, path, mine.get("lesion"), mine.get("brain")))
+        scans.append(Scan(stem, path, mine.get("lesion"), mine.get("brain"), contrast=plain_contrast(stem)))
     problems += [
         DataError(path, f"looks like a mask of {owner!r} but there is no scan {owner}.nii[.gz]")
         for owner, found in masks.items() if owner not in files for path in found.values() if path not in unreadable
@@ -253,9 +267,46 @@ def _unreadable_mask(scan: Path, masks: list[Path], unreadable: set[Path], probl
     return bool(bad)
 
 
-def _bids_anat_folders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("sub-*/anat") if p.is_dir()) + \
-        sorted(p for p in folder.glob("sub-*/ses-*/anat") if p.is_dir())
+def _bids_root(folder: Path) -> Path | None:
+    """The folder holding the ``sub-*`` folders: ``folder`` itself or its ``rawdata/``; None if neither."""
+    for root in (folder, folder / "rawdata"):
+        if any(p.is_dir() for p in root.glob("sub-*")):
+            return root
+    return None
+
+
+def _is_flat_bids(folder: Path) -> bool:
+    """Are all NIfTI files of ``folder`` BIDS-named (``sub-<label>[_<key>-<value>...]_<suffix>``)
+    and is at least one of them not a mask? (A plain site's ``sub-01.nii.gz`` has no suffix.)"""
+    names = [bids_name(_stem(p)) for p in _nifti_entries(folder)[0]]
+    return bool(names) and all(names) and any(n[1] not in BIDS_MASK_SUFFIXES for n in names)
+
+
+BIDS_MASK_SUFFIXES = ("mask", "msk")
+_ENTITY = re.compile(r"^[A-Za-z]+-[A-Za-z0-9]+$")
+_SUFFIX = re.compile(r"^[A-Za-z0-9]+$")
+# Entities that describe a derivative, not which scan it belongs to.
+_DERIVATIVE_ENTITIES = {"desc", "label", "space", "res", "den", "from", "to", "mod", "hemi", "seg", "atlas"}
+
+
+def bids_name(stem: str) -> tuple[dict[str, str], str] | None:
+    """``sub-01_ses-2_dwi`` -> ({"sub": "01", "ses": "2"}, "dwi"); None when not BIDS-named."""
+    parts = stem.split("_")
+    if len(parts) < 2 or not parts[0].startswith("sub-") or not _SUFFIX.match(parts[-1]):
+        return None
+    if not all(_ENTITY.match(p) for p in parts[:-1]):
+        return None
+    return dict(p.split("-", 1) for p in parts[:-1]), parts[-1]
+
+
+# Contrast words a plain file name may end in ("IXI012-HH-1211_T1"), compared case-insensitively.
+_CONTRASTS = {c.lower(): c for c in ("T1", "T1w", "T2", "T2w", "FLAIR", "PD", "PDw", "T2star", "SWI", "dwi", "adc",
+                                     "trace", "bold", "asl", "cbf", "T1rho", "MPRAGE", "angio")}
+
+
+def plain_contrast(stem: str) -> str:
+    """The contrast a file name ends in (``sub-01_T1w`` -> "T1w", ``IXI012-HH-1211_T2`` -> "T2"); "" if none."""
+    return _CONTRASTS.get(re.split(r"[_\-. ]", stem)[-1].lower(), "")
 
 
 def _nifti_tree(root: Path) -> tuple[list[Path], list[DataError], list[DataError]]:
@@ -269,31 +320,76 @@ def _nifti_tree(root: Path) -> tuple[list[Path], list[DataError], list[DataError
     return files, problems, warnings
 
 
-def _from_bids(folder: Path, cfg: DataConfig) -> SiteListing:
-    derivatives, problems, warnings = _nifti_tree(folder / "derivatives")
-    unreadable = {p.path for p in problems}
-    derivatives += sorted(unreadable)
-    scans = []
-    pattern = f"_{cfg.bids_suffix}"
-    for anat in _bids_anat_folders(folder):
-        files, bad, odd = _nifti_entries(anat)
+def _mask_kind(stem: str) -> str | None:
+    """"lesion", "brain" or None (not a mask, or a mask of something else) for a BIDS-named file."""
+    name = bids_name(stem)
+    if name is None or name[1].lower() not in BIDS_MASK_SUFFIXES:
+        return None
+    entities = {k: v.lower() for k, v in name[0].items()}
+    if "brain" in (entities.get("desc"), entities.get("label")):
+        return "brain"
+    if "lesion" in stem.lower() or name[1].lower() == "msk":
+        return "lesion"
+    return None
+
+
+def _belongs_to(mask: Path, entities: dict[str, str]) -> bool:
+    """Does a mask name a subset of a scan's entities (ignoring those that describe the derivative)?"""
+    own = bids_name(_stem(mask))
+    return own is not None and all(entities.get(k) == v for k, v in own[0].items() if k not in _DERIVATIVE_ENTITIES)
+
+
+def _from_bids(folder: Path, root: Path | None, cfg: DataConfig) -> SiteListing:
+    """A BIDS tree under ``root`` (``folder`` or ``folder/rawdata``), or with ``root`` None the
+    BIDS-named files of ``folder`` itself."""
+    problems, warnings, derivatives = [], [], []
+    for d in dict.fromkeys([folder / "derivatives", *([root / "derivatives"] if root else [])]):
+        found, bad, odd = _nifti_tree(d)
+        derivatives += found
         problems += bad
         warnings += odd
-        for scan in files:
-            stem = _stem(scan)
-            if not stem.endswith(pattern):
-                continue
-            entities = stem[: -len(pattern)]
-            mine = [p for p in derivatives if _stem(p).startswith(entities + "_") and _stem(p).endswith("_mask")]
-            lesion = [p for p in mine if "lesion" in p.name]
-            brain = [p for p in mine if "desc-brain" in p.name]
-            for kind, found in (("lesion", lesion), ("brain", brain)):
-                if len(found) > 1:
-                    problems.append(DataError(scan, f"{len(found)} {kind} masks under derivatives/: "
-                                                    f"{', '.join(p.name for p in found)}; keep one"))
-            if len(lesion) > 1 or len(brain) > 1 or _unreadable_mask(scan, mine, unreadable, problems):
-                continue
-            subject = scan.relative_to(folder).parts[0]  # the sub-<label> folder: one patient
-            scans.append(Scan(entities, scan, lesion[0] if lesion else None, brain[0] if brain else None,
-                              subject=subject))
-    return SiteListing(folder, "bids", scans, problems, warnings)
+    raw = []
+    subject_folders = [] if root is None else sorted(p for p in root.glob("sub-*") if p.is_dir())
+    for place in subject_folders or [folder]:
+        found, bad, odd = _nifti_tree(place) if root is not None else _nifti_entries(place)
+        raw += found
+        problems += bad
+        warnings += odd
+    unreadable = {p.path for p in problems}
+    masks = [p for p in [*derivatives, *raw, *sorted(unreadable)] if _mask_kind(_stem(p))]
+    contrasts: dict[str, int] = {}
+    scans = []
+    wanted = cfg.bids_suffix.lower()
+    for scan in raw:
+        name = bids_name(_stem(scan))
+        if name is None or scan in masks:
+            continue
+        entities, suffix = name
+        contrasts[suffix] = contrasts.get(suffix, 0) + 1
+        if suffix.lower() != wanted:
+            continue
+        mine = [p for p in masks if _belongs_to(p, entities)]
+        lesion = [p for p in mine if _mask_kind(_stem(p)) == "lesion"]
+        brain = [p for p in mine if _mask_kind(_stem(p)) == "brain"]
+        for kind, found in (("lesion", lesion), ("brain", brain)):
+            if len(found) > 1:
+                problems.append(DataError(scan, f"{len(found)} {kind} masks: {', '.join(p.name for p in found)}; "
+                                                "keep one"))
+        if len(lesion) > 1 or len(brain) > 1 or _unreadable_mask(scan, mine, unreadable, problems):
+            continue
+        scan_id = _stem(scan)[: -len(suffix) - 1]
+        scans.append(Scan(scan_id, scan, lesion[0] if lesion else None, brain[0] if brain else None,
+                          subject=f"sub-{entities['sub']}", contrast=suffix))
+    if contrasts and wanted not in {c.lower() for c in contrasts}:
+        seen = ", ".join(f"{k} ({n})" for k, n in sorted(contrasts.items(), key=lambda kv: (-kv[1], kv[0].lower())))
+        none = DataError(folder, f"no {cfg.bids_suffix} scans (data.bids_suffix); found: {seen} — set "
+                                 "data.bids_suffix to one of them")
+        if not problems:
+            raise none
+        problems.append(none)
+    return SiteListing(folder, "bids", _bids_order(scans), problems, warnings)
+
+
+def _bids_order(scans: list[Scan]) -> list[Scan]:
+    """Scans without a session folder first, then by path (the order discovery always had)."""
+    return sorted(scans, key=lambda s: (len(s.image.parts), str(s.image)))

@@ -7,6 +7,7 @@ from pathlib import Path
 from medgen.client.task import check_device, evaluate_local
 from medgen.config import INFERENCE_KEYS, ConfigError, load_config_text, with_overrides
 from medgen.data.dataset import load_site
+from medgen.data.picture import write_site_picture
 from medgen.evaluation.report import build_report
 from medgen.evaluation.samples import generate, save_grid
 from medgen.evaluation.site import evaluate_site
@@ -40,6 +41,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str |
     run = RunDir(out or Path("runs") / f"evaluate-{site}-{Path(checkpoint).stem}")
     run.create(cfg)
     data = load_site(data_dir, cfg.data, site)
+    write_site_picture(data, run.path / "sites" / site, site)
     log(f"evaluating {checkpoint} (round {ckpt['round']}, {cfg.model.family}) on {data_dir}: {len(data)} slices")
     metrics = evaluate_local(model, data, cfg)
     # a training site of the checkpoint's run: its own subject split gives the memorisation audit's

@@ -256,6 +256,18 @@ def _sent(run: RunDir, records: list[dict], site: str) -> str:
     return "".join(parts)
 
 
+def _site_picture(run: RunDir, site: str) -> str:
+    """A site's "Data" section: the picture of its slices (medgen.data.picture) drawn by the site
+    into its state folder, where the run holds that folder (a simulation, `medgen evaluate`)."""
+    path = run.path / "sites" / site / "overview.png"
+    if not path.is_file():
+        return ("<h2>Data</h2><p class=\"note\">No picture of this site's data in the run: it stays at the site "
+                "(<code>overview.png</code> in its state folder, or <code>medgen data check DIR</code>).</p>")
+    return ("<h2>Data</h2><p class=\"note\">What this site trains or is scored on: a few of its scans, axial slices "
+            "across the brain as preprocessed, brain mask (yellow) and lesion (red) outlined. Drawn at the site, "
+            "kept in its state folder.</p>" + _file_png(path, width=900).replace("image-rendering:pixelated", ""))
+
+
 def _page(title: str, body: list[str]) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>")
@@ -322,6 +334,7 @@ def build_report(run_dir: str | Path) -> Path:
         rows = [[r["round"], r["phase"]] + [r.get(k, "") for k in ["loss", *shown[1:]]] + [r.get("error", r.get("refused", ""))]
                 for r in mine if r["phase"] in ("train", "evaluate")]
         page = [f"<p>{'held-out site: never trains' if site in heldout else 'training site'}</p>",
+                _site_picture(run, site),
                 "<h2>Records</h2>", _table(rows, ["round", "phase", "loss", *shown[1:], "error"]),
                 _curves(records, [site], "train", ["loss", "epsilon"], f"site {site}: training"),
                 _curves(records, [site], "evaluate", ["loss", "pixel-auroc"], f"site {site}: evaluation"),
