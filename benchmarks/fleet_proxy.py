@@ -18,7 +18,6 @@ import os
 import platform
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time

@@ -36,7 +36,7 @@ def head(shape=(40, 48, 40), seed=0, lesion_centre=None, lesion_radius=4):
 
 # Data settings of the tests that preprocess phantom or synthetic volumes without brain masks: deepbet
 # (~2.5 s per volume) and N4 (~1 s) would make the suite minutes slower; test_brain_extraction.py
-# tests both. The defaults (data.brain_mask=auto, data.bias_correction=n4) are for real scans.
+# tests both. The default data.brain_mask=auto is for real scans; data.bias_correction=none is the default too.
 FAST_DATA = ["data.brain_mask=threshold", "data.bias_correction=none"]
 
 

@@ -76,7 +76,7 @@ def test_threshold_setting_and_notes_say_which_mask_was_used(tmp_path, cfg):
 
 def test_config_validates_the_new_keys():
     cfg = load_config(None, [])
-    assert (cfg.data.brain_mask, cfg.data.bias_correction) == ("auto", "n4")
+    assert (cfg.data.brain_mask, cfg.data.bias_correction) == ("auto", "none")
     with pytest.raises(ConfigError, match="data.brain_mask"):
         load_config(None, ["data.brain_mask=bet"])
     with pytest.raises(ConfigError, match="data.bias_correction"):

@@ -9,7 +9,7 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "phantom.yaml"
 
 
 def test_defaults_and_example_agree():
-    # the demo shares overlays, and keeps the phantom on the threshold mask without N4 (examples/phantom.yaml)
+    # the demo shares overlays, and keeps the phantom on the threshold mask (examples/phantom.yaml)
     assert load_config(EXAMPLE) == load_config(None, ["evaluation.share_images=true", "data.brain_mask=threshold",
                                                       "data.bias_correction=none"])
     cfg = load_config()
