@@ -23,11 +23,11 @@ needs_ixi = pytest.mark.skipif(not (SHARED / "ixi-t1" / "scans").is_dir(),
 
 
 def head(rng, shape=(48, 56, 40)):
-    """A 2 mm 'head': ellipsoid brain with grey/white-like texture; (image, brain, affine)."""
+    """A 2 mm 'head': ellipsoid brain inside a scalp, grey/white-like texture; (image, brain, affine)."""
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
     r = np.sqrt((g**2).sum(0))
-    brain = r < 0.8
-    image = np.where(brain, 0.6 + 0.25 * (r < 0.5), 0.1 * (r < 0.95)) + rng.normal(0, 0.02, shape)
+    brain = r < 0.7
+    image = np.where(brain, 0.6 + 0.25 * (r < 0.45), 0.1 * (r < 0.98)) + rng.normal(0, 0.02, shape)
     return image.astype(np.float32), brain, np.diag([2.0, 2.0, 2.0, 1.0])
 
 

@@ -213,3 +213,18 @@ def test_the_picture_of_real_sites_and_the_report_page(tmp_path, cfg):
     page = _site_picture(SimpleNamespace(path=tmp_path), "isles")
     assert "<h2>Data</h2>" in page and "data:image/png;base64," in page
     assert "No picture" in _site_picture(SimpleNamespace(path=tmp_path), "nowhere")
+
+
+def test_a_skull_stripped_scan_with_its_own_brain_mask_passes_and_a_shifted_one_does_not(tmp_path, cfg):
+    """No scalp to lie under: a stripped export's mask is its foreground, and that is not 'off the head'."""
+    a, b = ixi_ids(2)
+    site = tmp_path / "site"
+    for i in (a, b):
+        brain = nib.load(parcellation(i)).get_fdata() > 0
+        rewritten(scan(i), site / f"{i}_T1.nii.gz", lambda d, brain=brain: d * brain)
+    link(parcellation(a), site / f"{a}_T1_brainmask.nii.gz")
+    rewritten(parcellation(b), site / f"{b}_T1_brainmask.nii.gz", lambda d: np.roll(d, 10, axis=1))  # 20 mm
+    report = check_site(site, cfg.data)
+    problems = {e.path.name: e.problem for e in report.problems}
+    assert f"{a}_T1_brainmask.nii.gz" not in problems
+    assert problems[f"{b}_T1_brainmask.nii.gz"].startswith(f"brain mask lies off the head of {b}_T1.nii.gz")
