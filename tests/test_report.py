@@ -78,6 +78,7 @@ def test_report_sections_and_numbers(tiny_cohort, tmp_path):
     assert [(r["run"], r["site"]) for r in rows] == [("run", "C"), ("other", "C")]
     assert rows[0]["pixel-auroc"] == rows[1]["pixel-auroc"]  # same seed, same config: same numbers
     assert Page(compare.read_text()).images == 1
+    assert "reference-prevalence" in compare.read_text()  # the references travel with the metrics
 
 
 def test_site_page_tables_detection_by_anomaly_setting(tiny_cohort, tmp_path):

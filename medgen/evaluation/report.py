@@ -359,7 +359,8 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         for site in cfg["sites"]["heldout"]:
             if site in final:
                 runs.append((run.path.name, site, final[site]))
-    keys = [k for k in HEADLINE if any(k in m for _, _, m in runs)]
+    references = ["reference-prevalence", "reference-all-brain-dice", *[f"reference-outlier-{k}" for k in _REFERENCES]]
+    keys = [k for k in [*HEADLINE, *references] if any(k in m for _, _, m in runs)]
     rows = [[name, site] + [m.get(k, "") for k in keys] for name, site, m in runs]
     plotted = [k for k in ("pixel-auroc", "pixel-auprc", "dice-at-threshold", "slice-auroc") if k in keys]
     chart = ""
