@@ -88,8 +88,8 @@ def implant_site(src: str | Path, out: str | Path, cfg: DataConfig, seed: int = 
             raise DataError(scan.image, str(e)) from None
         name = _NIFTI.sub("", scan.image.name)
         (folder / row["image"]).unlink()
-        row["image"] = _save(result.image, image.affine, folder / "scans" / f"{name}.nii.gz", np.float32)
-        row["mask"] = _save(result.mask, image.affine, folder / "masks" / f"{name}_lesion.nii.gz", np.uint8)
+        row["image"] = _save(result.image, image.affine, folder, f"scans/{name}.nii.gz", np.float32)
+        row["mask"] = _save(result.mask, image.affine, folder, f"masks/{name}_lesion.nii.gz", np.uint8)
         rows.append(row)
         drawn[scan.id] = result.info
     _write_manifest(folder, rows)
@@ -142,31 +142,29 @@ def _empty_folder(path: Path) -> Path:
     return path
 
 
-def _link(target: Path | None, folder: Path) -> str:
+def _link(target: Path | None, folder: Path, sub: str) -> str:
+    """A link ``folder/sub/<name>`` to the real file behind ``target`` (named as the site names it);
+    its path relative to ``folder``, or "" for no file."""
     if target is None:
         return ""
-    target = Path(target).resolve()
-    link = folder / target.name
+    link = folder / sub / Path(target).name
     if link.is_symlink():
-        raise DataError(target, f"two scans or masks share the file name {target.name}; rename one")
-    os.symlink(target, link)
-    return link.as_posix()
+        raise DataError(Path(target), f"two scans or masks share the file name {link.name}; rename one")
+    os.symlink(Path(target).resolve(), link)
+    return f"{sub}/{link.name}"
 
 
 def _linked_row(scan: Scan, folder: Path, label: str | None) -> dict:
-    row = {"subject": scan.subject, "label": label or "",
-           "image": _link(scan.image, folder / "scans"),
-           "mask": _link(scan.lesion_mask, folder / "masks"),
-           "brain_mask": _link(scan.brain_mask, folder / "brainmasks")}
-    return {k: Path(v).relative_to(folder).as_posix() if v and k != "subject" and k != "label" else v
-            for k, v in row.items()}
+    return {"subject": scan.subject, "label": label or "", "image": _link(scan.image, folder, "scans"),
+            "mask": _link(scan.lesion_mask, folder, "masks"), "brain_mask": _link(scan.brain_mask, folder, "brainmasks")}
 
 
-def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype) -> str:
+def _save(data: np.ndarray, affine: np.ndarray, folder: Path, relative: str, dtype) -> str:
+    """Write ``data`` as NIfTI at ``folder/relative``; returns ``relative``."""
     img = nib.Nifti1Image(np.asarray(data, dtype), affine)
     img.header.set_xyzt_units("mm")
-    nib.save(img, path)
-    return path.relative_to(path.parent.parent).as_posix()
+    nib.save(img, folder / relative)
+    return relative
 
 
 def _write_manifest(folder: Path, rows: list[dict]) -> None:
