@@ -114,8 +114,9 @@ def evaluate(run: Path, sites: Path) -> dict:
               "variants": {}}
     for name, (median, erode) in VARIANTS.items():
         post = [anomaly.postprocess(m, data.brain[i], median, erode) for m, i in ((raw_calib, calib_idx), (raw, idx))]
+        outlier = anomaly.outlier_calibration(data.images[calib_idx], data.brain[calib_idx], q, median, erode)
         refs = anomaly.references(data.images[idx], data.lesion[idx], data.brain[idx], data.labels[idx],
-                                  data.images[calib_idx], data.brain[calib_idx], q, median, erode)
+                                  outlier, median, erode)
         result["variants"][name] = {"model": score(*post, data, calib_idx, idx, q),
                                     "intensity outlier": {k[len("outlier_"):]: round(float(v), 4)
                                                           for k, v in refs.items() if k.startswith("outlier_")}}

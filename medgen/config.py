@@ -210,6 +210,16 @@ class EvaluationConfig(_Section):
         0.99, gt=0.5, lt=1.0, description="Dice threshold: this quantile of healthy validation pixels' scores "
                                           "(0.99: about 1% of healthy brain pixels flagged)"
     )
+    calibration: Literal["auto", "healthy-subjects", "training-sites", "outside-lesions"] = Field(
+        "auto", description="which healthy slices fix the Dice threshold at a site with lesions: healthy-subjects "
+                            "(half of the site's own; not scored), training-sites (their healthy validation "
+                            "slices' quantile), auto (the first when the site has 2+ healthy subjects, else the "
+                            "second), outside-lesions (the site's slices outside the masks: looks at the masks)"
+    )
+    max_intensity_shift: float = Field(
+        0.15, gt=0.0, le=1.0, description="warn on a site page when the site's brain-intensity histogram is further "
+                                          "than this (Jensen-Shannon divergence, bits) from the training sites'"
+    )
     median_filter_px: int = Field(
         5, ge=0, le=15, description="anomaly maps: per-slice median filter of this size before scoring (0 = none)"
     )

@@ -150,10 +150,13 @@ def test_references_are_the_no_model_scores_on_the_same_pixels():
     images[lesion] = 0.95  # bright lesions: exactly what an intensity threshold finds
     labels = np.array([0, 0, 0, 1, 1, 1])
     calib = rng.uniform(0.4, 0.6, (4, 16, 16)).astype(np.float32)
-    refs = A.references(images, lesion, brain, labels, calib, brain[:4], quantile=0.99)
+    outlier = A.outlier_calibration(calib, brain[:4], quantile=0.99)
+    assert outlier[0] == pytest.approx(np.median(calib[brain[:4]]))
+    refs = A.references(images, lesion, brain, labels, outlier)
     p = lesion.sum() / brain.sum()
     assert refs["prevalence"] == pytest.approx(p)
     assert refs["all_brain_dice"] == pytest.approx(2 * p / (1 + p))
     assert refs["brain_area_slice_auroc"] == 0.5  # every slice has the same brain area
     assert refs["outlier_pixel_auroc"] == 1.0 and refs["outlier_dice_at_threshold"] == 1.0
-    assert "outlier_pixel_auroc" not in A.references(images, lesion, brain, labels, calib[:0], brain[:0], 0.99)
+    assert A.outlier_calibration(calib[:0], brain[:0], 0.99) is None
+    assert "outlier_pixel_auroc" not in A.references(images, lesion, brain, labels, None)

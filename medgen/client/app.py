@@ -36,6 +36,7 @@ from medgen.data.errors import DataError, SiteDataError
 from medgen.deployment.signing import check_study, study_identity
 from medgen.data.sites import discover_site
 from medgen.deployment.handshake import check_handshake
+from medgen.evaluation.plan import EvaluationPlan
 from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
 from medgen.privacy.dp import plan, secret_seed, site_secret
@@ -164,8 +165,11 @@ def data_summary(train, val) -> dict:
     """Aggregate numbers about a site's data (what the report shows; no image leaves)."""
     pixels = np.concatenate([train.images[train.brain], val.images[val.brain]])
     hist, _ = np.histogram(pixels, bins=32, range=(0.0, 1.0))
+    lesion_subjects = set(train.lesion_subjects) | set(val.lesion_subjects)
     return {"train-examples": len(train), "eval-examples": len(val),
             "lesion-slices": int((train.labels == 1).sum() + (val.labels == 1).sum()),
+            "train-lesion-slices": int((train.labels == 1).sum()),
+            "healthy-subjects": len((set(train.subjects.tolist()) | set(val.subjects.tolist())) - lesion_subjects),
             "subjects": len(set(train.subjects.tolist()) | set(val.subjects.tolist())),
             "intensity-hist": (hist / max(1, hist.sum())).tolist()}
 
@@ -203,9 +207,11 @@ def query(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
         print(f"site {site.name}: skipped: {problem}", file=sys.stderr, flush=True)
     write_site_picture(concat_slices([train, val], site.name), site.state, site.name)  # stays in its state folder
     reply = _reply(msg, site.name, {**data_summary(train, val), "skipped-files": len(train.problems)})
-    voxel_sizes, orientations, _ = scan_headers(discover_site(site.folder, cfg.data).scans)
+    listing = discover_site(site.folder, cfg.data)
+    voxel_sizes, orientations, _ = scan_headers(listing.scans)
     reply.content["info"]["voxel-sizes"] = counts_text(voxel_sizes)
     reply.content["info"]["orientations"] = counts_text(orientations)
+    reply.content["info"]["contrasts"] = sorted({s.contrast or "unknown" for s in listing.scans})
     return reply
 
 
@@ -256,7 +262,8 @@ def evaluate(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
     metrics = evaluate_local(model, data, cfg)
     if not int(msg.content["config"].get("full", 0)):
         return _reply(msg, site.name, metrics)
-    scores, arrays = evaluate_site(model, data, cfg, train=train)  # a held-out site's train is empty: no audit
+    told = EvaluationPlan.from_config(msg.content["config"])
+    scores, arrays = evaluate_site(model, data, cfg, train=train, plan=told)  # a held-out site's train is empty: no audit
     reply = _reply(msg, site.name, {**metrics, **scores})
     reply.content["artefacts"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return reply

@@ -213,29 +213,61 @@ def intensity_outlier(images, brain, level: float) -> np.ndarray:
     return np.where(br, np.abs(x - level), 0.0).astype(np.float32)
 
 
-def references(images, lesion, brain, labels, calib_images, calib_brain, quantile: float,
+def outlier_calibration(images, brain, quantile: float, median_px: int = 0,
+                        erode_px: int = 0) -> tuple[float, float] | None:
+    """(level, threshold) of the :func:`intensity_outlier` score fixed on calibration pixels:
+    ``level`` the median of ``images`` inside ``brain`` (N, S, S), the threshold the ``quantile`` of
+    the post-processed outlier score there. None without a calibration pixel."""
+    x, br = _maps(images, brain=brain)
+    if not br.any():
+        return None
+    level = float(np.median(x[br]))
+    calib = postprocess(intensity_outlier(x, br, level), br, median_px, erode_px)
+    return level, threshold_from_healthy(calib, br, quantile)
+
+
+def references(images, lesion, brain, labels, outlier: tuple[float, float] | None,
                median_px: int = 0, erode_px: int = 0) -> dict[str, float]:
     """The trivial references of lesion detection, on the scored slices themselves (``images``,
     ``lesion``, ``brain`` (N, S, S), ``labels`` (N,)): ``prevalence`` (the AUPRC of a random score),
     ``all_brain_dice`` (the Dice of calling the whole brain lesion, 2p/(1+p)),
     ``brain_area_slice_auroc`` (a slice scored by its brain area alone), and the
-    :func:`intensity_outlier` score as ``outlier_*``: post-processed like the model's maps, its
-    threshold fixed on the healthy calibration slices ``calib_images`` / ``calib_brain`` at
-    ``quantile``. Without calibration slices, the outlier score is left out."""
+    :func:`intensity_outlier` score as ``outlier_*``, post-processed like the model's maps, with
+    ``outlier`` = (level, threshold) from :func:`outlier_calibration` (None: left out)."""
     _, les, br = _maps(images, lesion, brain)
     y = np.asarray(labels).astype(bool).ravel()
     out = {"prevalence": float((les & br).sum() / max(int(br.sum()), 1)),
            "all_brain_dice": dice(br, les & br) if (les & br).any() else float("nan"),
            "brain_area_slice_auroc": _auroc(y, br.reshape(len(br), -1).sum(1).astype(np.float64))}
-    cal_x, cal_br = _maps(calib_images, brain=calib_brain)
-    if not cal_br.any():
+    if outlier is None:
         return out
-    level = float(np.median(cal_x[cal_br]))
+    level, threshold = outlier
     maps = postprocess(intensity_outlier(images, brain, level), brain, median_px, erode_px)
-    calib = postprocess(intensity_outlier(cal_x, cal_br, level), cal_br, median_px, erode_px)
-    report = anomaly_report(maps, lesion, brain, labels, threshold_from_healthy(calib, cal_br, quantile))
+    report = anomaly_report(maps, lesion, brain, labels, threshold)
     out.update({f"outlier_{k}": v for k, v in report.items() if k not in ("best_dice_upper_bound", "threshold")})
     return out
+
+
+def per_volume(scores, lesion, brain, subjects, threshold: float) -> dict[str, float]:
+    """Per-volume scores as the UAD literature reports them (Baur et al., 2021): for each subject
+    with a lesion pixel among these slices (``subjects`` (N,) names the subject of each slice), the
+    Dice at ``threshold`` and the AUPRC over its own slices, averaged over subjects
+    (``volume_dice_at_threshold``, ``volume_pixel_auprc``), with the same subject-averaged
+    references (``volume_prevalence`` = random AUPRC, ``volume_all_brain_dice``) and ``volumes`` =
+    the number of subjects. NaN (and 0 volumes) without a lesion."""
+    s, les, br = _maps(scores, lesion, brain)
+    subjects = np.asarray(subjects)
+    rows = []
+    for subject in np.unique(subjects):
+        at = subjects == subject
+        if not (les[at] & br[at]).any():
+            continue
+        p = float((les[at] & br[at]).sum() / br[at].sum())
+        rows.append((dice_at_threshold(s[at], les[at], br[at], threshold), pixel_auprc(s[at], les[at], br[at]),
+                     p, 2 * p / (1 + p)))
+    names = ("volume_dice_at_threshold", "volume_pixel_auprc", "volume_prevalence", "volume_all_brain_dice")
+    means = np.mean(rows, axis=0) if rows else np.full(4, np.nan)
+    return {**{k: float(v) for k, v in zip(names, means)}, "volumes": float(len(rows))}
 
 
 def _downsample(*curves: np.ndarray, max_points: int) -> tuple[np.ndarray, ...]:

@@ -5,14 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from medgen.client.task import check_device, evaluate_local
-from medgen.config import INFERENCE_KEYS, ConfigError, load_config_text, with_overrides
+from medgen.config import INFERENCE_KEYS, Config, ConfigError, load_config_text, with_overrides
 from medgen.data.dataset import load_site
 from medgen.data.picture import write_site_picture
+from medgen.evaluation.plan import EvaluationPlan, pooled_thresholds
 from medgen.evaluation.report import build_report
 from medgen.evaluation.samples import generate, save_grid
 from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
+from medgen.server.guards import trained_classes, untrained_note
 from medgen.server.rundir import RunDir, load_checkpoint, load_weights
+
+
+def run_plan(run_dir: Path, cfg: Config, round_: int) -> EvaluationPlan:
+    """What the federation that wrote a checkpoint knew, from its run directory's records when
+    they are there: the classes its training sites held, and the threshold their healthy validation
+    slices fixed at that round (when they were asked for it). Otherwise every class, no threshold."""
+    records = RunDir(run_dir).records() if (run_dir / "metrics.jsonl").is_file() else []
+    summaries = {r["site"]: r for r in records if r["phase"] == "query" and "train-examples" in r}
+    if not summaries:
+        return EvaluationPlan()
+    evaluated = {r["site"]: r for r in records if r["phase"] == "evaluate" and r["round"] == round_
+                 and r["site"] in cfg.sites.train}
+    return EvaluationPlan(trained_classes(summaries, cfg.sites.train), pooled_thresholds(evaluated))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str | Path | None = None,
@@ -47,14 +62,16 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str |
     # a training site of the checkpoint's run: its own subject split gives the memorisation audit's
     # training and held-out slices (the folder must hold the same scans it trained on)
     train, heldout = data.split_subjects(cfg.train.val_fraction, cfg.seed) if site in cfg.sites.train else (None, None)
-    scores, arrays = evaluate_site(model, data, cfg, train=train, heldout=heldout)
+    told = run_plan(Path(checkpoint).resolve().parent.parent, cfg, int(ckpt["round"]))
+    scores, arrays = evaluate_site(model, data, cfg, train=train, heldout=heldout, plan=told)
     round_ = int(ckpt["round"])
-    run.log(round_, site, "evaluate", {**metrics, **scores, "checkpoint": str(checkpoint)})
+    warnings = {"warnings": untrained_note(told.classes)} if untrained_note(told.classes) else {}
+    run.log(round_, site, "evaluate", {**metrics, **scores, "checkpoint": str(checkpoint), **warnings})
     if arrays:
         run.save_artefacts(round_, site, arrays)
     if cfg.federation.samples_per_class:
-        images, _ = generate(model, cfg.federation.samples_per_class, cfg.seed)
-        save_grid(run.samples / f"round-{round_:04d}.png", images, rows=2)
+        images, _ = generate(model, cfg.federation.samples_per_class, cfg.seed, told.classes)
+        save_grid(run.samples / f"round-{round_:04d}.png", images, rows=len(told.classes))
     run.set_status("completed", round=round_, evaluated=str(data_dir))
     log(f"report: {build_report(run.path)}")
     return run

@@ -13,9 +13,11 @@ from medgen.models import HEALTHY, LESION, GenerativeModel
 CLASS_NAMES = {HEALTHY: "healthy", LESION: "lesion"}
 
 
-def generate(model: GenerativeModel, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``per_class`` samples of each class from a fixed seed: (images (2n, 1, S, S) in [0, 1], labels (2n,))."""
-    labels = torch.tensor([HEALTHY] * per_class + [LESION] * per_class)
+def generate(model: GenerativeModel, per_class: int, seed: int,
+             classes: tuple[int, ...] = (HEALTHY, LESION)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` samples of each class of ``classes`` from a fixed seed: (images (n·k, 1, S, S) in
+    [0, 1], labels (n·k,)), class by class."""
+    labels = torch.tensor([c for c in classes for _ in range(per_class)])
     generator = torch.Generator().manual_seed(seed)
     model.eval()
     with torch.no_grad():

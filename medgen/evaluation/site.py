@@ -22,6 +22,8 @@ import torch
 from medgen.config import Config
 from medgen.data.dataset import HEALTHY, LESION, SiteSlices
 from medgen.evaluation import anomaly, distances, fid, memorisation
+from medgen.evaluation.plan import (OUTLIER_LEVEL, OUTLIER_THRESHOLD, OUTSIDE_LESIONS, OWN_HEALTHY,
+                                   THRESHOLD_PREFIX, TRAINING_SITES, EvaluationPlan)
 from medgen.evaluation.samples import CLASS_NAMES
 from medgen.models import GenerativeModel
 
@@ -41,11 +43,13 @@ def generated(model: GenerativeModel, label: int, n: int, seed: int) -> np.ndarr
 
 
 def distance_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config,
-                     fakes: dict[int, np.ndarray] | None = None) -> dict[str, float]:
-    """The distances per class; the generated sets are left in ``fakes`` (by label) when given."""
+                     fakes: dict[int, np.ndarray] | None = None,
+                     classes: tuple[int, ...] = (HEALTHY, LESION)) -> dict[str, float]:
+    """The distances per class of ``classes`` (those some training site held: samples of a class
+    that never trained mean nothing); the generated sets are left in ``fakes`` (by label) when given."""
     metrics: dict[str, float] = {}
     weights = fid.find_weights(cfg.evaluation.inception_weights)
-    for label in (HEALTHY, LESION):
+    for label in classes:
         real = data.images[data.labels == label]
         if len(real) < 4:
             continue
@@ -65,11 +69,15 @@ def distance_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config,
     return metrics
 
 
+def _healthy_subjects(data: SiteSlices) -> list[str]:
+    return sorted(set(data.subjects.tolist()) - set(data.lesion_subjects))
+
+
 def split_for_threshold(data: SiteSlices, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Boolean (N,) masks: slices of half of the healthy subjects (subjects with no lesion slice),
     which fix the threshold, and the slices scored (every other subject). Chosen by subject
     without looking at any mask."""
-    healthy = sorted(set(data.subjects.tolist()) - set(data.lesion_subjects))
+    healthy = _healthy_subjects(data)
     rng = np.random.default_rng(seed)
     calib = [healthy[i] for i in rng.permutation(len(healthy))[: len(healthy) // 2]]
     in_calib = np.isin(data.subjects, calib)
@@ -91,38 +99,100 @@ def _maps(model: GenerativeModel, data: SiteSlices, index: np.ndarray, setting: 
     return anomaly.postprocess(np.concatenate(out), data.brain[index], ev.median_filter_px, ev.erode_brain_px)
 
 
-def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config):
-    """(metrics, curves, overlays) for every anomaly setting; empty when the site has no lesion."""
+def _pick(mask: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Up to ``n`` of the indices where ``mask`` holds, at random, sorted."""
+    return np.sort(np.random.default_rng(seed).permutation(np.flatnonzero(mask))[:n])
+
+
+def calibration_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config) -> dict[str, float]:
+    """A training site's share of the federation's threshold, from its healthy subjects' validation
+    slices (no model trained on them): per anomaly setting the ``evaluation.healthy_quantile`` of
+    their brain pixels' scores (``calibration-threshold<setting>``), the intensity-outlier
+    reference's level and threshold, and the number of pixels (``calibration-pixels``). Numbers
+    only; empty without a healthy subject."""
+    ev = cfg.evaluation
+    idx = _pick(np.isin(data.subjects, _healthy_subjects(data)), ev.max_anomaly_slices, cfg.seed)
+    if not len(idx):
+        return {}
+    brain = data.brain[idx]
+    out = {"calibration-pixels": float(brain.sum()), "calibration-slices": float(len(idx))}
+    for setting in model.anomaly_sweep():
+        maps = _maps(model, data, idx, setting, cfg)
+        out[THRESHOLD_PREFIX + _suffix(setting)] = anomaly.threshold_from_healthy(maps, brain, ev.healthy_quantile)
+    level, threshold = anomaly.outlier_calibration(data.images[idx], brain, ev.healthy_quantile,
+                                                   ev.median_filter_px, ev.erode_brain_px)
+    out.update({THRESHOLD_PREFIX + OUTLIER_LEVEL: level, THRESHOLD_PREFIX + OUTLIER_THRESHOLD: threshold})
+    return out
+
+
+def _threshold_source(mode: str, own: bool, federated: bool) -> int:
+    if mode == "outside-lesions":
+        return OUTSIDE_LESIONS
+    if mode in ("auto", "healthy-subjects") and own:
+        return OWN_HEALTHY
+    if mode in ("auto", "training-sites") and federated:
+        return TRAINING_SITES
+    return 0
+
+
+def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config, plan: EvaluationPlan | None = None):
+    """(metrics, curves, overlays) for every anomaly setting; empty when the site has no lesion.
+
+    The threshold of ``dice-at-threshold`` comes from ``evaluation.calibration`` (``auto``: the
+    site's own healthy subjects when it has two or more, else the training sites' threshold in
+    ``plan``); ``threshold-source`` names which (:data:`~medgen.evaluation.plan.THRESHOLD_SOURCES`).
+    Slices held apart for it are not scored."""
     if not data.lesion.any():
         return {}, {}, {}
+    ev, plan = cfg.evaluation, plan or EvaluationPlan()
     calib, scored = split_for_threshold(data, cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    n = cfg.evaluation.max_anomaly_slices
-    calib_idx = np.sort(rng.permutation(np.flatnonzero(calib))[:n])
-    scored_idx = np.sort(rng.permutation(np.flatnonzero(scored))[:n])
-    metrics, curves, overlays = {}, {}, {}
+    source = _threshold_source(ev.calibration, calib.any(), bool(plan.thresholds))
+    if source != OWN_HEALTHY:  # no slice is held apart
+        calib, scored = np.zeros(len(data), bool), np.ones(len(data), bool)
+    calib_idx, scored_idx = _pick(calib, ev.max_anomaly_slices, cfg.seed), _pick(scored, ev.max_anomaly_slices, cfg.seed)
+    brain, lesion = data.brain[scored_idx], data.lesion[scored_idx]
+    outside = brain & ~lesion  # evaluation.calibration=outside-lesions only
+    metrics = {"threshold-source": float(source), "scored-slices": float(len(scored_idx)),
+               "scored-lesion-slices": float((data.labels[scored_idx] == LESION).sum()),
+               "scored-subjects": float(len(set(data.subjects[scored_idx].tolist())))}
+    if source == OWN_HEALTHY:
+        metrics["calibration-slices"] = float(len(calib_idx))
+    curves, overlays = {}, {}
     for i, setting in enumerate(model.anomaly_sweep()):
         tag = _suffix(setting)
         maps = _maps(model, data, scored_idx, setting, cfg)
-        calib_maps = _maps(model, data, calib_idx, setting, cfg)
-        threshold = anomaly.threshold_from_healthy(calib_maps, data.brain[calib_idx], cfg.evaluation.healthy_quantile) \
-            if len(calib_idx) else float("nan")
-        report = anomaly.anomaly_report(maps, data.lesion[scored_idx], data.brain[scored_idx],
-                                        data.labels[scored_idx], threshold)
-        fpr, tpr = anomaly.roc_curve(maps, data.lesion[scored_idx], data.brain[scored_idx])
-        rec, prec = anomaly.pr_curve(maps, data.lesion[scored_idx], data.brain[scored_idx])
+        if source == OWN_HEALTHY:
+            threshold = anomaly.threshold_from_healthy(_maps(model, data, calib_idx, setting, cfg),
+                                                       data.brain[calib_idx], ev.healthy_quantile)
+        elif source == OUTSIDE_LESIONS:
+            threshold = anomaly.threshold_from_healthy(maps, outside, ev.healthy_quantile)
+        else:
+            threshold = plan.thresholds.get(tag, float("nan"))
+        report = anomaly.anomaly_report(maps, lesion, brain, data.labels[scored_idx], threshold)
+        volume = anomaly.per_volume(maps, lesion, brain, data.subjects[scored_idx], threshold)
+        report.update({k: volume[k] for k in ("volume_dice_at_threshold", "volume_pixel_auprc", "volumes")})
+        fpr, tpr = anomaly.roc_curve(maps, lesion, brain)
+        rec, prec = anomaly.pr_curve(maps, lesion, brain)
         for suffix in {tag, ""} if i == 0 else {tag}:  # the configured setting is also the headline
             metrics.update({k.replace('_', '-') + suffix: float(v) for k, v in report.items()})
             curves.update({f"roc-fpr{suffix}": fpr, f"roc-tpr{suffix}": tpr, f"pr-recall{suffix}": rec,
                            f"pr-precision{suffix}": prec})
-        if cfg.evaluation.share_images and not overlays:
+        if ev.share_images and not overlays:
             pick = scored_idx[np.argsort(-data.lesion[scored_idx].sum((1, 2)))[:4]]
             overlays = {"overlay-images": data.images[pick], "overlay-lesion": data.lesion[pick].astype(np.uint8),
                         "overlay-maps": maps[np.searchsorted(scored_idx, pick)], "overlay-threshold": np.array([threshold])}
-    ev = cfg.evaluation
-    refs = anomaly.references(data.images[scored_idx], data.lesion[scored_idx], data.brain[scored_idx],
-                              data.labels[scored_idx], data.images[calib_idx], data.brain[calib_idx],
-                              ev.healthy_quantile, ev.median_filter_px, ev.erode_brain_px)
+    if source == OWN_HEALTHY:
+        outlier = anomaly.outlier_calibration(data.images[calib_idx], data.brain[calib_idx], ev.healthy_quantile,
+                                              ev.median_filter_px, ev.erode_brain_px)
+    elif source == OUTSIDE_LESIONS:
+        outlier = anomaly.outlier_calibration(data.images[scored_idx], outside, ev.healthy_quantile,
+                                              ev.median_filter_px, ev.erode_brain_px)
+    else:
+        found = (plan.thresholds.get(OUTLIER_LEVEL), plan.thresholds.get(OUTLIER_THRESHOLD))
+        outlier = found if None not in found else None
+    refs = anomaly.references(data.images[scored_idx], lesion, brain, data.labels[scored_idx], outlier,
+                              ev.median_filter_px, ev.erode_brain_px)
+    refs.update({k: volume[k] for k in ("volume_prevalence", "volume_all_brain_dice")})  # the same for every map
     metrics.update({"reference-" + k.replace("_", "-"): float(v) for k, v in refs.items()})
     return metrics, curves, overlays
 
@@ -143,15 +213,21 @@ def memorisation_metrics(model: GenerativeModel, fakes: dict[int, np.ndarray], t
 
 
 def evaluate_site(model: GenerativeModel, data: SiteSlices, cfg: Config, train: SiteSlices | None = None,
-                  heldout: SiteSlices | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+                  heldout: SiteSlices | None = None, plan: EvaluationPlan | None = None
+                  ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """All full-evaluation numbers of one site, and the arrays the report draws (curves; overlays
     only with ``evaluation.share_images``). With the site's ``train`` slices (a training site), the
-    memorisation audit too, against ``heldout`` slices (default ``data``: the validation subjects)."""
+    memorisation audit too, against ``heldout`` slices (default ``data``: the validation subjects).
+    ``plan``: what the server said (classes that trained, the training sites' threshold, whether
+    to send this site's calibration quantiles)."""
     model.eval()
+    plan = plan or EvaluationPlan()
     fakes: dict[int, np.ndarray] = {}
     with torch.no_grad():
-        metrics = distance_metrics(model, data, cfg, fakes)
-    scores, curves, overlays = anomaly_metrics(model, data, cfg)
+        metrics = distance_metrics(model, data, cfg, fakes, plan.classes)
+        if plan.send_calibration:
+            metrics.update(calibration_metrics(model, data, cfg))
+    scores, curves, overlays = anomaly_metrics(model, data, cfg, plan)
     metrics.update(scores)
     heldout = data if heldout is None else heldout
     audit: dict[str, np.ndarray] = {}

@@ -13,6 +13,7 @@ from medgen.client.task import evaluate_local, site_data
 from medgen.config import Config
 from medgen.data.dataset import SiteSlices
 from medgen.data.errors import DataError, SiteDataError
+from medgen.evaluation.plan import EvaluationPlan
 from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
 from medgen.server.errors import FederationError
@@ -30,9 +31,10 @@ def server_data(cfg: Config) -> SiteSlices:
         raise FederationError(f"evaluation.server_data={cfg.evaluation.server_data}: {e}") from e
 
 
-def evaluate_server_data(cfg: Config, state: dict, full: bool) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def evaluate_server_data(cfg: Config, state: dict, full: bool, plan: EvaluationPlan | None = None
+                         ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """(metrics, report arrays) of the global model ``state`` on ``evaluation.server_data``; the full
-    evaluation (distances, lesion detection) when ``full``."""
+    evaluation (distances, lesion detection) when ``full``, with ``plan`` as a held-out site's."""
     data = server_data(cfg)
     model = build_model(cfg)
     model.load_state_dict(state)
@@ -40,5 +42,5 @@ def evaluate_server_data(cfg: Config, state: dict, full: bool) -> tuple[dict[str
     if not full:
         return metrics, {}
     own = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"share_images": True})})
-    scores, arrays = evaluate_site(model, data, own)
+    scores, arrays = evaluate_site(model, data, own, plan=plan)
     return {**metrics, **scores}, arrays

@@ -17,11 +17,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from medgen.config import Config, dump_config
+from medgen.data.dataset import HEALTHY, LESION
+from medgen.evaluation.plan import EvaluationPlan, pooled_thresholds
 from medgen.evaluation.samples import generate, save_grid
 from medgen.models import build_model
 from medgen.privacy.central import CentralDP
 from medgen.server.central_evaluation import SERVER_SITE, evaluate_server_data, server_data
 from medgen.server.errors import FederationError
+from medgen.server.guards import shift_warnings, trained_classes, untrained_note
 from medgen.server.rundir import RunDir, load_weights
 from medgen.server.strategy import State, make_aggregator
 from medgen.server.validation import Rejected, bound_norms, read_update
@@ -48,6 +51,7 @@ class Federation:
         self.config_text = dump_config(cfg)
         self.nodes: dict[str, int] = {}
         self.declared: dict[str, int] = {}  # training slices each site said it holds when it connected
+        self.summaries: dict[str, dict] = {}  # what each site said about its data when it connected
         self.strangers: set[int] = set()  # nodes naming a site the study does not have: not asked again
         self.refusals: dict[str, str] = {}  # sites that refused the study when asked, and why
         self.exhausted: set[str] = set()  # sites that refused to train (privacy budget spent, or their policy)
@@ -55,9 +59,11 @@ class Federation:
         self.stopped: str | None = None
 
     # ----------------------------------------------------------------- messaging
-    def _message(self, node: int, kind: str, round_: int, state: State | None = None, full: bool = False) -> Message:
+    def _message(self, node: int, kind: str, round_: int, state: State | None = None, full: bool = False,
+                 plan: EvaluationPlan | None = None) -> Message:
         config = {"medgen-config": self.config_text, "round": round_, "state-root": str(self.run.path / "sites"),
-                  "study-name": self.run.path.name, "full": int(full), **self.extra_config}
+                  "study-name": self.run.path.name, "full": int(full), **(plan.to_config() if plan else {}),
+                  **self.extra_config}
         content = RecordDict({"config": ConfigRecord(config)})
         if state is not None:
             content["arrays"] = ArrayRecord(state)
@@ -128,6 +134,9 @@ class Federation:
                     if isinstance(summary.get("train-examples"), (int, float)):
                         self.declared[site] = int(summary["train-examples"])
                     summary.update({k: str(info[k]) for k in ("voxel-sizes", "orientations", "policy") if k in info})
+                    if isinstance(info.get("contrasts"), list):
+                        summary["contrasts"] = [str(c) for c in info["contrasts"]][:20]
+                    self.summaries[site] = summary
                     self.run.log(0, site, "query", summary)
                     skipped = int(summary.get("skipped-files", 0))
                     note = f"; {skipped} bad file(s) skipped, named in the site's own log" if skipped else ""
@@ -227,17 +236,52 @@ class Federation:
         return state
 
     def evaluate(self, round_: int, state: State) -> None:
-        full = is_full_evaluation(self.cfg, round_)
-        msgs = {s: self._message(self.nodes[s], MessageType.EVALUATE, round_, state, full)
-                for s in self.cfg.sites.all if s in self.nodes}
+        """Every connected site scores the global model. A full evaluation tells the sites which
+        classes trained; when a held-out site has no healthy subjects to fix its threshold on, the
+        training sites evaluate first and send their healthy validation slices' quantiles, and the
+        held-out sites get the pooled threshold (EvaluationPlan)."""
+        cfg = self.cfg
+        full = is_full_evaluation(cfg, round_)
+        sites = [s for s in cfg.sites.all if s in self.nodes]
+        classes = trained_classes(self.summaries, cfg.sites.train)
         results, artefacts = {}, {}
-        for site, reply in self._exchange(round_, "evaluate", msgs).items():
-            results[site] = dict(reply.content["metrics"])
-            if "artefacts" in reply.content:
-                artefacts[site] = {k: v.numpy() for k, v in reply.content["artefacts"].items()}
+
+        def ask(group: list[str], plan: EvaluationPlan) -> None:
+            msgs = {s: self._message(self.nodes[s], MessageType.EVALUATE, round_, state, full, plan) for s in group}
+            for site, reply in self._exchange(round_, "evaluate", msgs).items():
+                results[site] = dict(reply.content["metrics"])
+                if "artefacts" in reply.content:
+                    artefacts[site] = {k: v.numpy() for k, v in reply.content["artefacts"].items()}
+
+        calibrate = full and self._needs_pooled_threshold()
+        first = [s for s in sites if s in cfg.sites.train] if calibrate else sites
+        ask(first, EvaluationPlan(classes, send_calibration=calibrate))
+        thresholds = pooled_thresholds({s: results[s] for s in first if s in results})
+        if rest := [s for s in sites if s not in first]:
+            ask(rest, EvaluationPlan(classes, thresholds))
+        if cfg.evaluation.server_data is not None:
+            results[SERVER_SITE], artefacts[SERVER_SITE] = evaluate_server_data(cfg, state, full,
+                                                                                EvaluationPlan(classes, thresholds))
+        warnings = shift_warnings(self.summaries, cfg.sites.train, sites, cfg.evaluation.max_intensity_shift)
+        for site, metrics in results.items():
+            found = warnings.get(site, []) + (untrained_note(classes) if full and site != SERVER_SITE else [])
+            if found:
+                metrics["warnings"] = found
+        record_evaluation(self.run, cfg, round_, results, state, self.log, artefacts, classes)
+
+    def _needs_pooled_threshold(self) -> bool:
+        """Whether some held-out site that holds lesions has fewer than two healthy subjects (half of
+        them fix its own threshold) and may take the training sites' (evaluation.calibration)."""
+        if self.cfg.evaluation.calibration not in ("auto", "training-sites"):
+            return False
         if self.cfg.evaluation.server_data is not None:
-            results[SERVER_SITE], artefacts[SERVER_SITE] = evaluate_server_data(self.cfg, state, full)
-        record_evaluation(self.run, self.cfg, round_, results, state, self.log, artefacts)
+            return True  # the server's own folder may hold only patients
+        for site in self.cfg.sites.heldout:
+            s = self.summaries.get(site, {})
+            if site in self.nodes and s.get("lesion-slices", 0) > 0 and (
+                    self.cfg.evaluation.calibration == "training-sites" or s.get("healthy-subjects", 0) < 2):
+                return True
+        return False
 
 
 def is_full_evaluation(cfg: Config, round_: int) -> bool:
@@ -246,9 +290,11 @@ def is_full_evaluation(cfg: Config, round_: int) -> bool:
 
 
 def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, dict], state: State,
-                      log: Callable[[str], None] = print, artefacts: dict[str, dict] | None = None) -> None:
+                      log: Callable[[str], None] = print, artefacts: dict[str, dict] | None = None,
+                      classes: tuple[int, ...] = (HEALTHY, LESION)) -> None:
     """Log each site's evaluation and their example-weighted mean (site "global"), keep the sites'
-    report arrays (curves, overlays), and write the global model's sample grid."""
+    report arrays (curves, overlays), and write the global model's sample grid (a row per class of
+    ``classes``, those that trained)."""
     results = {s: m for s, m in results.items() if m.get("num-examples", 0) > 0}
     for site, arrays in (artefacts or {}).items():
         if arrays:
@@ -257,17 +303,20 @@ def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, 
         run.log(round_, site, "evaluate", metrics)
         role = "central" if site == SERVER_SITE else "held-out" if site in cfg.sites.heldout else "validation"
         log(f"round {round_} site {site}: evaluate ({role}) {_summary(metrics)}")
+        for warning in metrics.get("warnings", []):
+            log(f"round {round_} site {site}: WARNING: {warning}")
     sites = {s: m for s, m in results.items() if s != SERVER_SITE}  # the server's own data is not a site
     if sites:
         total = sum(r["num-examples"] for r in sites.values())
-        keys = set.intersection(*(set(r) for r in sites.values())) - {"num-examples"}
+        keys = {k for k in set.intersection(*(set(r) for r in sites.values())) - {"num-examples"}
+                if all(isinstance(r[k], (int, float)) for r in sites.values())}
         mean = {k: sum(r[k] * r["num-examples"] for r in sites.values()) / total for k in sorted(keys)}
         run.log(round_, "global", "evaluate", {**mean, "num-examples": total, "sites": len(sites)})
     if cfg.federation.samples_per_class:
         model = build_model(cfg)
         model.load_state_dict(state)
-        images, _ = generate(model, cfg.federation.samples_per_class, cfg.seed)
-        save_grid(run.samples / f"round-{round_:04d}.png", images, rows=2)
+        images, _ = generate(model, cfg.federation.samples_per_class, cfg.seed, classes)
+        save_grid(run.samples / f"round-{round_:04d}.png", images, rows=len(classes))
 
 
 def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print,
