@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import FAST_DATA, make_plain_site
@@ -95,3 +96,20 @@ def test_check_draws_a_picture_of_every_site(tmp_path):
     assert out.returncode == 2 and "--picture must be a folder" in out.stderr
     out = run("data", "check", b, "--no-picture", cache=tmp_path / "c")
     assert out.returncode == 0 and "picture:" not in out.stdout and not (tmp_path / "B-overview.png").exists()
+
+
+def test_version_help_and_health_check_of_an_absent_server(capsys):
+    from importlib.metadata import version
+
+    from medgen.cli.main import main as medgen
+    from medgen.cli.server import main as server
+    from medgen.cli.client import main as client
+
+    for entry, prog in ((medgen, "medgen"), (server, "medgen-server"), (client, "medgen-client")):
+        with pytest.raises(SystemExit) as done:
+            entry(["--version"])
+        assert done.value.code == 0 and capsys.readouterr().out.strip() == f"{prog} {version('medgen')}"
+    helped = subprocess.run([MEDGEN, "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert all(c in helped for c in ("simulate", "train", "evaluate", "report", "data", "certs", "config", "130"))
+    assert server(["health", "--insecure", "--address", "127.0.0.1:9", "--timeout", "0.5"]) == 2
+    assert server(["health"]) == 2  # no --ca: refused, the flag named

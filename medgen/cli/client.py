@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from medgen.cli.main import _config_args, run_command
+from medgen.cli.main import _config_args, add_version, run_command
 from medgen.config import ConfigError, load_config
 from medgen.watchdog import guard
 
@@ -141,6 +141,7 @@ def cmd_sent(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medgen-client", description=__doc__)
+    add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     j = commands.add_parser("join", help="join a study as one site")
     j.add_argument("--site", required=True, help="this site's name, as in the study's sites.train / sites.heldout")

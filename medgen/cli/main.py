@@ -1,4 +1,7 @@
-"""`medgen` command line: simulate, train, data synth|check, config show."""
+"""`medgen` command line: simulate, train, evaluate, report, data synth|check|split|implant, certs, config show.
+
+Exit codes: 0 done; 1 `data check`: usable, but some files are bad; 2 a usage, config or data
+error (named), or a failed federation; 130 interrupted (Ctrl-C; a run resumes with --resume)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,12 @@ from pathlib import Path
 from medgen.config import Config, ConfigError, dump_config, load_config
 from medgen.data.errors import DataError, SiteDataError
 from medgen.server.errors import FederationError
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    from medgen import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -148,7 +157,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medgen", description=__doc__)
+    parser = argparse.ArgumentParser(prog="medgen", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     config = commands.add_parser("config", help="show the resolved configuration")

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from medgen.cli.main import _config_args, run_command
+from medgen.cli.main import _config_args, add_version, run_command
 from medgen.config import ConfigError, load_config
 from medgen.watchdog import guard
 
@@ -56,8 +56,22 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """One ``GET /health`` of the coordinator's port (a container HEALTHCHECK, or a site checking it
+    can reach the server): 0 when it answers 200 within ``--timeout``."""
+    from medgen.deployment.link import wait_healthy
+
+    if args.ca is None and not args.insecure:
+        raise ConfigError("--ca FILE (the study's ca.pem) is needed to check the server's certificate; "
+                          "--insecure for a server started with --insecure")
+    waited = wait_healthy(args.address, None if args.insecure else args.ca, args.timeout)
+    print(f"{args.address}: healthy ({waited:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medgen-server", description=__doc__)
+    add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="start the SuperLink and run the study")
     start.add_argument("--address", default="0.0.0.0", help="address of the sites' port (default 0.0.0.0: all); "
@@ -82,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--health-timeout", type=float, default=60.0, help="seconds to wait for the SuperLink")
     _config_args(start)
     start.set_defaults(func=cmd_start)
+    health = commands.add_parser("health", help="check that a coordinator answers on its port (GET /health)")
+    health.add_argument("--address", default="localhost:9092", help="host:port (default localhost:9092)")
+    health.add_argument("--ca", type=Path, help="CA certificate the server's certificate is checked against")
+    health.add_argument("--insecure", action="store_true", help="plain HTTP (a server started with --insecure)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
+    health.set_defaults(func=cmd_health)
     return parser
 
 
