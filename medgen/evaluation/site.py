@@ -124,6 +124,8 @@ def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config):
                               data.labels[scored_idx], data.images[calib_idx], data.brain[calib_idx],
                               ev.healthy_quantile, ev.median_filter_px, ev.erode_brain_px)
     metrics.update({"reference-" + k.replace("_", "-"): float(v) for k, v in refs.items()})
+    counted = anomaly.counts(data.lesion[scored_idx], data.brain[scored_idx], data.labels[scored_idx])
+    metrics.update({"n-" + k.replace("_", "-"): int(v) for k, v in counted.items()})  # n for the report
     return metrics, curves, overlays
 
 
