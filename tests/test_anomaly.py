@@ -160,3 +160,6 @@ def test_references_are_the_no_model_scores_on_the_same_pixels():
     assert refs["outlier_pixel_auroc"] == 1.0 and refs["outlier_dice_at_threshold"] == 1.0
     assert A.outlier_calibration(calib[:0], brain[:0], 0.99) is None
     assert "outlier_pixel_auroc" not in A.references(images, lesion, brain, labels, None)
+    lesion[0, 0, 0] = True  # a lesion pixel outside the brain is not scored
+    assert A.counts(lesion, brain, labels) == {"scored_slices": 6, "scored_lesion_slices": 3,
+                                               "scored_pixels": 6 * 12 * 12, "scored_lesion_pixels": 3 * 3 * 3}

@@ -101,7 +101,7 @@ def test_a_site_with_only_patients_names_where_its_threshold_came_from(calibrati
     model = build_model(cfg).eval()
     data = _patients_only()
     metrics, _, _ = anomaly_metrics(model, data, cfg)
-    assert metrics["threshold-source"] == source and metrics["scored-slices"] == 8  # nothing held apart
+    assert metrics["threshold-source"] == source and metrics["n-scored-slices"] == 8  # nothing held apart
     assert np.isnan(metrics["dice-at-threshold"]) == (source == 0)
     if source == 3:
         assert "reference-outlier-dice-at-threshold" in metrics
@@ -113,7 +113,7 @@ def test_a_site_with_only_patients_names_where_its_threshold_came_from(calibrati
     # threshold 0: every brain pixel with a positive score is called lesion
     assert 0 < metrics["dice-at-threshold"] <= metrics["reference-all-brain-dice"] + 1e-9
     assert metrics["reference-outlier-dice-at-threshold"] == 1.0  # |0.9 - 0.4| > 0.3 > |U(0.3, 0.5) - 0.4|
-    assert metrics["volumes"] == 4 and metrics["scored-subjects"] == 4
+    assert metrics["volumes"] == 4 and metrics["n-scored-subjects"] == 4
 
 
 # ------------------------------------------------------------------------------------ a federation

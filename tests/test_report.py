@@ -1,12 +1,20 @@
-"""Reports: the files exist, hold their sections, and their numbers equal the run's records."""
+"""Reports: the files exist, hold their sections, and their numbers equal the run's records; the
+run directory and the report are strict JSON and state their provenance; one site, one colour."""
 
+import base64
+import hashlib
+import io
 import json
+import math
 import re
 from html.parser import HTMLParser
 
 import numpy as np
+import pytest
+from PIL import Image
 
-from medgen.evaluation.report import build_report, compare_runs
+from medgen import provenance, strictjson
+from medgen.evaluation.report import _curves, build_report, compare_runs, n_behind, site_colours, status_words
 from medgen.server.federation import run_federation
 from medgen.server.rundir import RunDir
 from test_federation import LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401  (fixture)
@@ -16,11 +24,25 @@ class Page(HTMLParser):
     def __init__(self, text):
         super().__init__()
         self.headings, self.images, self.cells, self._tag = [], 0, [], None
+        self.pngs, self.colours, self.tables_in, self._open = [], {}, [], []
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
         self._tag = tag
-        self.images += tag == "img" and dict(attrs).get("src", "").startswith("data:image/png;base64,")
+        self.images += tag == "img" and a.get("src", "").startswith("data:image/png;base64,")
+        if tag == "img" and a.get("src", "").startswith("data:image/png;base64,"):
+            self.pngs.append(a["src"].split(",", 1)[1])
+        if "data-site" in a:
+            self.colours[a["data-site"]] = a["data-colour"]
+        if tag == "table":
+            self.tables_in.append(self._open[-1] if self._open else None)  # the element holding the table
+        if tag in ("div", "table", "body"):
+            self._open.append(f"{tag}.{a.get('class', '')}")
+
+    def handle_endtag(self, tag):
+        if tag in ("div", "table", "body") and self._open:
+            self._open.pop()
 
     def handle_data(self, data):
         if self._tag == "h2":
@@ -42,7 +64,11 @@ def test_report_sections_and_numbers(tiny_cohort, tmp_path):
     voxel_cells = [c for c in page.cells if re.fullmatch(r"[\d.]+x[\d.]+x[\d.]+ \(\d+\)(, .*)?", c)]
     assert len(voxel_cells) == 3  # one per site, from the scans' headers
     assert any(c.startswith("LPS") for c in page.cells) and any(c.startswith("PSR") for c in page.cells)
-    assert page.images >= 5  # histograms, curves, samples, ROC/PR: all embedded, nothing to fetch
+    # histograms, samples, ROC/PR: all embedded, nothing to fetch; one round: the curves are tables
+    assert page.images == 3
+    train_a = [r for r in run.records() if r["phase"] == "train" and r["site"] == "A"][-1]
+    assert "training, per site: one value per site, so a table rather than a chart" in index.read_text()
+    assert f"{train_a['loss']:.4g}" in page.cells
     assert "http" not in index.read_text().replace("http://www.w3.org", "")
     last_c = [r for r in run.records() if r["phase"] == "evaluate" and r["site"] == "C"][-1]
     assert 0 < last_c["reference-prevalence"] < 0.5
@@ -59,7 +85,8 @@ def test_report_sections_and_numbers(tiny_cohort, tmp_path):
     # every lesion metric beside its no-model references, computed at the site on the same pixels
     row = site_c.cells.index("pixel-auprc")
     assert site_c.cells[row + 2:row + 4] == ["chance: prevalence", f"{last_c['reference-prevalence']:.4g}"]
-    assert site_c.cells[row + 4] == f"{last_c.get('reference-outlier-pixel-auprc', float('nan')):.4g}"  # nan: no healthy subject to calibrate
+    assert site_c.cells[row + 4] == "n/a"  # no healthy subject to calibrate the outlier score on
+    assert math.isnan(last_c.get("reference-outlier-pixel-auprc", math.nan))
     assert site_c.cells[row + 5].startswith(("beats", "does NOT beat"))
     final = json.loads((run.path / "report" / "metrics.json").read_text())["final"]
     last = [r for r in run.records() if r["phase"] == "evaluate" and r["site"] == "C"][-1]
@@ -79,6 +106,131 @@ def test_report_sections_and_numbers(tiny_cohort, tmp_path):
     assert rows[0]["pixel-auroc"] == rows[1]["pixel-auroc"]  # same seed, same config: same numbers
     assert Page(compare.read_text()).images == 1
     assert "reference-prevalence" in compare.read_text()  # the references travel with the metrics
+    check_format_provenance_layout(run, index, compare, last_c)
+
+
+def check_format_provenance_layout(run, index, compare, last_c):
+    """The 1-round run of test_report_sections_and_numbers: strict JSON, provenance, n beside every
+    score, tables that scroll, one colour per site, status in words, budget, verdicts."""
+    report = run.path / "report"
+    # strict JSON everywhere; the site without a healthy subject has no Dice at a threshold: null, read as NaN
+    assert math.isnan(last_c["dice-at-threshold"])
+    metrics = strictjson.loads((report / "metrics.json").read_text())
+    assert metrics["final"]["C"]["dice-at-threshold"] is None
+    lines = (run.path / "metrics.jsonl").read_text().splitlines()
+    assert [strictjson.loads(line)["site"] for line in lines] == [r["site"] for r in run.records()]
+    assert any('"dice-at-threshold": null' in line for line in lines)
+    for path in [run.path / "status.json", run.path / "provenance.json", compare.parent / "compare.json",
+                 *(run.path / "sites").glob("*/sent-messages.jsonl")]:
+        for line in [path.read_text()] if path.suffix == ".json" else path.read_text().splitlines():
+            strictjson.loads(line)
+    with pytest.raises(ValueError, match="NaN"):
+        strictjson.loads('{"a": NaN}')
+
+    # provenance: in the run directory, in metrics.json, on every page
+    (session,) = provenance.read(run.path)
+    assert session["config-sha256"] == hashlib.sha256((run.path / "config.yaml").read_bytes()).hexdigest()
+    assert {"medgen", "python", "platform", "git", "started"} <= session.keys()
+    assert {"torch", "flwr", "opacus", "numpy", "nibabel"} <= {k for k, v in session["libraries"].items() if v}
+    assert metrics["provenance"]["run"] == [session]
+    assert metrics["provenance"]["report"]["config-sha256"] == session["config-sha256"]
+    for page in [index, *report.glob("site-*.html"), compare]:
+        parsed = Page(page.read_text())
+        assert "Provenance" in parsed.headings, page
+        assert session["libraries"]["torch"] in parsed.cells and session["config-sha256"][:16] in parsed.cells, page
+        # every table sits in a box that scrolls sideways: nothing runs off the page
+        assert parsed.tables_in and set(parsed.tables_in) == {"div.scroll"}, page
+
+    # the counts behind the lesion scores, computed at the site on the scored slices
+    assert last_c["n-scored-lesion-pixels"] / last_c["n-scored-pixels"] == pytest.approx(last_c["reference-prevalence"])
+    assert 0 < last_c["n-scored-lesion-slices"] <= last_c["n-scored-slices"] <= 200
+    site_c = (report / "site-C.html").read_text()
+    assert f'{last_c["pixel-auroc"]:.4g}<span class="n"> n={int(last_c["n-scored-pixels"]):,} px (' in site_c
+    assert f'{last_c["slice-auroc"]:.4g}<span class="n"> n={int(last_c["n-scored-slices"]):,} slices (' in site_c
+
+    # one site, one colour: the key on every page and the charts agree
+    colours = site_colours(["C", "B", "A"])
+    assert colours == site_colours(["A", "B", "C", "A"]) and len(set(colours.values())) == len(colours)
+    assert Page(index.read_text()).colours == {**{s: colours[s] for s in "ABC"}, "global": colours["global"]}
+    assert Page(site_c).colours == Page(index.read_text()).colours
+    assert Page(compare.read_text()).colours == {"C": colours["C"]}
+    hist = png_colours(Page(index.read_text()).pngs[0])  # the index: histograms, samples, ROC/PR
+    roc = png_colours(Page(site_c).pngs[1])  # site C: its data, ROC/PR, overlays
+    assert {"A", "B", "C"} <= {s for s in "ABC" if has_colour(hist, colours[s])}  # intensity histograms
+    assert has_colour(roc, colours["C"]) and not has_colour(roc, colours["A"])  # site C's ROC/PR: C's colour only
+
+    # status in words, the budget, and the index's verdict on the lesion metrics
+    cells = Page(index.read_text()).cells
+    assert "completed: 1 of 1 rounds" in cells and "1 of 1" in cells
+    assert "6" == cells[cells.index("site steps in all") + 1]  # 2 training sites x 3 local steps x 1 round
+    verdict = next(c for c in cells if c.startswith(("✓", "✗")))
+    trivial = {"pixel-auroc": 0.5, "pixel-auprc": last_c["reference-prevalence"],
+               "dice-at-threshold": last_c["reference-all-brain-dice"],
+               "slice-auroc": last_c["reference-brain-area-slice-auroc"]}
+    beats = all(last_c[k] > ref for k, ref in trivial.items())  # NaN beats nothing
+    assert verdict.startswith("✓" if beats else "✗ does NOT beat its reference: ")
+    cmp_cells = Page(compare.read_text()).cells
+    assert cmp_cells.count("3 (3 steps configured)") == 2 and cmp_cells.count("6") >= 2
+
+
+def png_colours(data: str) -> np.ndarray:
+    """The RGB pixels (N, 3) of a base64 PNG."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")).reshape(-1, 3).astype(int)
+
+
+def has_colour(rgb: np.ndarray, colour: str, tolerance: int = 12, at_least: int = 20) -> bool:
+    target = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(rgb - target).max(1) <= tolerance).sum()) >= at_least
+
+
+def test_strict_json_in_the_run_directory(tmp_path):
+    run = RunDir(tmp_path)
+    run.log(1, "A", "evaluate", {"dice": float("nan"), "eps": float("inf"), "hist": [0.5, float("nan")], "n": 3})
+    run.set_status("failed", round=1, error="x", score=float("-inf"))
+    line = run.metrics_file.read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert strictjson.loads(line)["dice"] is None and strictjson.loads(line)["hist"] == [0.5, None]
+    (rec,) = run.records()
+    assert math.isnan(rec["dice"]) and math.isnan(rec["eps"]) and rec["hist"][0] == 0.5 and math.isnan(rec["hist"][1])
+    assert strictjson.loads((tmp_path / "status.json").read_text())["score"] is None
+    run.truncate_metrics(1)
+    strictjson.loads(run.metrics_file.read_text())
+    assert strictjson.dumps({"a": np.float32(np.nan), "b": np.arange(2), "c": np.int64(4)}) == '{"a": null, "b": [0, 1], "c": 4}'
+
+
+def test_provenance_without_git(tmp_path, monkeypatch):
+    monkeypatch.setattr(provenance, "SOURCE", tmp_path)  # not a git checkout: no commit, no failure
+    assert provenance.git_source() is None
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    monkeypatch.setattr(provenance, "SOURCE", provenance.Path(provenance.__file__).resolve().parent)
+    assert provenance.git_source() is None
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    first, second = provenance.record(tmp_path), provenance.record(tmp_path)  # a start, then a --resume
+    assert provenance.read(tmp_path) == [first, second] and first["git"] is None
+    assert first["config-sha256"] == hashlib.sha256(b"seed: 0\n").hexdigest()
+
+
+def test_n_status_and_single_points():
+    m = {"radfd-healthy": 3.0, "kid-lesion@t=5": 1.0, "n-real-healthy": 64, "n-generated-healthy": 32.0,
+         "n-real-lesion": 10, "n-scored-pixels": 5000, "n-scored-lesion-pixels": 50, "n-scored-slices": 12,
+         "n-scored-lesion-slices": 3}
+    assert n_behind("radfd-healthy", m) == "n=64 real, 32 gen."
+    assert n_behind("kid-lesion@t=5", m) == "n=10 real, ? gen."
+    assert n_behind("reference-outlier-pixel-auprc", m) == n_behind("dice-at-threshold", m) == "n=5,000 px (50 lesion)"
+    assert n_behind("slice-auroc", m) == "n=12 slices (3 lesion)"
+    assert n_behind("n-real-healthy", m) is None and n_behind("loss", m) is None
+    assert n_behind("frd-healthy", {}) is None
+    assert status_words({"status": "failed", "round": 2, "error": "OSError: disk"}, 5) == \
+        "FAILED after 2 of 5 rounds: OSError: disk"
+    assert status_words({"status": "completed", "round": 3, "stopped": "budget spent"}, 5) == \
+        "completed: 3 of 5 rounds; stopped early: budget spent"
+    assert status_words({"status": "missing"}, 5).startswith("unknown")
+    colours = site_colours(["A", "B"])
+    records = [{"round": r, "site": s, "phase": "train", "loss": 1.0 / r} for r in (1, 2) for s in "AB"]
+    two = _curves(records, ["A", "B"], "train", ["loss"], "t", colours)
+    assert two.startswith("<img") and "<table" not in two  # lines with markers
+    one = _curves([r for r in records if r["round"] == 1], ["A", "B"], "train", ["loss"], "t", colours)
+    assert "<img" not in one and Page(one).cells == ["A", "1", "1", "B", "1", "1"]  # a lone dot is a table row
 
 
 def test_site_page_tables_detection_by_anomaly_setting(tiny_cohort, tmp_path):

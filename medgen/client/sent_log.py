@@ -14,6 +14,8 @@ import re
 import time
 from pathlib import Path
 
+from medgen import strictjson
+
 FILE = "sent-messages.jsonl"
 
 
@@ -41,7 +43,7 @@ def describe(content, image_size: int) -> dict[str, dict]:
 def append(state_dir: Path, entry: dict) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     with (state_dir / FILE).open("a") as f:
-        f.write(json.dumps({"time": round(time.time(), 3), **entry}) + "\n")
+        f.write(strictjson.dumps({"time": round(time.time(), 3), **entry}) + "\n")
 
 
 def read(state_dir: Path) -> list[dict]:

@@ -9,7 +9,6 @@ ever writes into an existing non-empty folder.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import zlib
@@ -18,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medgen import strictjson
 from medgen.config import DataConfig
 from medgen.data import brain_mask
 from medgen.data.errors import DataError
@@ -50,7 +50,7 @@ def split_site(src: str | Path, out: str | Path, sites: list[str], cfg: DataConf
     for site, folder in folders.items():
         rows = [_linked_row(s, folder, s.label) for s in scans if site_of[s.subject] == site]
         _write_manifest(folder, rows)
-    (Path(out) / "split.json").write_text(json.dumps(
+    (Path(out) / "split.json").write_text(strictjson.dumps(
         {"source": str(Path(src).resolve()), "seed": seed, "sites": {
             site: sorted(subj for subj, where in site_of.items() if where == site) for site in sites}}, indent=1))
     return folders
@@ -93,7 +93,7 @@ def implant_site(src: str | Path, out: str | Path, cfg: DataConfig, seed: int = 
         rows.append(row)
         drawn[scan.id] = result.info
     _write_manifest(folder, rows)
-    (folder / "implant.json").write_text(json.dumps(
+    (folder / "implant.json").write_text(strictjson.dumps(
         {"source": str(Path(src).resolve()), "seed": seed, "fraction": fraction, "kind": kind,
          "model": "medgen.data.implant", "scans": drawn}, indent=1))
     return folder

@@ -270,6 +270,16 @@ def per_volume(scores, lesion, brain, subjects, threshold: float) -> dict[str, f
     return {**{k: float(v) for k, v in zip(names, means)}, "volumes": float(len(rows))}
 
 
+def counts(lesion, brain, labels) -> dict[str, int]:
+    """What the lesion scores of a set of slices stand on: ``scored_slices`` (of them
+    ``scored_lesion_slices``, label 1) for slice AUROC, ``scored_pixels`` (brain pixels; of them
+    ``scored_lesion_pixels``) for the pixel scores and Dice."""
+    les, br = _arr(lesion, "lesion").astype(bool), _arr(brain, "brain").astype(bool)
+    y = np.asarray(labels).astype(bool).ravel()
+    return {"scored_slices": len(br), "scored_lesion_slices": int(y.sum()), "scored_pixels": int(br.sum()),
+            "scored_lesion_pixels": int((les & br).sum())}
+
+
 def _downsample(*curves: np.ndarray, max_points: int) -> tuple[np.ndarray, ...]:
     n = len(curves[0])
     if n <= max_points:

@@ -152,11 +152,9 @@ def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config, plan:
     calib_idx, scored_idx = _pick(calib, ev.max_anomaly_slices, cfg.seed), _pick(scored, ev.max_anomaly_slices, cfg.seed)
     brain, lesion = data.brain[scored_idx], data.lesion[scored_idx]
     outside = brain & ~lesion  # evaluation.calibration=outside-lesions only
-    metrics = {"threshold-source": float(source), "scored-slices": float(len(scored_idx)),
-               "scored-lesion-slices": float((data.labels[scored_idx] == LESION).sum()),
-               "scored-subjects": float(len(set(data.subjects[scored_idx].tolist())))}
+    metrics = {"threshold-source": float(source), "n-scored-subjects": float(len(set(data.subjects[scored_idx].tolist())))}
     if source == OWN_HEALTHY:
-        metrics["calibration-slices"] = float(len(calib_idx))
+        metrics["n-calibration-slices"] = float(len(calib_idx))
     curves, overlays = {}, {}
     for i, setting in enumerate(model.anomaly_sweep()):
         tag = _suffix(setting)
@@ -194,6 +192,8 @@ def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config, plan:
                               ev.median_filter_px, ev.erode_brain_px)
     refs.update({k: volume[k] for k in ("volume_prevalence", "volume_all_brain_dice")})  # the same for every map
     metrics.update({"reference-" + k.replace("_", "-"): float(v) for k, v in refs.items()})
+    counted = anomaly.counts(data.lesion[scored_idx], data.brain[scored_idx], data.labels[scored_idx])
+    metrics.update({"n-" + k.replace("_", "-"): int(v) for k, v in counted.items()})  # n for the report
     return metrics, curves, overlays
 
 

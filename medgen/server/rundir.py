@@ -6,6 +6,10 @@
     <run>/samples/round-NNNN.png      generated slices, one row per class
     <run>/evaluation/round-NNNN/<site>.npz   a site's ROC/PR curves (and overlays, if it shares images)
     <run>/status.json           running / completed / failed, last completed round, error
+    <run>/provenance.json       medgen / library versions, git commit, config sha256 per session (medgen.provenance)
+
+Every JSON file is strict JSON (medgen.strictjson): a NaN or infinite value is written as null and
+read back as NaN.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medgen import provenance, strictjson
 from medgen.config import Config, dump_config, load_config
 from medgen.data.errors import DataError
 from medgen.fileio import atomic_write
@@ -39,16 +44,17 @@ class RunDir:
             raise FederationError(f"{self.path}: a file, not a run directory (--out names a folder)")
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+        provenance.record(self.path)
 
     # ------------------------------------------------------------------ metrics
     def log(self, round_: int, site: str, phase: str, values: dict) -> dict:
         record = {"round": round_, "site": site, "phase": phase, **values, "time": round(time.time(), 3)}
         with self.metrics_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strictjson.dumps(record) + "\n")
         return record
 
     def records(self) -> list[dict]:
-        """The metrics records. A cut last line (a write interrupted by a crash) is left out, with a
+        """The metrics records (null, a non-finite number, read as NaN). A cut last line (a write interrupted by a crash) is left out, with a
         note on stderr; a damaged line elsewhere is a DataError naming the file and line."""
         if not self.metrics_file.is_file():
             return []
@@ -56,7 +62,7 @@ class RunDir:
         out = []
         for i, line in enumerate(lines, start=1):
             try:
-                out.append(json.loads(line))
+                out.append(strictjson.null_to_nan(json.loads(line)))
             except json.JSONDecodeError:
                 if i < len(lines):
                     raise DataError(self.metrics_file, f"line {i} is not a JSON record") from None
@@ -67,7 +73,7 @@ class RunDir:
     def truncate_metrics(self, last_round: int) -> None:
         """Drop records of rounds after ``last_round`` (a round that crashed before its checkpoint)."""
         kept = [r for r in self.records() if r["round"] <= last_round]
-        text = "".join(json.dumps(r) + "\n" for r in kept)
+        text = "".join(strictjson.dumps(r) + "\n" for r in kept)
         atomic_write(self.metrics_file, lambda f: f.write(text.encode()))
 
     def save_artefacts(self, round_: int, site: str, arrays: dict) -> Path:
@@ -112,7 +118,7 @@ class RunDir:
 
     # ------------------------------------------------------------------ status
     def set_status(self, status: str, **info) -> None:
-        text = json.dumps({"status": status, **info}, indent=2)
+        text = strictjson.dumps({"status": status, **info}, indent=2)
         atomic_write(self.path / "status.json", lambda f: f.write(text.encode()))
 
     def status(self) -> dict:
