@@ -20,8 +20,8 @@ import yaml  # noqa: E402
 from medgen.client import sent_log  # noqa: E402
 from medgen.server.rundir import RunDir  # noqa: E402
 
-HEADLINE = ["loss", "frd-healthy", "frd-lesion", "kid-healthy", "kid-lesion", "precision-healthy", "recall-healthy",
-            "ms-ssim-healthy", "ms-ssim-lesion", "fid-healthy", "fid-lesion", "pixel-auroc", "pixel-auprc",
+HEADLINE = ["loss", "radfd-healthy", "radfd-lesion", "kid-healthy", "kid-lesion", "precision-healthy", "recall-healthy",
+            "ms-ssim-healthy", "ms-ssim-real-healthy", "ms-ssim-lesion", "ms-ssim-real-lesion", "fid-healthy", "fid-lesion", "pixel-auroc", "pixel-auprc",
             "dice-at-threshold", "best-dice-upper-bound", "slice-auroc", "epsilon", "memorisation-fraction",
             "memorisation-baseline", "mia-auc"]
 DETECTION = ["pixel-auroc", "pixel-auprc", "dice-at-threshold", "best-dice-upper-bound", "slice-auroc"]
@@ -307,7 +307,7 @@ def build_report(run_dir: str | Path) -> Path:
     samples = sorted(run.samples.glob("round-*.png"))
     weights_note = "" if any(k.startswith("fid-") for m in final.values() for k in m) else \
         '<p class="note">FID: unavailable (no InceptionV3 weights found at the sites; see evaluation.inception_weights).' \
-        " The radiomics distances (FRD, KID, precision/recall) need no downloaded weights.</p>"
+        " The radiomics distances (RadFD-20, KID, precision/recall) need no downloaded weights.</p>"
     body = [
         "<h2>Configuration</h2>", _table(summary, ["key", "value"]),
         "<h2>Data per site</h2>", _table(counts, ["site", "training slices", "evaluation slices", "lesion slices",
@@ -318,7 +318,7 @@ def build_report(run_dir: str | Path) -> Path:
         "<p>No training in this run.</p>",
         _central(records),
         "<h2>Evaluation over rounds</h2>",
-        _curves(records, sites, "evaluate", ["loss", "frd-healthy", "pixel-auroc", "dice-at-threshold"],
+        _curves(records, sites, "evaluate", ["loss", "radfd-healthy", "pixel-auroc", "dice-at-threshold"],
                 "evaluation (training sites: validation subjects; held-out sites: all)"),
         "<h2>Final metrics</h2>", table,
         '<p class="note">"global" is the example-weighted mean over the sites. Definitions: README, "Evaluation".</p>',
