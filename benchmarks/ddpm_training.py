@@ -6,7 +6,7 @@ train the same number of steps on the pooled training sites of the phantom cohor
 Adam every ``--round-steps`` as a federated site has. Measured for each, in the same run: the
 image-space error of the EMA network's one-step prediction of x_0 on held-out slices at several
 noise levels (decoded in latent space; against the mean training image, which a useless model
-would match), FRD of DDIM samples against real slices, step time, and a grid of samples
+would match), RadFD-20 of DDIM samples against real slices, step time, and a grid of samples
 (``--out``/ddpm-<space>-<preconditioning>.png).
 
 Usage: python benchmarks/ddpm_training.py [--steps 500] [--round-steps 100] [--threads 2]
@@ -28,7 +28,7 @@ from PIL import Image
 from medgen.client.task import site_data, train_local
 from medgen.config import load_config
 from medgen.data.dataset import concat_slices
-from medgen.evaluation.distances import frd, radiomics_features
+from medgen.evaluation.distances import radfd, radiomics_features
 from medgen.models import build_model
 from medgen.simulation import resolve_data
 
@@ -74,7 +74,7 @@ def run(space: str, preconditioning: str, steps: int, round_steps: int, out_dir:
     grid = np.concatenate([np.concatenate(list(fakes[i * 8:(i + 1) * 8]), 1) for i in range(8)], 0)
     Image.fromarray((grid * 255).astype(np.uint8)).save(out_dir / f"ddpm-{space}-{preconditioning}.png")
     return {"train_step_ms": round(step_ms, 1), "x0_mse": {k: round(v, 4) for k, v in errors.items()},
-            "frd": round(frd(radiomics_features(reals), radiomics_features(fakes)), 1)}
+            "radfd": round(radfd(radiomics_features(reals), radiomics_features(fakes)), 1)}
 
 
 def main() -> None:

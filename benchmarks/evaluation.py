@@ -1,6 +1,6 @@
 """Cost of evaluation, against the cost of training measured in the same run.
 
-- feature extraction (images/s): the radiomics features behind FRD / KID / precision-recall, and
+- feature extraction (images/s): the radiomics features behind RadFD-20 / KID / precision-recall, and
   pytorch-fid's InceptionV3 (randomly initialised, saved and loaded like the real weights file: the
   same network, so the same cost);
 - anomaly maps (slices/s) per family at its default setting, and a site's whole full evaluation

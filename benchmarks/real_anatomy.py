@@ -126,11 +126,11 @@ def evaluate(run: Path, sites: Path) -> dict:
 
 
 def distances(run: Path) -> dict:
-    """The held-out site's final sample-quality numbers from the run's own evaluation: FRD / KID of
+    """The held-out site's final sample-quality numbers from the run's own evaluation: RadFD-20 / KID of
     healthy samples against D's real healthy slices (n = evaluation.max_samples generated)."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    final = [r for r in records if r.get("site") == "D" and r.get("phase") == "evaluate" and "frd-healthy" in r]
-    keys = ("frd-healthy", "kid-healthy", "ms-ssim-healthy")
+    final = [r for r in records if r.get("site") == "D" and r.get("phase") == "evaluate" and "radfd-healthy" in r]
+    keys = ("radfd-healthy", "kid-healthy", "ms-ssim-healthy")
     return {k: round(float(final[-1][k]), 4) for k in keys if final and k in final[-1]}
 
 

@@ -163,3 +163,22 @@ def test_references_are_the_no_model_scores_on_the_same_pixels():
     lesion[0, 0, 0] = True  # a lesion pixel outside the brain is not scored
     assert A.counts(lesion, brain, labels) == {"scored_slices": 6, "scored_lesion_slices": 3,
                                                "scored_pixels": 6 * 12 * 12, "scored_lesion_pixels": 3 * 3 * 3}
+
+
+def test_slice_auroc_and_curves_equal_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    brain, lesion, labels = lesion_set(n=24, s=32, seed=5)
+    rng = np.random.default_rng(9)
+    scores = np.round(rng.random(brain.shape) * 8) / 8 + 0.4 * lesion  # ties, as in real maps
+    per_slice = A.slice_scores(scores, brain)
+    assert A.slice_auroc(scores, brain, labels) == pytest.approx(metrics.roc_auc_score(labels, per_slice), abs=1e-12)
+    y, s = lesion[brain], scores[brain]
+    fpr, tpr = A.roc_curve(scores, lesion, brain, max_points=10**6)
+    sk_fpr, sk_tpr, _ = metrics.roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
+    recall, precision = A.pr_curve(scores, lesion, brain, max_points=10**6)
+    sk_precision, sk_recall, _ = metrics.precision_recall_curve(y, s, drop_intermediate=False)
+    # scikit-learn lists them from the lowest threshold up and ends at (recall 0, precision 1)
+    np.testing.assert_allclose(recall, sk_recall[::-1], atol=1e-12)
+    np.testing.assert_allclose(precision, sk_precision[::-1], atol=1e-12)

@@ -19,10 +19,14 @@ def test_server_data_is_scored_like_a_heldout_site(tiny_cohort, tmp_path):
     federate(cfg, run.path)
     evaluated = {r["site"]: r for r in run.records() if r["phase"] == "evaluate"}
     server, site_c, mean = evaluated["server"], evaluated["C"], evaluated["global"]
-    for key in ("loss", "num-examples", "pixel-auroc", "frd-healthy", "slice-auroc"):
+    for key in ("loss", "num-examples", "pixel-auroc", "radfd-healthy", "slice-auroc"):
         assert server[key] == pytest.approx(site_c[key], rel=1e-6), key
     assert mean["sites"] == 3  # A, B, C: the server's own data is not a site
     assert mean["num-examples"] == sum(evaluated[s]["num-examples"] for s in "ABC")
+    # the sample sizes behind each distance: per site, and added up (not averaged) in the mean
+    assert server["n-real-healthy"] == site_c["n-real-healthy"] == site_c["n-generated-healthy"] >= 4
+    assert mean["n-real-healthy"] == sum(evaluated[s]["n-real-healthy"] for s in "ABC")
+    assert 0 <= site_c["ms-ssim-real-healthy"] <= 1
     with np.load(run.path / "evaluation" / "round-0001" / "server.npz") as arrays:
         assert "overlay-images" in arrays  # its images are at the server already
     with np.load(run.path / "evaluation" / "round-0001" / "C.npz") as arrays:

@@ -1,13 +1,24 @@
-"""Weight-free distances: radiomics features, FRD, KID, MS-SSIM diversity, precision/recall."""
+"""Weight-free distances: radiomics features, RadFD-20, KID, MS-SSIM diversity, precision/recall;
+precision/recall and the MS-SSIM reference also on real IXI T1 slices from ../shared/data (skipped
+when absent); MS-SSIM against MONAI's."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
+from medgen.config import Config
+from medgen.data.nifti import load_mask, load_volume
+from medgen.data.preprocess import preprocess_subject
 from medgen.evaluation import distances as D
+
+IXI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ixi-t1"
+needs_ixi = pytest.mark.skipif(not (IXI / "scans").is_dir(),
+                               reason=f"real scans not found at {IXI} (see /work/shared/data/README.md)")
 
 
 def brains(n, seed, s=64, scale=1.0):
@@ -83,17 +94,23 @@ def test_glcm_by_hand():
     assert D.glcm(img, mask, 2, (0, 1))[0] == pytest.approx(np.array([[2, 2], [2, 4]]) / 10)
 
 
-def test_frd(feats):
+def test_radfd(feats):
     real, other, scaled = feats
-    assert D.frd(real, real) == pytest.approx(0, abs=1e-6)
-    same = D.frd(real, other)
-    values = [D.frd(real, scaled[k]) for k in (0.9, 0.7, 0.5)]
+    assert D.radfd(real, real) == pytest.approx(0, abs=1e-6)
+    same = D.radfd(real, other)
+    values = [D.radfd(real, scaled[k]) for k in (0.9, 0.7, 0.5)]
     assert same < values[0] < values[1] < values[2], (same, values)
     assert values[0] > 3 * same
-    backwards = D.frd(scaled[0.7], real)
+    backwards = D.radfd(scaled[0.7], real)
     assert 0.2 < backwards / values[1] < 5  # symmetric up to the z-scoring reference
+    # the Fréchet distance of the real set's z-scores (the sqrtm route gives the same, test_fid.py)
+    from medgen.evaluation.fid import frechet_distance, statistics
+    z_real, z_other = D.standardise(real, other)
+    assert same == pytest.approx(frechet_distance(*statistics(z_real), *statistics(z_other)), rel=1e-9)
     with pytest.raises(ValueError, match="feature counts"):
-        D.frd(real, other[:, :5])
+        D.radfd(real, other[:, :5])
+    with pytest.raises(ValueError, match="RadFD-20 needs at least 2"):
+        D.radfd(real, other[:1])
 
 
 def test_kid(feats):
@@ -128,22 +145,133 @@ def test_ms_ssim_diversity_detects_collapse():
     assert D.ms_ssim_diversity(collapsed, pairs=50) == pytest.approx(1.0)
     assert D.ms_ssim_diversity(diverse, pairs=50) < 0.9
     assert D.ms_ssim_diversity(diverse, pairs=50, seed=3) == D.ms_ssim_diversity(diverse, pairs=50, seed=3)
+    with pytest.raises(ValueError, match="at least 2"):
+        D.ms_ssim_diversity(one)
+
+
+def test_brain_boxes_and_pair_box_by_hand():
+    x = np.zeros((3, 64, 64))
+    x[0, 10:21, 5:31] = 0.5
+    x[0, 60, 60] = 0.9  # a stray speck: < 10 % of the brain's area, not brain
+    x[1, 30:34, 2:6] = x[1, 30:34, 40:44] = 0.5  # two parts of equal size: both brain
+    boxes = D.brain_boxes(x)
+    assert boxes.tolist() == [[10, 21, 5, 31], [30, 34, 2, 44], [0, 64, 0, 64]]  # the last: empty
+    # the union of the two boxes, widened about its centre to 44 px (3 scales at 64) inside the slice
+    assert D.pair_box(boxes[0], boxes[1], (64, 64)) == (0, 44, 1, 45)
+    assert D.pair_box((50, 60, 0, 64), (55, 64, 0, 64), (64, 64)) == (20, 64, 0, 64)
+    assert D.pair_box((0, 10, 0, 10), (0, 10, 0, 10), (32, 32)) == (0, 22, 0, 22)  # 2 scales at 32
+
+
+def test_ms_ssim_ignores_the_background_around_the_brain():
+    small = brains(12, 9, s=32)
+    rng = np.random.default_rng(0)
+    i = rng.integers(0, 12, 40)
+    j = (i + rng.integers(1, 12, 40)) % 12
+    whole, boxed = [], []
+    for size in (64, 80):  # the same brains in a wider and a still wider empty frame (3 scales both)
+        framed = np.zeros((12, size, size))
+        at = (size - 32) // 2
+        framed[:, at:at + 32, at:at + 32] = small
+        whole.append(D.ms_ssim(framed[i], framed[j]).mean())  # every empty window counts as SSIM 1
+        boxed.append(D.ms_ssim_pairs(framed, i, j))
+    assert boxed[0].shape == (40,)
+    assert whole[1] > whole[0] > boxed[0].mean() + 0.02  # the whole square drifts with the frame ...
+    assert boxed[1] == pytest.approx(boxed[0], abs=1e-12)  # ... the brain's box does not
+
+
+def test_ms_ssim_equals_monai():
+    monai = pytest.importorskip("monai.metrics.regression", reason="MONAI (a test dependency) is not installed")
+    rng = np.random.default_rng(4)
+    a, b = brains(6, 10), brains(6, 11)
+    b[:3] = np.clip(a[:3] + 0.05 * rng.standard_normal(a[:3].shape), 0, 1)  # near pairs too
+    ta, tb = (torch.from_numpy(v[:, None]).float() for v in (a, b))
+    weights = np.array(D.MS_SSIM_WEIGHTS[:3]) / sum(D.MS_SSIM_WEIGHTS[:3])  # our 3 scales at 64x64
+    theirs = monai.compute_ms_ssim(ta, tb, spatial_dims=2, data_range=1.0, weights=tuple(weights))
+    np.testing.assert_allclose(D.ms_ssim(a, b), theirs.numpy().ravel(), rtol=1e-4)
+    ssim_map, _ = monai.compute_ssim_and_cs(ta, tb, spatial_dims=2, kernel_size=(11, 11), kernel_sigma=(1.5, 1.5))
+    np.testing.assert_allclose(D.ssim(a, b), ssim_map.flatten(1).mean(1).numpy(), rtol=1e-4)
+    # a box-shaped crop, as ms_ssim_pairs compares
+    crop = (slice(None), slice(8, 52), slice(4, 54))
+    theirs = monai.compute_ms_ssim(ta[crop[:1] + (slice(None),) + crop[1:]], tb[crop[:1] + (slice(None),) + crop[1:]],
+                                   spatial_dims=2, data_range=1.0, weights=tuple(weights))
+    np.testing.assert_allclose(D.ms_ssim(a[crop], b[crop]), theirs.numpy().ravel(), rtol=1e-4)
 
 
 def test_precision_recall():
     rng = np.random.default_rng(0)
     d, n = 8, 400
     centres = np.zeros((2, d))
-    centres[1, 0] = 12.0
+    centres[1] = 6.0  # two modes apart in every feature: correlated features, as radiomics
     real = centres[rng.integers(0, 2, n)] + rng.standard_normal((n, d))
     same = centres[rng.integers(0, 2, n)] + rng.standard_normal((n, d))
-    p, r = D.precision_recall(real, same)
-    assert p > 0.8 and r > 0.8
     one_mode = centres[0] + rng.standard_normal((n, d))  # realistic but half the modes
-    p, r = D.precision_recall(real, one_mode)
-    assert p > 0.8 and r < 0.6
-    off = centres[0] + 6.0 + rng.standard_normal((n, d))  # off the real manifold
-    p, _ = D.precision_recall(real, off)
-    assert p < 0.1
-    with pytest.raises(ValueError, match="more than 3"):
-        D.precision_recall(real, same[:3])
+    off = centres[0] + 3.0 + rng.standard_normal((n, d))  # off the real manifold (between the modes)
+    for setting in ({"k": 3, "components": None}, {}):  # the paper's, and ours (2 principal components)
+        p, r = D.precision_recall(real, same, **setting)
+        assert p > 0.8 and r > 0.8
+        p, r = D.precision_recall(real, one_mode, **setting)
+        assert p > 0.8 and r < 0.6
+        p, _ = D.precision_recall(real, off, **setting)
+        assert p < 0.1
+    with pytest.raises(ValueError, match="more than 5"):
+        D.precision_recall(real, same[:5])
+
+
+def test_principal_components():
+    rng = np.random.default_rng(1)
+    real = rng.standard_normal((200, 3)) * [5.0, 1.0, 0.1]
+    fake = real[:50] + [0.0, 0.0, 3.0]  # moved along the real set's least varying axis only
+    r, f = D.principal_components(real, fake, 2)
+    assert r.shape == (200, 2) and f.shape == (50, 2)
+    np.testing.assert_allclose(r.mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(r.std(0), 1)
+    np.testing.assert_allclose(np.abs(np.corrcoef(r[:, 0], real[:, 0])[0, 1]), 1, atol=1e-3)
+    np.testing.assert_allclose(f, r[:50], atol=1e-2)  # invisible in the 2 leading components
+
+
+# ---- real IXI T1 slices ----------------------------------------------------------------------------
+
+SIGMAS = (0.5, 1.0, 2.0, 3.0)
+
+
+@pytest.fixture(scope="module")
+def ixi_halves():
+    """Healthy axial slices (default preprocessing: 64 px, 2 mm, their reference brain masks) of 12
+    IXI T1 subjects, as two sets of 64 slices drawn from disjoint halves of 6 subjects each."""
+    cfg = Config().data
+    scans = sorted((IXI / "scans").glob("*_T1.nii.gz"))[:12]
+    subjects = [preprocess_subject(load_volume(scan), cfg, brain=load_mask(
+        IXI / "brainmasks" / scan.name.replace("_T1.nii.gz", "_brainmask.nii.gz"))).images for scan in scans]
+    rng = np.random.default_rng(0)
+    halves = [np.concatenate(subjects[start::2]) for start in (0, 1)]
+    return [h[rng.permutation(len(h))[:64]] for h in halves]
+
+
+@needs_ixi
+def test_precision_recall_on_real_slices_is_one_for_real_and_graded_for_blur(ixi_halves):
+    a, b = ixi_halves
+    fa, fb = D.radiomics_features(a), D.radiomics_features(b)
+    blurred = [D.radiomics_features(np.clip(gaussian_filter(b, (0, s, s)), 0, 1)) for s in SIGMAS]
+    p, r = D.precision_recall(fa, fb)
+    assert p >= 0.9 and r >= 0.9, (p, r)
+    values = [D.precision_recall(fa, f) for f in blurred]
+    precision = [v[0] for v in values]
+    assert precision[0] > 0.7 and 0.2 < precision[1] < 0.8 and precision[-1] < 0.1, precision
+    assert all(x > y for x, y in zip(precision, precision[1:-1])), precision  # graded: falls with sigma
+    assert values[-1][1] < 0.1  # nor does the blurred set cover the real one
+    # the paper's setting in all 20 dimensions says nothing here: 0 from 1 pixel of blur on
+    p_all, r_all = D.precision_recall(fa, blurred[1], k=3, components=None)
+    assert p_all < 0.1 and r_all < 0.1
+
+
+@needs_ixi
+def test_ms_ssim_real_reference_on_real_slices(ixi_halves):
+    a, b = ixi_halves
+    values = [D.ms_ssim_diversity(h) for h in (a, b)]
+    assert all(0.15 < v < 0.4 for v in values), values
+    assert abs(values[0] - values[1]) < 0.1  # a reference: about the same for other subjects
+    rng = np.random.default_rng(0)
+    i = rng.integers(0, 64, 500)
+    j = (i + rng.integers(1, 64, 500)) % 64
+    assert D.ms_ssim(a[i], a[j]).mean() > values[0] + 0.05  # the whole square counts background as 1
+    assert D.ms_ssim_diversity(np.repeat(a[:1], 10, 0)) == pytest.approx(1.0)

@@ -93,10 +93,10 @@ def test_rounds_write_metrics_checkpoints_samples(tiny_cohort, tmp_path):
     heldout = [r for r in records if r["phase"] == "evaluate" and r["site"] == "C"]
     assert [r["round"] for r in heldout] == [1, 2] and heldout[0]["num-examples"] > 0
     # the full evaluation runs after the last round, at the site: distances and lesion detection
-    assert "frd-healthy" not in heldout[0] and "pixel-auroc" not in heldout[0]
+    assert "radfd-healthy" not in heldout[0] and "pixel-auroc" not in heldout[0]
     final = heldout[1]
-    assert {"frd-healthy", "kid-lesion", "ms-ssim-lesion", "pixel-auroc", "slice-auroc"} <= final.keys()
-    assert 0.0 <= final["pixel-auroc"] <= 1.0 and final["frd-healthy"] >= 0
+    assert {"radfd-healthy", "kid-lesion", "ms-ssim-lesion", "pixel-auroc", "slice-auroc"} <= final.keys()
+    assert 0.0 <= final["pixel-auroc"] <= 1.0 and final["radfd-healthy"] >= 0
     with np.load(run.path / "evaluation" / "round-0002" / "C.npz") as arrays:
         assert "roc-fpr" in arrays and "overlay-images" not in arrays  # images stay unless shared
     assert {r["site"] for r in records if r["phase"] == "evaluate"} >= {"C", "global"}

@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import linalg
 
 from medgen.evaluation import fid as fidmod
 from medgen.evaluation.fid import (
-    InceptionFeatures, find_weights, frechet_distance, statistics, unavailable_message,
+    InceptionFeatures, find_weights, frechet_distance, frechet_distance_features, statistics, unavailable_message,
 )
 from medgen.evaluation.inception import FIDInceptionV3
 
@@ -54,41 +55,55 @@ def test_frechet_full_covariances_vs_eigendecomposition():
     assert d > 0
 
 
-def test_frechet_singular_covariances_stay_finite():
-    # fewer samples than dimensions: rank-deficient covariances, as FID on small sets
+def _frechet_sqrtm(x, y):
+    """pytorch-fid's computation: scipy's sqrtm of the product of the covariances (real part)."""
+    (m1, s1), (m2, s2) = statistics(x), statistics(y)
+    covmean = linalg.sqrtm(s1 @ s2)
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
+
+
+def _features(rng, n, d, shift=0.0):
+    return rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.3 + shift
+
+
+def test_low_rank_trace_equals_sqrtm_full_rank():
+    # more samples than dimensions (n > D): the QR branch; full-rank covariances, sqrtm is accurate
     rng = np.random.default_rng(2)
-    a, b = rng.normal(size=(10, 64)), rng.normal(size=(10, 64)) + 0.3
-    (m1, s1), (m2, s2) = statistics(a), statistics(b)
-    assert np.linalg.matrix_rank(s1) < 64
-    d = frechet_distance(m1, s1, m2, s2)
-    assert np.isfinite(d)
-    assert d == pytest.approx(_frechet_symmetric(m1, s1, m2, s2), rel=1e-5)
-    assert abs(frechet_distance(m1, s1, m1, s1)) < 1e-3 * np.trace(s1)
+    x, y = _features(rng, 200, 16), _features(rng, 300, 16, 0.2)
+    expected = _frechet_sqrtm(x, y)
+    assert frechet_distance_features(x, y) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance(*statistics(x), *statistics(y)) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance_features(y, x) == pytest.approx(expected, rel=1e-10)
 
 
-def test_frechet_offset_and_imaginary_handling(monkeypatch):
+@pytest.mark.parametrize("n, m, d", [(10, 15, 64), (30, 20, 64), (64, 64, 256)])
+def test_low_rank_trace_equals_sqrtm_rank_deficient(n, m, d):
+    # fewer samples than dimensions, as FID on 64 images x 2048 features: singular covariances,
+    # where sqrtm itself is only accurate to ~1e-7 relative
+    rng = np.random.default_rng(n + m)
+    x, y = _features(rng, n, d), _features(rng, m, d, 0.2)
+    assert np.linalg.matrix_rank(np.cov(x, rowvar=False)) == n - 1 < d
+    d_fast = frechet_distance_features(x, y)
+    assert d_fast == pytest.approx(_frechet_sqrtm(x, y), rel=1e-6)
+    assert frechet_distance(*statistics(x), *statistics(y)) == pytest.approx(d_fast, rel=1e-10)
+    m1, s1 = statistics(x)
+    # identical sets: 0 up to round-off (sqrtm leaves ~1e-5 relative here)
+    assert abs(frechet_distance_features(x, x)) < 1e-10 * np.trace(s1)
+    assert abs(frechet_distance(m1, s1, m1, s1)) < 1e-10 * np.trace(s1)
+
+
+def test_frechet_rejects_what_is_not_a_covariance():
     rng = np.random.default_rng(3)
     mu, s1, s2 = rng.normal(size=5), _random_cov(rng, 5), _random_cov(rng, 5)
-    exact = frechet_distance(mu, s1, mu, s2)
-    real_sqrtm = fidmod.linalg.sqrtm
-    calls = []
-
-    def first_fails(a):  # a non-finite square root triggers the eps offset on the diagonals
-        calls.append(a)
-        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
-
-    monkeypatch.setattr(fidmod.linalg, "sqrtm", first_fails)
-    with pytest.warns(UserWarning, match="singular"):
-        d = frechet_distance(mu, s1, mu, s2, eps=1e-6)
-    np.testing.assert_allclose(calls[1], (s1 + 1e-6 * np.eye(5)) @ (s2 + 1e-6 * np.eye(5)))
-    assert d == pytest.approx(exact, rel=1e-5)
-
-    # a negligible imaginary part is dropped; a large one raises
-    monkeypatch.setattr(fidmod.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1e-9j)
-    assert frechet_distance(mu, s1, mu, s2) == pytest.approx(exact, rel=1e-9)
-    monkeypatch.setattr(fidmod.linalg, "sqrtm", lambda a: real_sqrtm(a) + 0.5j * np.eye(5))
-    with pytest.raises(ValueError, match="imaginary"):
-        frechet_distance(mu, s1, mu, s2)
+    bad = s2 - 2 * np.linalg.eigvalsh(s2).max() * np.outer(np.eye(5)[0], np.eye(5)[0])
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        frechet_distance(mu, bad, mu, s2)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        frechet_distance(mu, s1, mu, bad)
+    with pytest.raises(ValueError, match="feature counts"):
+        frechet_distance_features(rng.normal(size=(4, 3)), rng.normal(size=(4, 2)))
+    with pytest.raises(ValueError, match="N >= 2"):
+        frechet_distance_features(rng.normal(size=(1, 3)), rng.normal(size=(4, 3)))
 
 
 def test_statistics():
@@ -250,20 +265,17 @@ def test_wrong_weights_file_fails_naming_it(weights_file, tmp_path):
 
 
 def test_fid_end_to_end_wiring(weights_file, extractor, monkeypatch):
-    # A 2048-d sqrtm takes minutes on a small CPU: check what fid() hands to the Fréchet distance
-    # (the distance itself is tested above).
+    # check what fid() hands to the Fréchet distance (the distance itself is tested above)
     seen = {}
 
-    def spy(mu1, s1, mu2, s2):
-        seen.update(mu1=mu1, s1=s1, mu2=mu2, s2=s2)
+    def spy(x, y):
+        seen.update(x=x, y=y)
         return 1.5
 
-    monkeypatch.setattr(fidmod, "frechet_distance", spy)
+    monkeypatch.setattr(fidmod, "frechet_distance_features", spy)
     images = _distinct_images(4, size=32).numpy()
     real, fake = images[:2], images[2:]
     assert fidmod.fid(real, fake, weights_file) == 1.5
-    assert seen["mu1"].shape == (2048,) and seen["s1"].shape == (2048, 2048)
-    mu, sigma = statistics(extractor(real))
-    np.testing.assert_allclose(seen["mu1"], mu, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(seen["s1"], sigma, rtol=1e-4, atol=1e-9)
-    assert not np.allclose(seen["mu1"], seen["mu2"])
+    assert seen["x"].shape == seen["y"].shape == (2, 2048)
+    np.testing.assert_allclose(seen["x"], extractor(real), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(seen["x"], seen["y"])

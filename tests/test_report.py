@@ -90,7 +90,7 @@ def test_report_sections_and_numbers(tiny_cohort, tmp_path):
     assert site_c.cells[row + 5].startswith(("beats", "does NOT beat"))
     final = json.loads((run.path / "report" / "metrics.json").read_text())["final"]
     last = [r for r in run.records() if r["phase"] == "evaluate" and r["site"] == "C"][-1]
-    assert final["C"]["pixel-auroc"] == last["pixel-auroc"] and final["C"]["frd-healthy"] == last["frd-healthy"]
+    assert final["C"]["pixel-auroc"] == last["pixel-auroc"] and final["C"]["radfd-healthy"] == last["radfd-healthy"]
     assert f"{last['pixel-auroc']:.4g}" in page.cells
     # the recorded AUROC is the area under the ROC curve the site saved for the report
     with np.load(run.path / "evaluation" / "round-0001" / "C.npz") as arrays:

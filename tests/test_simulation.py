@@ -42,7 +42,7 @@ def test_simulate_on_ray_then_resume(tmp_path, cache):
     assert (run.samples / "round-0002.png").is_file() and (run_dir / "config.yaml").is_file()
     assert (run_dir / "report" / "index.html").is_file() and (run_dir / "report" / "site-C.html").is_file()
     heldout = [r for r in records if r["phase"] == "evaluate" and r["site"] == "C"]
-    assert "pixel-auroc" in heldout[-1] and "frd-healthy" in heldout[-1]
+    assert "pixel-auroc" in heldout[-1] and "radfd-healthy" in heldout[-1]
 
     # resume with one more round: only round 3 trains
     out = medgen("simulate", "--resume", run_dir, "--set", "federation.rounds=3", cache=cache)

@@ -20,7 +20,7 @@ What this site sends to the server (nothing else leaves it; each message is logg
     lesion-slice count, a 32-bin intensity histogram, voxel-size and orientation counts);
   - each round it trains: the model weights after local training and its loss terms, the number of
     examples and steps, the time taken (with DP-SGD: epsilon, delta, noise multiplier, sample rate);
-  - each evaluation: aggregate scores (losses, FRD/KID/precision/recall/MS-SSIM, lesion-detection
+  - each evaluation: aggregate scores (losses, RadFD-20/KID/precision/recall/MS-SSIM, lesion-detection
     AUROC/AUPRC/Dice, memorisation-audit distances) and ROC/PR curves; images (anomaly-map overlays,
     the memorisation audit's sample/training-slice pairs) only if the site policy's share_images is
     true AND the study asks for them;

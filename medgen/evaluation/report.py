@@ -31,10 +31,10 @@ from medgen import provenance, strictjson  # noqa: E402
 from medgen.client import sent_log  # noqa: E402
 from medgen.server.rundir import RunDir  # noqa: E402
 
-HEADLINE = ["loss", "radfd-healthy", "radfd-lesion", "frd-healthy", "frd-lesion", "kid-healthy", "kid-lesion",
-            "precision-healthy", "recall-healthy", "ms-ssim-healthy", "ms-ssim-lesion", "fid-healthy", "fid-lesion",
-            "pixel-auroc", "pixel-auprc", "dice-at-threshold", "best-dice-upper-bound", "slice-auroc", "epsilon",
-            "memorisation-fraction", "memorisation-baseline", "mia-auc"]
+HEADLINE = ["loss", "radfd-healthy", "radfd-lesion", "kid-healthy", "kid-lesion", "precision-healthy", "recall-healthy",
+            "ms-ssim-healthy", "ms-ssim-real-healthy", "ms-ssim-lesion", "ms-ssim-real-lesion", "fid-healthy",
+            "fid-lesion", "pixel-auroc", "pixel-auprc", "dice-at-threshold", "best-dice-upper-bound", "slice-auroc",
+            "epsilon", "memorisation-fraction", "memorisation-baseline", "mia-auc"]
 DETECTION = ["pixel-auroc", "pixel-auprc", "dice-at-threshold", "best-dice-upper-bound", "slice-auroc"]
 AUDIT = ["memorisation-fraction", "memorisation-baseline", "memorisation-ratio-median", "memorisation-baseline-median",
          "nn-train-rms", "nn-heldout-rms", "memorisation-samples", "mia-auc"]
@@ -564,8 +564,7 @@ def build_report(run_dir: str | Path) -> Path:
         histograms=_histograms(records, sites, colours),
         training=_curves(records, sites, "train", ["loss", "epsilon"], "training, per site", colours),
         central=_central(records, colours),
-        evaluation=_curves(records, sites, "evaluate", ["loss", "radfd-healthy", "frd-healthy", "pixel-auroc",
-                                                        "dice-at-threshold"],
+        evaluation=_curves(records, sites, "evaluate", ["loss", "radfd-healthy", "pixel-auroc", "dice-at-threshold"],
                            "evaluation (training sites: validation subjects; held-out sites: all)", colours),
         metric_header=["metric"] + [f"{s} (held out)" if s in heldout else s for s in columns], metric_rows=metric_rows,
         fid_missing=not any(k.startswith("fid-") for m in final.values() for k in m),

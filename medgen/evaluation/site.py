@@ -2,9 +2,10 @@
 
 Only numbers leave the site (and, with ``evaluation.share_images``, a few overlays for the report):
 
-- per class (healthy / lesion): generated images vs the site's real slices of that class — FRD, KID
-  and precision/recall on radiomics features, MS-SSIM diversity of the generated set, and the
-  standard FID when the InceptionV3 weights are present at the site;
+- per class (healthy / lesion): generated images vs the site's real slices of that class — RadFD-20,
+  KID and precision/recall on radiomics features, MS-SSIM diversity of the generated set beside the
+  same number for the real slices, the standard FID when the InceptionV3 weights are present at the
+  site, and the numbers of real and generated images behind them (``n-real-*``, ``n-generated-*``);
 - unsupervised lesion detection on the site's lesion subjects: pixel AUROC / AUPRC inside the
   brain, Dice at a threshold fixed on held-apart healthy subjects' slices, the best Dice over
   thresholds (an upper bound: it looks at the masks), slice-level AUROC — for every setting of the
@@ -45,8 +46,12 @@ def generated(model: GenerativeModel, label: int, n: int, seed: int) -> np.ndarr
 def distance_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config,
                      fakes: dict[int, np.ndarray] | None = None,
                      classes: tuple[int, ...] = (HEALTHY, LESION)) -> dict[str, float]:
-    """The distances per class of ``classes`` (those some training site held: samples of a class
-    that never trained mean nothing); the generated sets are left in ``fakes`` (by label) when given."""
+    """The distances per class c of ``classes`` (those some training site held: samples of a class
+    that never trained mean nothing) with at least 4 real slices: ``radfd-c``, ``kid-c``,
+    ``precision-c``, ``recall-c`` (from more than ``distances.PR_K`` = 5 slices on), ``ms-ssim-c``
+    (generated set), ``ms-ssim-real-c`` (the real slices, same procedure), ``fid-c`` (with the
+    InceptionV3 weights), and the sample sizes ``n-real-c``, ``n-generated-c`` (floats; at most
+    ``evaluation.max_samples`` each). The generated sets are left in ``fakes`` (by label) when given."""
     metrics: dict[str, float] = {}
     weights = fid.find_weights(cfg.evaluation.inception_weights)
     for label in classes:
@@ -60,10 +65,13 @@ def distance_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config,
         if fakes is not None:
             fakes[label] = fake
         real_f, fake_f = distances.radiomics_features(real), distances.radiomics_features(fake)
-        metrics[f"frd-{name}"] = distances.frd(real_f, fake_f)
+        metrics[f"n-real-{name}"], metrics[f"n-generated-{name}"] = float(len(real)), float(len(fake))
+        metrics[f"radfd-{name}"] = distances.radfd(real_f, fake_f)
         metrics[f"kid-{name}"], _ = distances.kid(real_f, fake_f)
-        metrics[f"precision-{name}"], metrics[f"recall-{name}"] = distances.precision_recall(real_f, fake_f)
+        if len(real) > distances.PR_K:  # k-NN balls need k other samples
+            metrics[f"precision-{name}"], metrics[f"recall-{name}"] = distances.precision_recall(real_f, fake_f)
         metrics[f"ms-ssim-{name}"] = distances.ms_ssim_diversity(fake)
+        metrics[f"ms-ssim-real-{name}"] = distances.ms_ssim_diversity(real)
         if weights is not None:
             metrics[f"fid-{name}"] = fid.fid(real[:, None], fake[:, None], weights)
     return metrics

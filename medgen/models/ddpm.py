@@ -57,7 +57,7 @@ from medgen.models.unet import UNet
 
 NO_LABEL = 2  # the "unconditional" label of classifier-free guidance
 # std of the noise added to the latents the decoder trains on: it learns to decode the slightly
-# off latents that sampling ends in (FRD after 500 steps, README "Model families": 0.5 beat 0.3, 0.1)
+# off latents that sampling ends in (RadFD-20 after 500 steps, README "Model families": 0.5 beat 0.3, 0.1)
 DECODER_NOISE = 0.5
 # weight of the autoencoder's reconstruction MSE in the latent space's loss. The two terms train
 # disjoint parameters, and Adam normalises each parameter's steps, so it matters only under DP-SGD,

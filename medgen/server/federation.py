@@ -292,9 +292,9 @@ def is_full_evaluation(cfg: Config, round_: int) -> bool:
 def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, dict], state: State,
                       log: Callable[[str], None] = print, artefacts: dict[str, dict] | None = None,
                       classes: tuple[int, ...] = (HEALTHY, LESION)) -> None:
-    """Log each site's evaluation and their example-weighted mean (site "global"), keep the sites'
-    report arrays (curves, overlays), and write the global model's sample grid (a row per class of
-    ``classes``, those that trained)."""
+    """Log each site's evaluation and their example-weighted mean (site "global"; sample sizes
+    ``n-*`` are summed instead), keep the sites' report arrays (curves, overlays), and write the
+    global model's sample grid (a row per class of ``classes``, those that trained)."""
     results = {s: m for s, m in results.items() if m.get("num-examples", 0) > 0}
     for site, arrays in (artefacts or {}).items():
         if arrays:
@@ -311,6 +311,7 @@ def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, 
         keys = {k for k in set.intersection(*(set(r) for r in sites.values())) - {"num-examples"}
                 if all(isinstance(r[k], (int, float)) for r in sites.values())}
         mean = {k: sum(r[k] * r["num-examples"] for r in sites.values()) / total for k in sorted(keys)}
+        mean.update({k: sum(r[k] for r in sites.values()) for k in keys if k.startswith("n-")})  # sample sizes add up
         run.log(round_, "global", "evaluate", {**mean, "num-examples": total, "sites": len(sites)})
     if cfg.federation.samples_per_class:
         model = build_model(cfg)
