@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from conftest import FAST_DATA
+from medgen._compat.flwr import TaskIdentity, set_message_id
 from medgen.client import sent_log
 from medgen.client.app import app as client_app
 from medgen.config import dump_config, load_config
@@ -107,7 +107,7 @@ def _message(cfg, kind: str, round_: int = 1, arrays=None, full: bool = False, s
     if arrays is not None:
         content["arrays"] = ArrayRecord(arrays)
     msg = Message(content=content, message_type=kind, dst_node_id=7)
-    msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    set_message_id(msg, uuid.uuid4().hex)
     return msg
 
 
@@ -701,10 +701,7 @@ def test_a_rogue_run_reaches_no_site(deployment):
     the legitimate run's signature replayed, is refused by the site, before any data is read. The
     signed study then completes."""
     import httpx
-    from flwr.cli.build import build_fab_from_files
-    from flwr.proto.control_pb2 import ListRunsRequest, RegisterNodeRequest
-    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-
+    from medgen._compat.flwr import ListRunsRequest, RegisterNodeRequest, build_fab_from_files, public_key_to_bytes
     from medgen.deployment.certs import load_public_key
     from medgen.deployment.link import Control
 

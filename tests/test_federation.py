@@ -10,9 +10,9 @@ import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from conftest import FAST_DATA
+from medgen._compat.flwr import TaskIdentity, set_message_id
 from medgen.client.app import app as client_app
 from medgen.config import load_config
 from medgen.server.errors import FederationError
@@ -38,7 +38,7 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            set_message_id(msg, uuid.uuid4().hex)
             try:
                 replies.append(client_app(msg, self.contexts[msg.metadata.dst_node_id]))
             except Exception as e:  # what Flower's runtime does with a raising ClientApp

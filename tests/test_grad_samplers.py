@@ -20,7 +20,6 @@ def test_conv2d_per_sample_gradients_equal_brute_force(stride, dilation, bias, s
     x = torch.randn(4, 3, size, size)
     out = layer(x)
     backprops = torch.randn_like(out)
-    layer.max_batch_len = len(x)
     got = conv2d_grad_sample(layer, [x], backprops)
     for i in range(len(x)):  # one sample at a time through autograd
         layer.zero_grad()

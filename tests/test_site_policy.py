@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
+from medgen._compat.flwr import TaskIdentity
 from medgen.client import sent_log
 from medgen.client.app import app as client_app
 from medgen.client.policy import ensure_policy, policy_text, violations

@@ -1,19 +1,137 @@
-"""Flower functions medgen calls that live in Flower's strategy modules rather than its top-level
-API: the robust-aggregation rules of ``FedTrimmedAvg``, ``MultiKrum`` / ``Krum`` and ``Bulyan``.
-Written against flwr 1.41; another version fails here, at import, with both versions named."""
+"""Every Flower internal medgen uses: names beyond Flower's documented API (``flwr.app``,
+``flwr.clientapp``, ``flwr.serverapp``, ``flwr.serverapp.strategy``, ``flwr.simulation``), and
+the private attributes and module globals medgen changes. Written against flwr 1.41; importing this
+module with another flwr installed raises :class:`medgen._compat.IncompatibleVersion` naming both
+versions (``pyproject.toml`` bounds flwr the same way; ``constraints.txt`` pins the tested one).
+
+Names are imported from Flower when first asked for (``from medgen._compat.flwr import X``), so
+that importing this module costs no more than ``import flwr``: the site's worker and the deployed
+SuperNode keep their start-up time. What they are for:
+
+- robust aggregation (``medgen/server/strategy.py``): the rules of ``FedTrimmedAvg``,
+  ``MultiKrum`` / ``Krum`` and ``Bulyan``, which live in those strategies' modules;
+- central DP (``medgen/privacy/central.py``): Flower's DP primitives
+  (``flwr.supercore.differential_privacy``) and the adaptive-clipping update of
+  ``DifferentialPrivacyServerSideAdaptiveClipping`` (:func:`adaptive_clipping_update`);
+- the site's long-lived ClientApp worker (``medgen/deployment/worker.py``): what ``flwr-clientapp``
+  does with the SuperNode's Runtime API (runtime client, protobuf messages, serde, object pulls,
+  heartbeat, task identity), and :func:`set_message_id`;
+- the SuperLink's Control API client (``medgen/deployment/link.py``), the app bundle builder
+  (``medgen/deployment/fab.py``);
+- shorter polls: :func:`speed_up_supernode` (``medgen/deployment/supernode.py``) and
+  :func:`quick_object_pulls` (``medgen/deployment/grid.py``) replace module globals of Flower's.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import flwr
 
-TESTED = "1.41"
+from medgen._compat import check_version
 
-if not flwr.__version__.startswith(TESTED + "."):
-    raise ImportError(f"medgen's robust aggregation is written against flwr {TESTED}.x; flwr {flwr.__version__} "
-                      f"is installed (install with constraints.txt)")
+MINIMUM, BELOW = "1.41", "1.42"
+check_version("flwr", flwr.__version__, MINIMUM, BELOW, "medgen uses Flower internals: medgen/_compat/flwr.py")
 
-from flwr.serverapp.strategy.bulyan import aggregate_n_closest_weights  # noqa: E402
-from flwr.serverapp.strategy.fedtrimmedavg import trim_mean  # noqa: E402
-from flwr.serverapp.strategy.multikrum import select_multikrum  # noqa: E402
+# name -> the Flower module it comes from (imported on first use)
+_FROM = {
+    # robust aggregation
+    "aggregate_n_closest_weights": "flwr.serverapp.strategy.bulyan",
+    "trim_mean": "flwr.serverapp.strategy.fedtrimmedavg",
+    "select_multikrum": "flwr.serverapp.strategy.multikrum",
+    # central DP
+    "adaptive_clip_inputs_inplace": "flwr.supercore.differential_privacy",
+    "add_gaussian_noise_inplace": "flwr.supercore.differential_privacy",
+    "compute_adaptive_noise_params": "flwr.supercore.differential_privacy",
+    "compute_stdv": "flwr.supercore.differential_privacy",
+    "get_norm": "flwr.supercore.differential_privacy",
+    # Runtime API (the site's worker) and Control API (the server)
+    "RuntimeHttpClient": "flwr.supercore.runtime",
+    "RuntimeTokenHttpInterceptor": "flwr.supercore.interceptors",
+    "RuntimeVersionHttpInterceptor": "flwr.supercore.interceptors",
+    "make_simple_http_retry_invoker": "flwr.supercore.retry",
+    "ControlHttpClient": "flwr.supercore.control",
+    "CliClientHttpInterceptor": "flwr.cli.cli_client_interceptor",
+    "context_from_proto": "flwr.common.serde",
+    "fab_from_proto": "flwr.common.serde",
+    "run_from_proto": "flwr.common.serde",
+    "fab_to_proto": "flwr.common.serde",
+    "user_config_to_proto": "flwr.common.serde",
+    "ErrorCode": "flwr.common.constant",
+    "SubStatus": "flwr.common.constant",
+    "Node": "flwr.proto.node_pb2",
+    "AcquireTaskRequest": "flwr.proto.runtime_pb2",
+    "PullAppMessagesRequest": "flwr.proto.runtime_pb2",
+    "PullTaskInputRequest": "flwr.proto.runtime_pb2",
+    "ListNodesRequest": "flwr.proto.control_pb2",
+    "ListRunsRequest": "flwr.proto.control_pb2",
+    "RegisterNodeRequest": "flwr.proto.control_pb2",
+    "StartRunRequest": "flwr.proto.control_pb2",
+    "StopRunRequest": "flwr.proto.control_pb2",
+    "make_confirm_message_received_fn_protobuf": "flwr.supercore.inflatable.inflatable_protobuf_utils",
+    "make_pull_object_fn_protobuf": "flwr.supercore.inflatable.inflatable_protobuf_utils",
+    "pull_and_inflate_object_from_tree": "flwr.supercore.inflatable.inflatable_utils",
+    "TaskIdentity": "flwr.supercore.task_identity",
+    "HeartbeatSender": "flwr.supercore.heartbeat",
+    "make_task_heartbeat_fn_http": "flwr.supercore.heartbeat",
+    "push_message": "flwr.supernode.runtime.run_clientapp",
+    "push_task_output": "flwr.supernode.runtime.run_clientapp",
+    "public_key_to_bytes": "flwr.supercore.primitives.asymmetric",
+    "Fab": "flwr.supercore.fab",
+    # app bundle, SuperNode entry point
+    "build_fab_from_files": "flwr.cli.build",
+    "flower_supernode": "flwr.supernode.cli.flower_supernode",
+}
 
-__all__ = ["aggregate_n_closest_weights", "select_multikrum", "trim_mean"]
+__all__ = sorted([*_FROM, "MINIMUM", "BELOW", "adaptive_clipping_update", "quick_object_pulls", "set_message_id",
+                  "speed_up_supernode"])
+
+
+def __getattr__(name: str):
+    module = _FROM.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+# ---------------------------------------------------------------------- private attributes and globals
+def adaptive_clipping_update(strategy, unclipped: int, total: int) -> None:
+    """One step of the clipping-norm rule of a ``DifferentialPrivacyServerSideAdaptiveClipping``
+    (its private ``_noisy_fraction`` / ``_geometric_update``): ``strategy.clipping_norm`` becomes
+    C exp(-lr (b~ - target)), with b~ = (``unclipped`` + N(0, clipped_count_stddev)) / ``total``."""
+    strategy._geometric_update(strategy._noisy_fraction(unclipped, total))
+
+
+def set_message_id(message, object_id: str) -> None:
+    """Give an inflated message its id (Flower's ``Metadata.message_id`` has no setter; a message
+    inflated from its object tree lacks it)."""
+    message.metadata.__dict__["_message_id"] = object_id
+
+
+def speed_up_supernode(time_module, pull_backoff: dict) -> None:
+    """Before ``flower_supernode()`` runs: its idle and reply polls sleep through ``time_module``
+    (``time.sleep(3)`` / ``time.sleep(0.5)`` in ``flwr.supernode.start_client_internal``), and its
+    pulls of a message's objects retry with ``pull_backoff`` (``initial_backoff``, ``backoff_cap``)."""
+    import flwr.supernode.start_client_internal as internal
+
+    internal.time = time_module
+    internal.pull_objects = functools.partial(internal.pull_objects, **pull_backoff)
+
+
+def quick_object_pulls(grid, pull_backoff: dict) -> None:
+    """The deployed Grid pulls a reply's objects (the weights) with retries from 1 s on, doubling;
+    a reply can be listed a moment before all its objects have arrived. Retry with ``pull_backoff``
+    instead (the ``pull_objects`` global of the grid's module; a Grid without one is left as it is)."""
+    import sys
+
+    module = sys.modules.get(type(grid).__module__)
+    pull = getattr(module, "pull_objects", None)
+    if pull is not None and not isinstance(pull, functools.partial):
+        module.pull_objects = functools.partial(pull, **pull_backoff)

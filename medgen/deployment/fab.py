@@ -31,7 +31,7 @@ clientapp = "medgen.client.app:app"
 
 
 def build_fab(version: str) -> bytes:
-    from flwr.cli.build import build_fab_from_files
+    from medgen._compat.flwr import build_fab_from_files
 
     fab_version = version if version[:1].isdigit() else "0.0.0"
     config = "\n".join(f'{key} = ""' for key in RUN_CONFIG_KEYS)

@@ -67,12 +67,7 @@ def quick_replies(grid: Grid, poll_s: float = 0.2, online_every_s: float = 2.0) 
 def _quick_object_pulls(grid: Grid) -> None:
     """The deployed Grid pulls a reply's objects (the weights) with retries from 1 s on, doubling;
     a reply can be listed a moment before all its objects have arrived. Retry from 0.05 s."""
-    import functools
-    import sys
-
+    from medgen._compat.flwr import quick_object_pulls
     from medgen.deployment.supernode import PULL_BACKOFF
 
-    module = sys.modules.get(type(grid).__module__)
-    pull = getattr(module, "pull_objects", None)
-    if pull is not None and not isinstance(pull, functools.partial):
-        module.pull_objects = functools.partial(pull, **PULL_BACKOFF)
+    quick_object_pulls(grid, PULL_BACKOFF)

@@ -100,9 +100,7 @@ class Control:
     """A Control API client (what the ``flwr`` CLI uses), without the CLI's config file."""
 
     def __init__(self, address: str, ca: Path | None):
-        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
-        from flwr.supercore.control import ControlHttpClient
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+        from medgen._compat.flwr import CliClientHttpInterceptor, ControlHttpClient, RuntimeVersionHttpInterceptor
 
         self.client = ControlHttpClient.from_server_address(
             server_address=address, insecure=ca is None,
@@ -115,8 +113,7 @@ class Control:
     def register(self, public_key: Path, name: str) -> int:
         """Register a SuperNode public key; returns its node id. A key registered before (a
         server restarted on the same --state-db) keeps its node."""
-        from flwr.proto.control_pb2 import RegisterNodeRequest
-        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+        from medgen._compat.flwr import RegisterNodeRequest, public_key_to_bytes
 
         key = public_key_to_bytes(load_public_key(public_key))
         known = {n.public_key: n.node_id for n in self.nodes() if n.status != "unregistered"}
@@ -125,16 +122,14 @@ class Control:
         return int(self.client.RegisterNode(RegisterNodeRequest(public_key=key, name=name)).node_id)
 
     def nodes(self) -> list:
-        from flwr.proto.control_pb2 import ListNodesRequest
+        from medgen._compat.flwr import ListNodesRequest
 
         return list(self.client.ListNodes(ListNodesRequest()).nodes_info)
 
     def start_run(self, fab: bytes, run_config: dict) -> int:
         import hashlib
 
-        from flwr.common.serde import fab_to_proto, user_config_to_proto
-        from flwr.proto.control_pb2 import StartRunRequest
-        from flwr.supercore.fab import Fab
+        from medgen._compat.flwr import Fab, StartRunRequest, fab_to_proto, user_config_to_proto
 
         req = StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
                               override_config=user_config_to_proto(run_config), federation="")
@@ -145,12 +140,12 @@ class Control:
 
     def run_status(self, run_id: int) -> tuple[str, str, str]:
         """(status, sub-status, details) of a run, e.g. ("finished", "completed", "")."""
-        from flwr.proto.control_pb2 import ListRunsRequest
+        from medgen._compat.flwr import ListRunsRequest
 
         run = self.client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
         return run.status.status, run.status.sub_status, run.status.details
 
     def stop_run(self, run_id: int) -> None:
-        from flwr.proto.control_pb2 import StopRunRequest
+        from medgen._compat.flwr import StopRunRequest
 
         self.client.StopRun(StopRunRequest(run_id=run_id))

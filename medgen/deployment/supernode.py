@@ -13,7 +13,6 @@ up to 0.5 s instead of 10 s).
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
@@ -31,11 +30,9 @@ def capped_time(poll_s: float) -> types.SimpleNamespace:
 
 
 def main() -> None:
-    import flwr.supernode.start_client_internal as internal
-    from flwr.supernode.cli.flower_supernode import flower_supernode
+    from medgen._compat.flwr import flower_supernode, speed_up_supernode
 
-    internal.time = capped_time(float(os.environ.get("MEDGEN_SUPERNODE_POLL_S", "0.25")))
-    internal.pull_objects = functools.partial(internal.pull_objects, **PULL_BACKOFF)
+    speed_up_supernode(capped_time(float(os.environ.get("MEDGEN_SUPERNODE_POLL_S", "0.25"))), PULL_BACKOFF)
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

@@ -33,9 +33,8 @@ def fab_clientapp(fab_content: bytes) -> str:
 
 
 def _runtime_client(address: str, token: str | None = None):
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
+    from medgen._compat.flwr import (RuntimeHttpClient, RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
+                                     make_simple_http_retry_invoker)
 
     interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
     if token:
@@ -49,15 +48,12 @@ def pull_task_input(client):
     """Flower's ``pull_task_input`` (flwr.supernode.runtime.run_clientapp), but retrying the
     message's objects from 0.05 s on: the SuperNode hands out the task while it is still
     downloading the weights from the SuperLink, and Flower's retries start at 1 s and double."""
-    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-    from flwr.proto.node_pb2 import Node
-    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf)
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.task_identity import TaskIdentity
     from flwr.app import Message
 
+    from medgen._compat.flwr import (Node, PullAppMessagesRequest, PullTaskInputRequest, TaskIdentity,
+                                     context_from_proto, fab_from_proto, make_confirm_message_received_fn_protobuf,
+                                     make_pull_object_fn_protobuf, pull_and_inflate_object_from_tree,
+                                     run_from_proto, set_message_id)
     from medgen.deployment.supernode import PULL_BACKOFF
 
     res = client.PullTaskInput(PullTaskInputRequest())
@@ -71,7 +67,7 @@ def pull_task_input(client):
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message, **PULL_BACKOFF)
-    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
+    set_message_id(message, tree.object_id)  # the deflated message lacks its own id
     return message, context, run, fab
 
 
@@ -79,11 +75,10 @@ def run_task(address: str, token: str, client_app) -> tuple[str, dict[str, float
     """One task: pull the message, run the ClientApp, push the reply and the task's status.
     Returns the status and the seconds spent pulling, in the app, and pushing."""
     from flwr.app import ConfigRecord, Error, Message, MessageType
-    from flwr.common.constant import ErrorCode, SubStatus
 
+    from medgen._compat.flwr import (ErrorCode, HeartbeatSender, SubStatus, make_task_heartbeat_fn_http, push_message,
+                                     push_task_output)
     from medgen.deployment.packing import TRANSPORT, pack, unpack
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     client = _runtime_client(address, token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
@@ -127,8 +122,7 @@ def run_task(address: str, token: str, client_app) -> tuple[str, dict[str, float
 
 
 def serve(address: str, poll_s: float = 0.1, parent_pid: int | None = None) -> None:
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest
-
+    from medgen._compat.flwr import AcquireTaskRequest
     from medgen.client.app import app as client_app  # the expensive imports, once
 
     client = _runtime_client(address)

@@ -32,16 +32,17 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from flwr.supercore.differential_privacy import (
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from medgen._compat.flwr import (
     adaptive_clip_inputs_inplace,
+    adaptive_clipping_update,
     add_gaussian_noise_inplace,
     compute_adaptive_noise_params,
     compute_stdv,
     get_norm,
 )
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from medgen.config import Config, ConfigError
 from medgen.server.strategy import FedAvg, State, Update
 
@@ -137,7 +138,7 @@ class CentralDP(FedAvg):
         if self.adaptive is not None:  # Flower's rule, after the release that used the old norm, fed
             # with the share of updates NOT clipped (Andrew et al.'s b; see the module docstring)
             self.adaptive.clipping_norm = self.clipping_norm
-            self.adaptive._geometric_update(self.adaptive._noisy_fraction(len(deltas) - clipped, len(deltas)))
+            adaptive_clipping_update(self.adaptive, len(deltas) - clipped, len(deltas))
             self.clipping_norm = float(self.adaptive.clipping_norm)
         self._account()
         self.last = {"central-epsilon": self.epsilon(), "central-delta": self.delta,

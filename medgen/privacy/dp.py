@@ -136,7 +136,7 @@ def private(model: GenerativeModel, optimizers: dict[str, torch.optim.Optimizer]
         yield optimizers
     finally:
         for name, net in inner.items():
-            model.networks[name]._close()  # removes the hooks from the inner network
+            model.networks[name].to_standard_module()  # removes the hooks from the inner network
             model.networks[name] = net
 
 

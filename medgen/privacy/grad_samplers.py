@@ -18,6 +18,8 @@ from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
+from medgen._compat.opacus import grad_samplers
+
 MIN_POSITIONS = 256  # output positions (16 x 16) from which the per-sample kernel beats im2col + einsum
 
 
@@ -44,30 +46,9 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
     return out
 
 
-def _keep_first(sampler):
-    """``sampler`` that hands a layer's first per-sample gradients of a batch straight to the
-    parameter. Opacus would copy them into a freshly zeroed buffer of the same size (a fill and a
-    copy of B x |param| floats per parameter per step); later passes over the same parameters (a
-    GAN's discriminator sees real and fake) still accumulate through Opacus."""
-
-    def wrapped(layer: nn.Module, activations, backprops) -> dict:
-        out = {}
-        for param, grad_sample in sampler(layer, activations, backprops).items():
-            fresh = grad_sample._base is None and grad_sample.is_contiguous()
-            if (param.requires_grad and fresh and not hasattr(param, "_current_grad_sample")
-                    and grad_sample.shape[0] == layer.max_batch_len):
-                param._current_grad_sample = grad_sample
-            else:
-                out[param] = grad_sample
-        return out
-
-    return wrapped
-
-
 class FastGradSampleModule(GradSampleModule):
     """Opacus' GradSampleModule (hooks) with :func:`conv2d_grad_sample` for Conv2d and no copy of a
-    layer's first per-sample gradients; Opacus' own grad samplers are left untouched for every other
-    use in the process."""
+    layer's first per-sample gradients (``medgen._compat.opacus.keep_first``); Opacus' own grad
+    samplers are left untouched for every other use in the process."""
 
-    GRAD_SAMPLERS = {kind: _keep_first(fn) for kind, fn in
-                     {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_grad_sample}.items()}
+    GRAD_SAMPLERS = grad_samplers({nn.Conv2d: conv2d_grad_sample})

@@ -1,0 +1,170 @@
+"""One boundary around Flower's and Opacus' internals (#19 req 2): only ``medgen/_compat/`` imports
+them, and its modules refuse a version outside the range they were written against."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+import flwr
+import opacus
+import pytest
+
+from medgen._compat import IncompatibleVersion, check_version
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPAT = ROOT / "medgen" / "_compat"
+
+# Documented public API. Flower: the Message API (https://flower.ai/docs/framework/ref-api/flwr.html);
+# its legacy flwr.client / flwr.server / flwr.common are documented too, but medgen does not build on
+# them (design.md), so they are not listed. Opacus: its API reference (opacus.ai/api).
+PUBLIC = {
+    "flwr": {"flwr", "flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.simulation"},
+    "opacus": {"opacus", "opacus.privacy_engine", "opacus.accountants", "opacus.accountants.utils",
+               "opacus.optimizers", "opacus.validators", "opacus.data_loader", "opacus.layers",
+               "opacus.grad_sample", "opacus.grad_sample.conv"},
+}
+# Private attributes and module globals of Flower / Opacus that medgen touches (or touched): only the compat
+# modules may name them.
+PRIVATE_NAMES = {"_current_grad_sample", "max_batch_len", "_close", "_noisy_fraction", "_geometric_update",
+                 "_message_id", "pull_objects"}
+
+
+def _library(module: str) -> str | None:
+    top = module.split(".")[0]
+    return top if top in PUBLIC else None
+
+
+def internal_uses(path: Path, root: Path = ROOT) -> list[str]:
+    """``path:line: what`` for each import of a Flower / Opacus module outside PUBLIC (also through
+    importlib / __import__ with a literal name) and each use of a name in PRIVATE_NAMES."""
+    tree = ast.parse(path.read_text(), str(path))
+    where = path.relative_to(root)
+    found = []
+
+    def check(module: str, node: ast.AST, how: str) -> None:
+        lib = _library(module)
+        if lib is not None and module not in PUBLIC[lib]:
+            found.append(f"{where}:{node.lineno}: {how} {module}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                check(alias.name, node, "import")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            check(node.module, node, "from")
+            if _library(node.module) is not None:  # `from flwr import supercore` reaches a private module too
+                for alias in node.names:
+                    if _names_a_module(node.module, alias.name):
+                        check(f"{node.module}.{alias.name}", node, "from-import")
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                   or (isinstance(node.func, ast.Name) and node.func.id in {"import_module", "__import__"}))):
+            check(node.args[0].value, node, "dynamic import")
+        elif isinstance(node, ast.Attribute) and node.attr in PRIVATE_NAMES:
+            found.append(f"{where}:{node.lineno}: attribute .{node.attr}")
+        elif isinstance(node, ast.Constant) and node.value in PRIVATE_NAMES:
+            found.append(f"{where}:{node.lineno}: name {node.value!r}")
+    return found
+
+
+def _names_a_module(package: str, name: str) -> bool:
+    """Whether ``from package import name`` imports a module (not, e.g., the function
+    ``flwr.simulation.run_simulation``, which shadows a submodule of the same name)."""
+    import importlib
+    import importlib.util
+    import inspect
+
+    try:
+        value = getattr(importlib.import_module(package), name, None)
+        if value is not None:
+            return inspect.ismodule(value)
+        return importlib.util.find_spec(f"{package}.{name}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _sources() -> list[Path]:
+    files = []
+    for folder in ("medgen", "tests", "benchmarks"):
+        files += sorted((ROOT / folder).rglob("*.py"))
+    return [f for f in files if COMPAT not in f.parents and f != Path(__file__).resolve()]
+
+
+def test_only_the_compat_modules_use_flower_or_opacus_internals():
+    sources = _sources()
+    assert any(f.name == "central.py" for f in sources) and any(f.name == "worker.py" for f in sources)
+    found = [use for f in sources for use in internal_uses(f)]
+    assert not found, ("Flower / Opacus internals outside medgen/_compat/ (move them into medgen/_compat/flwr.py "
+                       "or opacus.py, or add a documented public module to PUBLIC):\n" + "\n".join(found))
+
+
+def test_the_checker_sees_internal_uses(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import flwr.supernode.start_client_internal as internal\n"
+                   "from flwr.supercore.task_identity import TaskIdentity\n"
+                   "from flwr import supercore\n"
+                   "from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample\n"
+                   "import importlib\nimportlib.import_module('flwr.common.serde')\n"
+                   "def f(p, m):\n    p._current_grad_sample = 1\n    m.metadata.__dict__['_message_id'] = 2\n")
+    good = tmp_path / "good.py"
+    good.write_text("import flwr\nfrom flwr.app import Message\nfrom flwr.serverapp.strategy import FedAvg\n"
+                    "from opacus import GradSampleModule\nfrom opacus.accountants.utils import get_noise_multiplier\n"
+                    "from medgen._compat.flwr import TaskIdentity\n")
+    assert [u.split(": ", 1)[1] for u in internal_uses(bad, tmp_path)] == [
+        "import flwr.supernode.start_client_internal", "from flwr.supercore.task_identity",
+        "from-import flwr.supercore", "from opacus.grad_sample.grad_sample_module",
+        "dynamic import flwr.common.serde", "attribute ._current_grad_sample", "name '_message_id'"]
+    assert internal_uses(good, tmp_path) == []
+
+
+@pytest.mark.parametrize("installed", ["1.42.0", "1.42.0rc1", "2.0", "1.40.9", "1.4.1", "banana"])
+def test_a_flower_version_outside_the_tested_range_is_refused_by_name(installed):
+    from medgen._compat import flwr as compat
+
+    with pytest.raises(IncompatibleVersion) as e:
+        check_version("flwr", installed, compat.MINIMUM, compat.BELOW, "medgen/_compat/flwr.py")
+    message = str(e.value)
+    assert "flwr>=1.41,<1.42" in message and installed in message
+    assert isinstance(e.value, ImportError)  # what an import of medgen/_compat/flwr.py raises
+
+
+@pytest.mark.parametrize("installed", ["1.7.0", "1.5.2", "0.16"])
+def test_an_opacus_version_outside_the_tested_range_is_refused_by_name(installed):
+    from medgen._compat import opacus as compat
+
+    with pytest.raises(IncompatibleVersion, match=rf"opacus {installed} is installed.*opacus>=1\.6,<1\.7"):
+        check_version("opacus", installed, compat.MINIMUM, compat.BELOW, "medgen/_compat/opacus.py")
+
+
+@pytest.mark.parametrize("installed", ["1.41.0", "1.41", "1.41.7", "1.41.0.post1", "1.41.1rc2"])
+def test_versions_inside_the_range_pass(installed):
+    assert check_version("flwr", installed, "1.41", "1.42", "test") == installed
+
+
+def test_the_installed_versions_pass_and_pyproject_bounds_them_the_same_way():
+    from medgen._compat import flwr as flwr_compat
+    from medgen._compat import opacus as opacus_compat
+
+    check_version("flwr", flwr.__version__, flwr_compat.MINIMUM, flwr_compat.BELOW, "")
+    check_version("opacus", opacus.__version__, opacus_compat.MINIMUM, opacus_compat.BELOW, "")
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"flwr[simulation]>={flwr_compat.MINIMUM},<{flwr_compat.BELOW}" in deps
+    assert f"opacus>={opacus_compat.MINIMUM},<{opacus_compat.BELOW}" in deps
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().split()
+                if "==" in line and not line.startswith("#"))
+    check_version("flwr", pins["flwr"], flwr_compat.MINIMUM, flwr_compat.BELOW, "constraints.txt")
+    check_version("opacus", pins["opacus"], opacus_compat.MINIMUM, opacus_compat.BELOW, "constraints.txt")
+
+
+def test_the_compat_names_resolve():
+    """Every Flower internal the compat module lists exists in the installed flwr (what a new flwr
+    patch release would break first)."""
+    from medgen._compat import flwr as compat
+
+    for name in compat._FROM:
+        assert getattr(compat, name) is not None, name
+    with pytest.raises(AttributeError):
+        compat.not_a_flower_name
