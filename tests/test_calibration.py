@@ -159,3 +159,12 @@ def test_patients_only_heldout_site_and_an_untrained_lesion_class(tmp_path):
     record = next(r for r in again.records() if r["phase"] == "evaluate")
     assert record["threshold-source"] == TRAINING_SITES and record["threshold"] == pytest.approx(c["threshold"])
     assert any("class 'lesion' never trained" in w for w in record["warnings"])
+    # the pages say it: where C's threshold came from, the warnings (once per text), one sample row
+    from medgen.evaluation.report import build_report
+
+    index = build_report(run.path).read_text()
+    page = (run.path / "report" / "site-C.html").read_text()
+    assert "fixed on the training sites&#39; healthy validation slices" in page
+    assert "contrast flair differs" in page and index.count("never trained") == 1
+    assert "One row: healthy (the only class that trained)" in index
+    assert "volume-dice-at-threshold" in page and "n=3 volumes" in page

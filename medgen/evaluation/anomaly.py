@@ -227,13 +227,14 @@ def outlier_calibration(images, brain, quantile: float, median_px: int = 0,
 
 
 def references(images, lesion, brain, labels, outlier: tuple[float, float] | None,
-               median_px: int = 0, erode_px: int = 0) -> dict[str, float]:
+               median_px: int = 0, erode_px: int = 0, subjects=None) -> dict[str, float]:
     """The trivial references of lesion detection, on the scored slices themselves (``images``,
     ``lesion``, ``brain`` (N, S, S), ``labels`` (N,)): ``prevalence`` (the AUPRC of a random score),
     ``all_brain_dice`` (the Dice of calling the whole brain lesion, 2p/(1+p)),
     ``brain_area_slice_auroc`` (a slice scored by its brain area alone), and the
     :func:`intensity_outlier` score as ``outlier_*``, post-processed like the model's maps, with
-    ``outlier`` = (level, threshold) from :func:`outlier_calibration` (None: left out)."""
+    ``outlier`` = (level, threshold) from :func:`outlier_calibration` (None: left out). With the
+    slices' ``subjects`` (N,), also the outlier score's :func:`per_volume` Dice and AUPRC."""
     _, les, br = _maps(images, lesion, brain)
     y = np.asarray(labels).astype(bool).ravel()
     out = {"prevalence": float((les & br).sum() / max(int(br.sum()), 1)),
@@ -244,6 +245,9 @@ def references(images, lesion, brain, labels, outlier: tuple[float, float] | Non
     level, threshold = outlier
     maps = postprocess(intensity_outlier(images, brain, level), brain, median_px, erode_px)
     report = anomaly_report(maps, lesion, brain, labels, threshold)
+    if subjects is not None:
+        volume = per_volume(maps, lesion, brain, subjects, threshold)
+        report.update({k: volume[k] for k in ("volume_dice_at_threshold", "volume_pixel_auprc")})
     out.update({f"outlier_{k}": v for k, v in report.items() if k not in ("best_dice_upper_bound", "threshold")})
     return out
 

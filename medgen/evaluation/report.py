@@ -29,6 +29,7 @@ import yaml  # noqa: E402
 
 from medgen import provenance, strictjson  # noqa: E402
 from medgen.client import sent_log  # noqa: E402
+from medgen.evaluation.plan import THRESHOLD_SOURCES  # noqa: E402
 from medgen.server.rundir import RunDir  # noqa: E402
 
 HEADLINE = ["loss", "radfd-healthy", "radfd-lesion", "kid-healthy", "kid-lesion", "precision-healthy", "recall-healthy",
@@ -45,7 +46,9 @@ SLICE_SCORES = ("slice-auroc", "brain-area-slice-auroc")
 # metric: (its reference without a model, name of that reference)
 _REFERENCES = {"pixel-auroc": (None, "chance: 0.5"), "pixel-auprc": ("reference-prevalence", "chance: prevalence"),
                "dice-at-threshold": ("reference-all-brain-dice", "whole brain called lesion"),
-               "slice-auroc": ("reference-brain-area-slice-auroc", "slice brain area")}
+               "slice-auroc": ("reference-brain-area-slice-auroc", "slice brain area"),
+               "volume-dice-at-threshold": ("reference-volume-all-brain-dice", "whole brain called lesion"),
+               "volume-pixel-auprc": ("reference-volume-prevalence", "chance: prevalence")}
 # sites drawn in tab10 order (grey kept for the server's own data), then tab20's light shades
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
             "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5"]
@@ -169,6 +172,8 @@ def n_behind(key: str, metrics: dict) -> str | None:
             return f"n={_count(real)} real, {_count(fake)} gen."
     if base in PIXEL_SCORES and "n-scored-pixels" in metrics:
         return f"n={_count(metrics['n-scored-pixels'])} px ({_count(metrics.get('n-scored-lesion-pixels'))} lesion)"
+    if base.startswith("volume-") and "volumes" in metrics:
+        return f"n={_count(metrics['volumes'])} volumes"
     if base in SLICE_SCORES and "n-scored-slices" in metrics:
         return (f"n={_count(metrics['n-scored-slices'])} slices "
                 f"({_count(metrics.get('n-scored-lesion-slices'))} lesion)")
@@ -217,6 +222,26 @@ def _verdicts(metrics: dict) -> list[dict]:
 def _reference_rows(metrics: dict) -> list[list]:
     return [[v["key"], _num(metrics, v["key"]), v["ref_name"], v["trivial"], v["outlier"], v["text"]]
             for v in _verdicts(metrics)]
+
+
+def _grouped_warnings(final: dict[str, dict], sites: list[str]) -> list[tuple[list[str], str]]:
+    """Each distinct warning of the sites' last evaluations once, with the sites it concerns."""
+    by_text: dict[str, list[str]] = {}
+    for site in sites:
+        for text in final.get(site, {}).get("warnings", []):
+            by_text.setdefault(text, []).append(site)
+    return [(names, text) for text, names in by_text.items()]
+
+
+def threshold_words(metrics: dict) -> str | None:
+    """Where a site's Dice threshold came from, in words (``threshold-source``); None without one."""
+    if "threshold-source" not in metrics:
+        return None
+    source = THRESHOLD_SOURCES.get(int(metrics["threshold-source"]), "unknown")
+    value = metrics.get("threshold", float("nan"))
+    n = metrics.get("n-calibration-slices")
+    return (f"{value:.4g}, fixed on " if math.isfinite(value) else "none: ") + source + \
+        (f" ({_count(n)} slices)" if n is not None else "")
 
 
 def verdict(metrics: dict) -> tuple[bool, str] | None:
@@ -557,7 +582,8 @@ def build_report(run_dir: str | Path) -> Path:
     samples = sorted(run.samples.glob("round-*.png"))
     common = {"colours": {s: colours[s] for s in sites + ["global"] if s in colours},
               "provenance": _provenance(run, builder)}
-    verdicts = [(s, verdict(final[s])) for s in sites if s in final]
+    verdicts = [(s, verdict(final[s]), threshold_words(final[s])) for s in sites if s in final]
+    classes = final.get("global", {}).get("trained-classes", list(CLASSES))
     index = _render(
         "index.html", title=f"medgen report — {run.path.name}", **common,
         config_rows=_config_rows(cfg, status), budget_rows=[[k, v] for k, v in spent.items()], data_rows=data_rows,
@@ -569,7 +595,8 @@ def build_report(run_dir: str | Path) -> Path:
         metric_header=["metric"] + [f"{s} (held out)" if s in heldout else s for s in columns], metric_rows=metric_rows,
         fid_missing=not any(k.startswith("fid-") for m in final.values() for k in m),
         samples=_file_png(samples[-1]) if samples else None, roc=_roc_pr(arrays, colours),
-        verdicts=[(s, v) for s, v in verdicts if v is not None], sites=sites)
+        verdicts=[(s, v, t) for s, v, t in verdicts if v is not None], sites=sites, sample_classes=classes,
+        warnings=_grouped_warnings(final, sites))
     (out / "index.html").write_text(index)
     record_keys = ["loss", *shown[1:]]
     for site in sites:
@@ -585,6 +612,7 @@ def build_report(run_dir: str | Path) -> Path:
             evaluation=_curves(records, [site], "evaluate", ["loss", "pixel-auroc"], f"site {site}: evaluation",
                                colours),
             roc=_roc_pr({site: a} if a else {}, colours), references=_reference_rows(metrics),
+            threshold=threshold_words(metrics), warnings=metrics.get("warnings", []),
             by_setting=_by_setting(metrics, a), overlays=_overlays(a), lesion_scored="roc-fpr" in a or
             "pixel-auroc" in metrics, privacy=_privacy(records, site, metrics, a, colours),
             sent=_sent(run, records, site))

@@ -197,7 +197,7 @@ def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config, plan:
         found = (plan.thresholds.get(OUTLIER_LEVEL), plan.thresholds.get(OUTLIER_THRESHOLD))
         outlier = found if None not in found else None
     refs = anomaly.references(data.images[scored_idx], lesion, brain, data.labels[scored_idx], outlier,
-                              ev.median_filter_px, ev.erode_brain_px)
+                              ev.median_filter_px, ev.erode_brain_px, data.subjects[scored_idx])
     refs.update({k: volume[k] for k in ("volume_prevalence", "volume_all_brain_dice")})  # the same for every map
     metrics.update({"reference-" + k.replace("_", "-"): float(v) for k, v in refs.items()})
     counted = anomaly.counts(data.lesion[scored_idx], data.brain[scored_idx], data.labels[scored_idx])

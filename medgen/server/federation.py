@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from medgen.config import Config, dump_config
 from medgen.data.dataset import HEALTHY, LESION
 from medgen.evaluation.plan import EvaluationPlan, pooled_thresholds
-from medgen.evaluation.samples import generate, save_grid
+from medgen.evaluation.samples import CLASS_NAMES, generate, save_grid
 from medgen.models import build_model
 from medgen.privacy.central import CentralDP
 from medgen.server.central_evaluation import SERVER_SITE, evaluate_server_data, server_data
@@ -312,7 +312,8 @@ def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, 
                 if all(isinstance(r[k], (int, float)) for r in sites.values())}
         mean = {k: sum(r[k] * r["num-examples"] for r in sites.values()) / total for k in sorted(keys)}
         mean.update({k: sum(r[k] for r in sites.values()) for k in keys if k.startswith("n-")})  # sample sizes add up
-        run.log(round_, "global", "evaluate", {**mean, "num-examples": total, "sites": len(sites)})
+        run.log(round_, "global", "evaluate", {**mean, "num-examples": total, "sites": len(sites),
+                                                "trained-classes": [CLASS_NAMES[c] for c in classes]})
     if cfg.federation.samples_per_class:
         model = build_model(cfg)
         model.load_state_dict(state)
