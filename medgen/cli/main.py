@@ -6,7 +6,9 @@ error (named), or a failed federation; 130 interrupted (Ctrl-C; a run resumes wi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -246,11 +248,16 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, errors:
         if interrupted is None:
             raise
         print(f"interrupted: {interrupted}", file=sys.stderr)
+        if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)  # the simulation engine's own threads would keep the process waiting for ever
         return 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv)
+    return run_command(build_parser(), argv, interrupted="stopped (Ctrl-C); finished rounds are kept: "
+                                                         "`medgen simulate --resume RUN_DIR` continues a run")
 
 
 if __name__ == "__main__":
