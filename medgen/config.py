@@ -258,6 +258,9 @@ class SimulationConfig(_Section):
         None, gt=0.0, description="CPUs reserved per simulated site (its torch threads too); null = at least 2, "
                                   "CPUs / training sites when more, never more than the machine has")
     client_gpus: float = Field(0.0, ge=0.0, description="GPUs (fraction) reserved per simulated site")
+    hung_grace_s: float = Field(
+        20.0, gt=0.0, description="after the last round, how long Flower's engine may take to stop before the "
+                                  "ClientApp actors that keep it waiting (a hung site) are killed")
 
 
 class SitePolicy(_Section):

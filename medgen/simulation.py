@@ -50,16 +50,14 @@ def resolve_data(cfg: Config, log=print) -> Config:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": folder, "cache_dir": cache})})
 
 
-HUNG_GRACE_S = 20.0  # how long Flower's engine may take to shut down after the federated loop returned
-
-
-def release_hung_sites(loop_done: threading.Event, engine_done: threading.Event, log=print) -> None:
-    """Once the federated loop has returned, give the simulation engine ``HUNG_GRACE_S`` to shut
-    down; if it has not, a site's ClientApp actor does not answer (stopped, or stuck in a call) and
-    Ray waits for it forever: kill the run's ClientApp actors, which lets the engine end. The run's
-    outcome is already written."""
+def release_hung_sites(loop_done: threading.Event, engine_done: threading.Event, grace_s: float,
+                       log=print) -> None:
+    """Once the federated loop has returned, give the simulation engine ``grace_s``
+    (``simulation.hung_grace_s``) to shut down; if it has not, a site's ClientApp actor does not
+    answer (stopped, or stuck in a call) and Ray waits for it forever: kill the run's ClientApp
+    actors, which lets the engine end. The run's outcome is already written."""
     loop_done.wait()
-    if engine_done.wait(HUNG_GRACE_S):
+    if engine_done.wait(grace_s):
         return
     from medgen.deployment.procs import descendants
 
@@ -72,7 +70,7 @@ def release_hung_sites(loop_done: threading.Event, engine_done: threading.Event,
         if name.startswith("ray::ClientAppActor"):
             stuck.append(pid)
             os.kill(pid, signal.SIGKILL)
-    log(f"the run has ended, but a site's ClientApp process did not answer for {HUNG_GRACE_S:g} s; "
+    log(f"the run has ended, but a site's ClientApp process did not answer for {grace_s:g} s; "
         f"stopped the ClientApp actors ({', '.join(map(str, stuck)) or 'none found'})")
 
 
@@ -121,7 +119,8 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
     log(f"run directory: {run.path}")
     loop_done, engine_done = threading.Event(), threading.Event()
     if not cfg.simulation.ray_address:
-        threading.Thread(target=release_hung_sites, args=(loop_done, engine_done, log), daemon=True).start()
+        threading.Thread(target=release_hung_sites, args=(loop_done, engine_done, cfg.simulation.hung_grace_s, log),
+                         daemon=True).start()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -61,6 +61,16 @@ def make_plain_site(folder: Path, n_healthy=2, n_lesion=2) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One data cache (``data.cache_dir``) for the modules that run the tiny phantom cohort (sites
+    A, B, C x 3 subjects): the cohort is made once per session instead of once per module (~5 s
+    each), and slices preprocessed with the same settings are reused. Entries are keyed by their
+    inputs and settings, and no test writes into the cohort (the tests that break a site copy or
+    link its files into a folder of their own)."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
 @pytest.fixture
 def cfg(tmp_path):
     """Default config with the slice cache inside the test's tmp folder and ``FAST_DATA`` (the

@@ -45,9 +45,9 @@ TINY = ["sites.train=[A,B]", "sites.heldout=[C]", "phantom.subjects_per_site=3",
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    """The tiny phantom cohort (sites A, B, C) and its slice cache."""
-    cache = tmp_path_factory.mktemp("cache")
+def cohort(shared_cache):
+    """The tiny phantom cohort (sites A, B, C) and its slice cache (the session's, conftest.py)."""
+    cache = shared_cache
     data = resolve_data(load_config(None, TINY + [f"data.cache_dir={cache}"]), log=lambda _: None).data
     return Path(data.root), cache
 
@@ -380,7 +380,10 @@ class Deployment:
     def __init__(self, tmp: Path, cohort, certs):
         self.tmp, (self.root, self.cache), (self.certs, self.outsider_key) = tmp, cohort, certs
         self.port = free_port()
-        self.env = {**os.environ, "MEDGEN_CACHE_DIR": str(self.cache), "MEDGEN_CLIENT_THREADS": "1"}
+        # heartbeats every 10 s (Flower's minimum; 30 s by default): a SIGKILLed SuperNode or worker
+        # is given up on after 20 s instead of 60 s (medgen/deployment/supernode.py)
+        self.env = {**os.environ, "MEDGEN_CACHE_DIR": str(self.cache), "MEDGEN_CLIENT_THREADS": "1",
+                    "MEDGEN_HEARTBEAT_S": "10"}
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, args: list) -> subprocess.Popen:
@@ -438,11 +441,11 @@ def deployment(tmp_path, cohort, certs):
     assert not _ours(str(tmp_path)), "processes left behind:\n" + "\n".join(_ours(str(tmp_path)))
 
 
-def _wait_until(condition, d: Deployment, timeout: float, what: str) -> None:
+def _wait_until(condition, d: Deployment, timeout: float, what: str, server: str = "server") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert d.procs["server"].poll() is None, d.output("server")[-3000:]
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s:\n{d.output('server')[-3000:]}"
+        assert d.procs[server].poll() is None, d.output(server)[-3000:]
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s:\n{d.output(server)[-3000:]}"
         time.sleep(0.3)
 
 
@@ -451,7 +454,13 @@ def test_loopback_deployment(deployment):
     a fourth site with an unregistered key is refused. Site B connects and is killed before round 1
     (the server waits for C, so the order is certain): round 1 goes on without it. The coordinator
     stops the server with SIGTERM after round 1 (nothing is left running), B joins again, and
-    `--resume` finishes the study with both sites and writes the report."""
+    `--resume` goes on with both sites. After round 2 that server is SIGKILLed: its SuperLink,
+    proxy, SuperExec and ServerApp end too and the port comes free; site C is SIGKILLed: its
+    SuperNode and worker end. C starts again at once, and a second `--resume` finishes the study
+    and writes the report. (One scenario: the deployment starts once for both kinds of stop.)"""
+    from medgen.deployment.procs import descendants, port_free
+    from medgen.watchdog import _start_time
+
     d = deployment
     run_dir = d.tmp / "run"
     run = RunDir(run_dir)
@@ -483,38 +492,10 @@ def test_loopback_deployment(deployment):
     b_missing = [r["error"] for r in records if r["site"] == "B" and r["round"] == 1 and "error" in r]
     assert b_missing and "offline" in b_missing[0]
 
-    # B comes back; the coordinator continues with --resume
+    # B comes back; the coordinator continues with --resume, until its server is SIGKILLed after round 2
     d.site("B")
-    d.server("--resume", run_dir)
-    assert d.wait("server", 240) == 0, d.output("server")[-4000:]
-    out = d.output("server")
-    assert "resuming after round" in out and "round 3/3 site B: train" in out and "round 1/" not in out
-    records = run.records()
-    trained = {site: [r["round"] for r in records if r["phase"] == "train" and r["site"] == site and "loss" in r]
-               for site in "AB"}
-    assert trained["A"] == [1, 2, 3] and trained["B"][-1] == 3 and 1 not in trained["B"]
-    assert load_checkpoint(run.last_checkpoint())["round"] == 3 and run.status()["status"] == "completed"
-    assert (run_dir / "report" / "index.html").is_file() and (run_dir / "report" / "site-C.html").is_file()
-    heldout = [r for r in records if r["phase"] == "evaluate" and r["site"] == "C"]
-    assert heldout[-1]["round"] == 3 and "pixel-auroc" in heldout[-1]
-    assert (run.samples / "round-0003.png").is_file()
-    # each site's own files stay in its state directory
-    assert (d.tmp / "state-A" / "supernode.log").is_file() and (d.tmp / "state-A" / "flwr-home").is_dir()
-
-
-def test_sigkilled_coordinator_and_site_leave_nothing_running(deployment):
-    """SIGKILL medgen-server after round 1: its SuperLink, proxy, SuperExec and ServerApp end too
-    and the port comes free; SIGKILL a site: its SuperNode and worker end. Both start again at
-    once, and `--resume` finishes the study."""
-    from medgen.deployment.procs import descendants, port_free
-    from medgen.watchdog import _start_time
-
-    d = deployment
-    run_dir = d.tmp / "run"
-    run = RunDir(run_dir)
-    d.server("--out", run_dir, "--set", "federation.rounds=2")
-    d.site("A"), d.site("B"), d.site("C")
-    _wait_until((run_dir / "checkpoints" / "round-0001.pt").is_file, d, 240, "round-0001.pt")
+    d.server("--resume", run_dir, name="server-2")
+    _wait_until((run_dir / "checkpoints" / "round-0002.pt").is_file, d, 240, "round-0002.pt", server="server-2")
 
     def kill(name: str) -> list[int]:
         below = [p for p in descendants(d.procs[name].pid) if "medgen.watchdog" not in _cmdline(p)]
@@ -527,13 +508,27 @@ def test_sigkilled_coordinator_and_site_leave_nothing_running(deployment):
         assert not [_cmdline(p) for p in below if _start_time(p)], f"{name}'s children live on"
         return below
 
-    assert len(kill("server")) >= 3  # SuperLink, proxy, SuperExec / ServerApp
+    assert len(kill("server-2")) >= 3  # SuperLink, proxy, SuperExec / ServerApp
     assert port_free("127.0.0.1", d.port)
+    out = d.output("server-2")
+    assert "resuming after round 1" in out and "round 2/3 site B: train" in out and "round 1/" not in out
     kill("site-C")
     d.site("C")
-    d.server("--resume", run_dir, name="server-2")
-    assert d.wait("server-2", 300) == 0, d.output("server-2")[-4000:]
-    assert load_checkpoint(run.last_checkpoint())["round"] == 2 and run.status()["status"] == "completed"
+    d.server("--resume", run_dir, name="server-3")
+    assert d.wait("server-3", 300) == 0, d.output("server-3")[-4000:]
+    out = d.output("server-3")
+    assert "resuming after round 2" in out and "round 3/3 site B: train" in out and "round 1/" not in out
+    records = run.records()
+    trained = {site: [r["round"] for r in records if r["phase"] == "train" and r["site"] == site and "loss" in r]
+               for site in "AB"}
+    assert trained["A"] == [1, 2, 3] and trained["B"][-1] == 3 and 1 not in trained["B"]
+    assert load_checkpoint(run.last_checkpoint())["round"] == 3 and run.status()["status"] == "completed"
+    assert (run_dir / "report" / "index.html").is_file() and (run_dir / "report" / "site-C.html").is_file()
+    heldout = [r for r in records if r["phase"] == "evaluate" and r["site"] == "C"]
+    assert heldout[-1]["round"] == 3 and "pixel-auroc" in heldout[-1]
+    assert (run.samples / "round-0003.png").is_file()
+    # each site's own files stay in its state directory
+    assert (d.tmp / "state-A" / "supernode.log").is_file() and (d.tmp / "state-A" / "flwr-home").is_dir()
 
 
 def test_a_site_whose_supernode_crashed_rejoins(deployment):
@@ -789,3 +784,28 @@ def test_a_site_trains_on_all_its_cores_unless_told(monkeypatch, tmp_path):
     assert site_env(opts)["MEDGEN_CLIENT_THREADS"] == str(os.cpu_count())
     monkeypatch.setenv("MEDGEN_CLIENT_THREADS", "3")
     assert site_env(opts)["MEDGEN_CLIENT_THREADS"] == "3"
+
+
+def test_the_heartbeat_interval_is_flowers_unless_told(monkeypatch):
+    """MEDGEN_HEARTBEAT_S sets the SuperNode's and the worker's heartbeats; unset it is Flower's
+    30 s; a value the SuperLink would refuse is named before anything starts."""
+    from medgen._compat.flwr import HEARTBEAT_DEFAULT_INTERVAL, heartbeat_intervals, use_heartbeat
+    from medgen.deployment.link import DeploymentError
+    from medgen.deployment.node import join
+    from medgen.deployment.supernode import heartbeat_s
+
+    monkeypatch.delenv("MEDGEN_HEARTBEAT_S", raising=False)
+    assert heartbeat_s() == HEARTBEAT_DEFAULT_INTERVAL == 30
+    monkeypatch.setenv("MEDGEN_HEARTBEAT_S", "12")
+    assert heartbeat_s() == 12.0
+    before = heartbeat_intervals()
+    assert len(before) >= 3 and set(before.values()) == {30}
+    try:
+        use_heartbeat(12.0)
+        assert set(heartbeat_intervals().values()) == {12.0}
+    finally:
+        use_heartbeat(30)
+    for bad, why in (("5", "must be between 10 and"), ("ten", "not a number")):
+        monkeypatch.setenv("MEDGEN_HEARTBEAT_S", bad)
+        with pytest.raises(DeploymentError, match=f"MEDGEN_HEARTBEAT_S='?{bad}'?: {why}"):
+            join(NodeOptions("A", "localhost:1", Path("/nonexistent"), Path("/nonexistent/state"), None, None))

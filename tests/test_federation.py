@@ -67,9 +67,9 @@ TINY = ["sites.train=[A,B]", "sites.heldout=[C]", "phantom.subjects_per_site=3",
 
 
 @pytest.fixture(scope="module")
-def tiny_cohort(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return resolve_data(load_config(None, TINY + [f"data.cache_dir={cache}"]), log=lambda _: None).data
+def tiny_cohort(shared_cache):
+    """The tiny phantom cohort's data settings (root, and the session's shared cache)."""
+    return resolve_data(load_config(None, TINY + [f"data.cache_dir={shared_cache}"]), log=lambda _: None).data
 
 
 def tiny_cfg(tiny_cohort, *extra):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 
 import flwr
 
@@ -60,6 +61,9 @@ _FROM = {
     "user_config_to_proto": "flwr.common.serde",
     "ErrorCode": "flwr.common.constant",
     "SubStatus": "flwr.common.constant",
+    "HEARTBEAT_DEFAULT_INTERVAL": "flwr.common.constant",
+    "HEARTBEAT_MAX_INTERVAL": "flwr.common.constant",
+    "HEARTBEAT_MIN_INTERVAL": "flwr.common.constant",
     "Node": "flwr.proto.node_pb2",
     "AcquireTaskRequest": "flwr.proto.runtime_pb2",
     "PullAppMessagesRequest": "flwr.proto.runtime_pb2",
@@ -85,7 +89,7 @@ _FROM = {
 }
 
 __all__ = sorted([*_FROM, "MINIMUM", "BELOW", "adaptive_clipping_update", "quick_object_pulls", "set_message_id",
-                  "speed_up_supernode"])
+                  "speed_up_supernode", "use_heartbeat", "heartbeat_intervals"])
 
 
 def __getattr__(name: str):
@@ -125,12 +129,32 @@ def speed_up_supernode(time_module, pull_backoff: dict) -> None:
     internal.pull_objects = functools.partial(internal.pull_objects, **pull_backoff)
 
 
+def use_heartbeat(seconds: float) -> None:
+    """Make ``seconds`` Flower's heartbeat interval in this process: what the SuperNode announces
+    to the SuperLink, the cadence of every HeartbeatSender (the SuperNode's, a worker's task
+    heartbeats), and how long the SuperNode keeps a task whose worker stopped sending them."""
+    for module in _heartbeat_modules():
+        module.HEARTBEAT_DEFAULT_INTERVAL = seconds
+
+
+def _heartbeat_modules() -> list:
+    import flwr.supercore.corestate.in_memory_corestate as task_state
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supernode.fleet_http_connection as fleet
+
+    sql = sys.modules.get("flwr.supercore.corestate.sql_corestate")
+    return [m for m in (heartbeat, fleet, task_state, sql) if m is not None]
+
+
+def heartbeat_intervals() -> dict[str, float]:
+    """The heartbeat interval each Flower module that keeps one uses now (what :func:`use_heartbeat` sets)."""
+    return {m.__name__: m.HEARTBEAT_DEFAULT_INTERVAL for m in _heartbeat_modules()}
+
+
 def quick_object_pulls(grid, pull_backoff: dict) -> None:
     """The deployed Grid pulls a reply's objects (the weights) with retries from 1 s on, doubling;
     a reply can be listed a moment before all its objects have arrived. Retry with ``pull_backoff``
     instead (the ``pull_objects`` global of the grid's module; a Grid without one is left as it is)."""
-    import sys
-
     module = sys.modules.get(type(grid).__module__)
     pull = getattr(module, "pull_objects", None)
     if pull is not None and not isinstance(pull, functools.partial):

@@ -18,6 +18,7 @@ from pathlib import Path
 from medgen.deployment.link import DeploymentError
 from medgen.deployment.procs import Child, flower_bin, flower_env, free_port
 from medgen.deployment.signing import NODE_KEY, NODE_UNSIGNED
+from medgen.deployment.supernode import heartbeat_s
 
 # What a SuperNode's log says when the SuperLink turns its key away, and when it gives up.
 # (Flower 1.41: "[code: 2004] Failed to activate SuperNode." and exit code 305.)
@@ -119,6 +120,10 @@ def _interesting(line: str) -> bool:
 def join(opts: NodeOptions, log=print) -> int:
     """Run the site's SuperNode until it is stopped (Ctrl-C / SIGTERM: stops it cleanly) or the
     server refuses the site; returns an exit code."""
+    try:
+        heartbeat = heartbeat_s()  # the SuperNode's and the worker's (MEDGEN_HEARTBEAT_S)
+    except ValueError as e:
+        raise DeploymentError(str(e)) from None
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     port = opts.port or free_port()
     log_file = opts.state_dir / "supernode.log"
@@ -162,13 +167,13 @@ def join(opts: NodeOptions, log=print) -> int:
             code = node.stop()
         if refused and accepted:
             # Flower answers a node whose predecessor crashed exactly as it answers an unknown key, while
-            # it still counts the old node as online (until 2 missed heartbeats, 60 s): wait that out
+            # it still counts the old node as online (until 2 missed heartbeats, 60 s by default): wait that out
             stale_since = stale_since or time.monotonic()
             if time.monotonic() - stale_since > opts.stale_patience_s:
                 raise DeploymentError(f"the server has refused site {opts.site}'s SuperNode for "
                                       f"{opts.stale_patience_s:g} s since it last served: {refused.strip()}")
             log(f"site {opts.site}: the server still counts this site's previous SuperNode as online (it stopped "
-                f"without signing off; released within 60 s); trying again in 5 s")
+                f"without signing off; released within {2 * heartbeat:g} s); trying again in 5 s")
             time.sleep(5)
             continue
         if not refused and time.monotonic() - started > 30:

@@ -9,6 +9,13 @@ the unchanged SuperNode with those sleeps capped at ``MEDGEN_SUPERNODE_POLL_S`` 
 0.25): one small HTTPS request per poll per site, instead of one every 3 s. Its retries for a
 message's objects that are not at the SuperLink yet start at 0.05 s instead of 1 s (then double,
 up to 0.5 s instead of 10 s).
+
+``MEDGEN_HEARTBEAT_S`` (default: Flower's 30 s; at least 10, the SuperLink's minimum) sets how
+often this SuperNode tells the SuperLink it is alive and how often its ClientApp worker tells the
+SuperNode that a task is still running (``use_heartbeat``, also called by the worker). Both sides
+give up after 2 missed heartbeats: the SuperLink keeps counting a SIGKILLed SuperNode as online
+(and turns its restarted successor away) for up to 2 × that, and a task whose worker died is
+answered with an error after up to 2 × that. The tests set 10 s to wait those out sooner.
 """
 
 from __future__ import annotations
@@ -20,6 +27,25 @@ import types
 
 
 PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 0.5}
+HEARTBEAT_ENV = "MEDGEN_HEARTBEAT_S"
+
+
+def heartbeat_s() -> float:
+    """``$MEDGEN_HEARTBEAT_S``, or Flower's default heartbeat interval when it is unset; ValueError
+    naming the variable when it is not a number the SuperLink accepts."""
+    from medgen._compat.flwr import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
+
+    text = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not text:
+        return float(HEARTBEAT_DEFAULT_INTERVAL)
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"{HEARTBEAT_ENV}={text!r}: not a number of seconds") from None
+    if not HEARTBEAT_MIN_INTERVAL <= seconds <= HEARTBEAT_MAX_INTERVAL:
+        raise ValueError(f"{HEARTBEAT_ENV}={text}: must be between {HEARTBEAT_MIN_INTERVAL} and "
+                         f"{HEARTBEAT_MAX_INTERVAL} s (the SuperLink refuses other heartbeat intervals)")
+    return seconds
 
 
 def capped_time(poll_s: float) -> types.SimpleNamespace:
@@ -30,9 +56,10 @@ def capped_time(poll_s: float) -> types.SimpleNamespace:
 
 
 def main() -> None:
-    from medgen._compat.flwr import flower_supernode, speed_up_supernode
+    from medgen._compat.flwr import flower_supernode, speed_up_supernode, use_heartbeat
 
     speed_up_supernode(capped_time(float(os.environ.get("MEDGEN_SUPERNODE_POLL_S", "0.25"))), PULL_BACKOFF)
+    use_heartbeat(heartbeat_s())
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     parser.add_argument("--poll", type=float, default=0.1, help="seconds between task polls")
     args = parser.parse_args(argv)
+    from medgen._compat.flwr import use_heartbeat
+    from medgen.deployment.supernode import heartbeat_s
+
+    use_heartbeat(heartbeat_s())  # the same task heartbeats as the SuperNode expects (MEDGEN_HEARTBEAT_S)
     try:
         serve(args.runtime_api_address, args.poll, args.parent_pid)
     except KeyboardInterrupt:
