@@ -44,19 +44,20 @@ class EvaluationPlan:
 
     @classmethod
     def from_config(cls, config) -> EvaluationPlan:
-        """The plan in an evaluate message's config; malformed entries are ignored (the defaults:
+        """The plan in an evaluate message's config (a ConfigRecord or a dict); malformed entries are
+        ignored (the defaults:
         every class, no threshold from elsewhere)."""
-        raw = config.get(CLASSES_KEY) if hasattr(config, "get") else None
+        raw = config.get(CLASSES_KEY)
         classes = (HEALTHY, LESION)
         if isinstance(raw, (list, tuple)) and raw and all(isinstance(c, int) and c in (HEALTHY, LESION) for c in raw):
             classes = tuple(sorted(set(raw)))
         thresholds = {}
-        for key in (config.keys() if hasattr(config, "keys") else ()):
-            value = config[key]
-            if (isinstance(key, str) and key.startswith(THRESHOLD_PREFIX) and _SUFFIX.match(key[len(THRESHOLD_PREFIX):])
-                    and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
-                thresholds[key[len(THRESHOLD_PREFIX):]] = float(value)
-        calibrate = config.get(CALIBRATE_KEY) if hasattr(config, "get") else 0
+        for key, value in config.items():
+            suffix = key[len(THRESHOLD_PREFIX):] if isinstance(key, str) and key.startswith(THRESHOLD_PREFIX) else None
+            if (suffix is not None and _SUFFIX.match(suffix) and isinstance(value, (int, float))
+                    and not isinstance(value, bool) and math.isfinite(value)):
+                thresholds[suffix] = float(value)
+        calibrate = config.get(CALIBRATE_KEY)
         return cls(classes, thresholds, calibrate in (1, True))
 
 
