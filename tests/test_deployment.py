@@ -495,7 +495,9 @@ def test_loopback_deployment(deployment):
     # B comes back; the coordinator continues with --resume, until its server is SIGKILLed after round 2
     d.site("B")
     d.server("--resume", run_dir, name="server-2")
-    _wait_until((run_dir / "checkpoints" / "round-0002.pt").is_file, d, 240, "round-0002.pt", server="server-2")
+    # medgen-server prints what the ServerApp writes to server.log about once a second: wait for both
+    _wait_until(lambda: (run_dir / "checkpoints" / "round-0002.pt").is_file()
+                and "round 2/3 site B: train" in d.output("server-2"), d, 240, "round-0002.pt", server="server-2")
 
     def kill(name: str) -> list[int]:
         below = [p for p in descendants(d.procs[name].pid) if "medgen.watchdog" not in _cmdline(p)]
