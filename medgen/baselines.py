@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medgen import logs
 from medgen.client.task import check_device, evaluate_local, local_steps, site_data, site_seed, train_local
 from medgen.config import Config
 from medgen.data.dataset import concat_slices
@@ -28,7 +29,7 @@ from medgen.server.rundir import RunDir
 from medgen.simulation import resolve_data
 
 
-def train_baseline(cfg: Config, site: str | None = None, out: str | Path | None = None, log=print) -> RunDir:
+def train_baseline(cfg: Config, site: str | None = None, out: str | Path | None = None, log=logs.info) -> RunDir:
     """Train on ``site`` alone, or on all training sites pooled when ``site`` is None."""
     if site is not None and site not in cfg.sites.all:
         raise FederationError(f"--site {site}: not one of the configured sites {cfg.sites.all}")
@@ -38,6 +39,7 @@ def train_baseline(cfg: Config, site: str | None = None, out: str | Path | None 
         raise FederationError(f"{run.path} already holds a run; choose another --out")
     check_device(cfg)
     run.create(cfg)
+    logs.to_run_log(run.path)
     cfg = resolve_data(cfg, log)
     root = Path(cfg.data.root)
     data = {s: site_data(cfg, s, root / s, heldout=s in cfg.sites.heldout) for s in cfg.sites.all}

@@ -18,6 +18,7 @@ import threading
 import warnings
 from pathlib import Path
 
+from medgen import logs
 from medgen._compat.ray import ray_loopback
 from medgen.config import Config
 from medgen.data.dataset import cache_root
@@ -30,7 +31,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-def resolve_data(cfg: Config, log=print) -> Config:
+def resolve_data(cfg: Config, log=logs.info) -> Config:
     """With ``data.root`` null, make the phantom cohort for these sites (once; cached by its
     parameters) and point ``data.root`` at it. Paths become absolute: sites may run elsewhere."""
     cache = cache_root(cfg.data).resolve()
@@ -51,7 +52,7 @@ def resolve_data(cfg: Config, log=print) -> Config:
 
 
 def release_hung_sites(loop_done: threading.Event, engine_done: threading.Event, grace_s: float,
-                       log=print) -> None:
+                       log=logs.info) -> None:
     """Once the federated loop has returned, give the simulation engine ``grace_s``
     (``simulation.hung_grace_s``) to shut down; if it has not, a site's ClientApp actor does not
     answer (stopped, or stuck in a call) and Ray waits for it forever: kill the run's ClientApp
@@ -87,7 +88,7 @@ def resolve_client_cpus(cfg: Config) -> Config:
 
 
 def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: str | Path | None = None,
-             overrides: list[str] | tuple[str, ...] = (), log=print) -> RunDir:
+             overrides: list[str] | tuple[str, ...] = (), log=logs.info) -> RunDir:
     """Run (or, with ``resume``, continue) a simulated federation; returns its run directory.
 
     With ``resume`` the config is the run's own ``config.yaml`` plus ``overrides`` (e.g. more
@@ -99,6 +100,17 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
 
         check_device(cfg)
     run.create(cfg)
+    logs.to_run_log(run.path)
+    _simulate(cfg, run, log)
+    status = run.status()
+    if status.get("status") != "completed":
+        raise FederationError(f"simulation did not complete: {status.get('error', status.get('status'))} "
+                              f"(run directory {run.path})")
+    return run
+
+
+def _simulate(cfg: Config, run: RunDir, log) -> None:
+    """Flower's simulation engine on ``run``, until the ServerApp's loop and the engine are done."""
     data_cfg = resolve_client_cpus(resolve_data(cfg, log))
 
     from flwr.simulation import run_simulation
@@ -108,10 +120,11 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
 
     # run_simulation is deprecated in favour of `flwr run` (a SuperLink plus an app bundle); it is
     # still Flower's in-process simulation engine, and it needs neither.
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    logs.configure(logs.verbosity())  # Flower prints its errors only, unless -v
     backend = {"client_resources": {"num_cpus": data_cfg.simulation.client_cpus,
                                     "num_gpus": cfg.simulation.client_gpus},
-               "init_args": {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING}}
+               "init_args": {"include_dashboard": False, "log_to_driver": True,
+                             "logging_level": logging.INFO if logs.verbosity() > 0 else logging.WARNING}}
     if cfg.simulation.ray_address:
         backend["init_args"]["address"] = cfg.simulation.ray_address
     else:
@@ -124,15 +137,7 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            run_simulation(make_server_app(data_cfg, run, on_done=loop_done.set), client_app,
+            run_simulation(make_server_app(data_cfg, run, on_done=loop_done.set, log=log), client_app,
                            num_supernodes=len(cfg.sites.all), backend_config=backend)
     finally:
         engine_done.set()
-    status = run.status()
-    if status.get("status") != "completed":
-        raise FederationError(f"simulation did not complete: {status.get('error', status.get('status'))} "
-                              f"(run directory {run.path})")
-    return run
-
-
-

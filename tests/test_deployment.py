@@ -529,6 +529,9 @@ def test_loopback_deployment(deployment):
     heldout = [r for r in records if r["phase"] == "evaluate" and r["site"] == "C"]
     assert heldout[-1]["round"] == 3 and "pixel-auroc" in heldout[-1]
     assert (run.samples / "round-0003.png").is_file()
+    # medgen-server's console lines, the three servers' one after the other, with times
+    run_log = (run_dir / "run.log").read_text()
+    assert run_log.index("round 1/3 site A: train") < run_log.index("resuming after round 2")
     # each site's own files stay in its state directory
     assert (d.tmp / "state-A" / "supernode.log").is_file() and (d.tmp / "state-A" / "flwr-home").is_dir()
 

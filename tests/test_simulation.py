@@ -2,6 +2,7 @@
 and the `medgen train` baselines, on a tiny phantom cohort."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,10 +80,14 @@ def test_simulate_on_ray_then_resume_also_after_sigkill(tmp_path, cache):
     assert "resuming after round 2" in text and "round 3/4 site A: train" in text and "round 1/" not in text, text
     assert json.loads((run_dir / "status.json").read_text())["status"] != "completed"
 
-    # the second resume (the run's own config: 4 rounds) finishes the study
-    out = medgen("simulate", "--resume", run_dir, cache=cache)
+    # the second resume (the run's own config: 4 rounds), --quiet, finishes the study; run.log has
+    # every run's lines, with times
+    out = medgen("simulate", "--resume", run_dir, "--quiet", cache=cache)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "resuming after round 3" in out.stdout and "round 4/4 site A: train" in out.stdout
+    assert "round 4/4" not in out.stdout and f"run directory: {run_dir}" in out.stdout
+    run_log = (run_dir / "run.log").read_text()
+    assert "round 2/2 site A: train" in run_log and "resuming after round 3" in run_log
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO medgen: round 4/4 site A: train", run_log, re.M)
     trained = [r["round"] for r in run.records() if r["phase"] == "train" and r["site"] == "A"]
     assert trained == [1, 2, 3, 4]
     assert load_checkpoint(run.last_checkpoint())["round"] == 4

@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from medgen.cli.main import _config_args, add_version, run_command
+from medgen.cli.main import _config_args, add_verbosity, add_version, run_command
 from medgen.config import ConfigError, load_config
 from medgen.watchdog import guard
 
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--dry-run", action="store_true", help="check the data and print what would be shared; do not join")
     j.add_argument("--insecure", action="store_true", help="no TLS, no authentication (server started with --insecure)")
     _config_args(j)
+    add_verbosity(j)
     j.set_defaults(func=cmd_join)
     s = commands.add_parser("sent", help="what this site has sent: a summary of its sent-message log")
     s.add_argument("--site", required=True)

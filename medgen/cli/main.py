@@ -23,6 +23,15 @@ def add_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """-v / -q for a long-running command (medgen/logs.py); the result line is printed either way."""
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=0,
+                      help="also Flower's and Ray's own messages")
+    loud.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                      help="warnings and errors only (the run's run.log still has every line)")
+
+
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config file (see examples/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -174,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, help="run directory (default: runs/<time>-<family>-<strategy>)")
     sim.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run after its last completed round")
     _config_args(sim)
+    add_verbosity(sim)
     sim.set_defaults(func=cmd_simulate)
 
     train = commands.add_parser("train", help="baselines: one site alone, or all training sites pooled")
@@ -182,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--centralized", action="store_true", help="train on all training sites pooled")
     train.add_argument("--out", type=Path, help="run directory (default: runs/baseline-<site>-<family>)")
     _config_args(train)
+    add_verbosity(train)
     train.set_defaults(func=cmd_train)
 
     ev = commands.add_parser("evaluate", help="evaluate any checkpoint on any site folder, with a report")
@@ -190,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--site", help="name to report the folder under (default: the folder's name)")
     ev.add_argument("--out", type=Path, help="output run directory (default runs/evaluate-<site>-<checkpoint>)")
     _config_args(ev)
+    add_verbosity(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     report = commands.add_parser("report", help="(re)build a run's HTML report, or compare runs")
@@ -238,7 +250,10 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, errors:
                 interrupted: str | None = None) -> int:
     """Parse ``argv`` and run its command. A config, data or federation error (or one of ``errors``)
     prints ``error: ...`` and exits 2; with ``interrupted``, Ctrl-C prints it and exits 130."""
+    from medgen import logs
+
     args = parser.parse_args(argv)
+    logs.configure(getattr(args, "verbosity", 0))
     try:
         return args.func(args)
     except (ConfigError, DataError, SiteDataError, FederationError, *errors) as e:

@@ -8,7 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
-from medgen.cli.main import _config_args, add_version, run_command
+from medgen import logs
+from medgen.cli.main import _config_args, add_verbosity, add_version, run_command
 from medgen.config import ConfigError, load_config
 from medgen.watchdog import guard
 
@@ -44,6 +45,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         tls = tls_from_certs(args.certs, args.ca, args.cert, args.key)
     signing_key = study_key(args)
     cfg, run = prepare_run(cfg, args.out, args.resume, args.overrides)
+    logs.to_run_log(run.path)
     if not args.insecure:
         keys = find_site_keys(cfg, args.site_keys or (args.certs / "sites" if args.certs else None))
     opts = ServerOptions(host=args.address, port=args.port, tls=tls, site_keys=keys or {},
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no TLS and no site authentication: for a closed test network only")
     start.add_argument("--health-timeout", type=float, default=60.0, help="seconds to wait for the SuperLink")
     _config_args(start)
+    add_verbosity(start)
     start.set_defaults(func=cmd_start)
     health = commands.add_parser("health", help="check that a coordinator answers on its port (GET /health)")
     health.add_argument("--address", default="localhost:9092", help="host:port (default localhost:9092)")

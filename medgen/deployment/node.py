@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medgen import logs
 from medgen.deployment.link import DeploymentError
 from medgen.deployment.procs import Child, flower_bin, flower_env, free_port
 from medgen.deployment.signing import NODE_KEY, NODE_UNSIGNED
@@ -117,7 +118,7 @@ def _interesting(line: str) -> bool:
     return any(k in line for k in ("REFUSED", "site ", "ERROR", "WARNING", "Traceback", "Error:"))
 
 
-def join(opts: NodeOptions, log=print) -> int:
+def join(opts: NodeOptions, log=logs.info) -> int:
     """Run the site's SuperNode until it is stopped (Ctrl-C / SIGTERM: stops it cleanly) or the
     server refuses the site; returns an exit code."""
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from medgen import logs
 from medgen.config import Config, dump_config, load_config_text
 from medgen.deployment.certs import CertError, check_cert, load_public_key, site_public_keys
 from medgen.deployment.fab import build_fab
@@ -111,7 +112,7 @@ class Follower:
             self.log(line)
 
 
-def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=print) -> RunDir:
+def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=logs.info) -> RunDir:
     """Run the federation on a SuperLink until it finishes; stop every child process before
     returning or raising (KeyboardInterrupt / SystemExit included)."""
     if opts.tls is not None and set(opts.site_keys) != set(cfg.sites.all):

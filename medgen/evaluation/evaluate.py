@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medgen import logs
 from medgen.client.task import check_device, evaluate_local
 from medgen.config import INFERENCE_KEYS, Config, ConfigError, load_config_text, with_overrides
 from medgen.data.dataset import load_site
@@ -31,7 +32,7 @@ def run_plan(run_dir: Path, cfg: Config, round_: int) -> EvaluationPlan:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str | Path | None = None,
-                        site: str | None = None, overrides: list[str] | tuple[str, ...] = (), log=print) -> RunDir:
+                        site: str | None = None, overrides: list[str] | tuple[str, ...] = (), log=logs.info) -> RunDir:
     """Score the model in ``checkpoint`` on every slice of the site folder ``data_dir``.
 
     When ``site`` is one of the run's training sites, the memorisation audit compares generated
@@ -55,6 +56,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str |
     site = site or data_dir.resolve().name
     run = RunDir(out or Path("runs") / f"evaluate-{site}-{Path(checkpoint).stem}")
     run.create(cfg)
+    logs.to_run_log(run.path)
     data = load_site(data_dir, cfg.data, site)
     write_site_picture(data, run.path / "sites" / site, site)
     log(f"evaluating {checkpoint} (round {ckpt['round']}, {cfg.model.family}) on {data_dir}: {len(data)} slices")

@@ -5,19 +5,21 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from medgen import logs
 from medgen.config import Config
 from medgen.server.federation import run_federation
 from medgen.server.rundir import RunDir
 
 
-def make_server_app(cfg: Config, run: RunDir, on_done=None) -> ServerApp:
-    """The simulation's ServerApp; ``on_done()`` is called when its loop has returned, however."""
+def make_server_app(cfg: Config, run: RunDir, on_done=None, log=logs.info) -> ServerApp:
+    """The simulation's ServerApp, logging with ``log``; ``on_done()`` is called when its loop has
+    returned, however."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_federation(grid, cfg, run)
+            run_federation(grid, cfg, run, log)
         finally:
             if on_done is not None:
                 on_done()
