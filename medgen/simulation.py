@@ -101,16 +101,6 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
         check_device(cfg)
     run.create(cfg)
     logs.to_run_log(run.path)
-    _simulate(cfg, run, log)
-    status = run.status()
-    if status.get("status") != "completed":
-        raise FederationError(f"simulation did not complete: {status.get('error', status.get('status'))} "
-                              f"(run directory {run.path})")
-    return run
-
-
-def _simulate(cfg: Config, run: RunDir, log) -> None:
-    """Flower's simulation engine on ``run``, until the ServerApp's loop and the engine are done."""
     data_cfg = resolve_client_cpus(resolve_data(cfg, log))
 
     from flwr.simulation import run_simulation
@@ -120,7 +110,7 @@ def _simulate(cfg: Config, run: RunDir, log) -> None:
 
     # run_simulation is deprecated in favour of `flwr run` (a SuperLink plus an app bundle); it is
     # still Flower's in-process simulation engine, and it needs neither.
-    logs.configure(logs.verbosity())  # Flower prints its errors only, unless -v
+    logs.configure(logs.verbosity())  # importing flwr set its logger to DEBUG: errors only, unless -v
     backend = {"client_resources": {"num_cpus": data_cfg.simulation.client_cpus,
                                     "num_gpus": cfg.simulation.client_gpus},
                "init_args": {"include_dashboard": False, "log_to_driver": True,
@@ -141,3 +131,8 @@ def _simulate(cfg: Config, run: RunDir, log) -> None:
                            num_supernodes=len(cfg.sites.all), backend_config=backend)
     finally:
         engine_done.set()
+    status = run.status()
+    if status.get("status") != "completed":
+        raise FederationError(f"simulation did not complete: {status.get('error', status.get('status'))} "
+                              f"(run directory {run.path})")
+    return run

@@ -45,8 +45,7 @@ class EvaluationPlan:
     @classmethod
     def from_config(cls, config) -> EvaluationPlan:
         """The plan in an evaluate message's config (a ConfigRecord or a dict); malformed entries are
-        ignored (the defaults:
-        every class, no threshold from elsewhere)."""
+        ignored (the defaults: every class, no threshold from elsewhere)."""
         raw = config.get(CLASSES_KEY)
         classes = (HEALTHY, LESION)
         if isinstance(raw, (list, tuple)) and raw and all(isinstance(c, int) and c in (HEALTHY, LESION) for c in raw):
