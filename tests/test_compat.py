@@ -28,7 +28,7 @@ PUBLIC = {
 # Private attributes and module globals of Flower / Opacus that medgen touches (or touched): only the compat
 # modules may name them.
 PRIVATE_NAMES = {"_current_grad_sample", "max_batch_len", "_close", "_noisy_fraction", "_geometric_update",
-                 "_message_id", "pull_objects"}
+                 "_message_id", "pull_objects", "_on_task_tokens_expired"}
 
 
 def _library(module: str) -> str | None:
@@ -168,3 +168,60 @@ def test_the_compat_names_resolve():
         assert getattr(compat, name) is not None, name
     with pytest.raises(AttributeError):
         compat.not_a_flower_name
+
+
+def _train_message(run_id: int, message_id: str):
+    import time
+
+    from flwr.app import Message, RecordDict
+    from flwr.app.metadata import Metadata
+
+    meta = Metadata(run_id=run_id, message_id=message_id, src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                    group_id="1", created_at=time.time(), ttl=60, message_type="train")
+    return Message(metadata=meta, content=RecordDict())
+
+
+def test_a_message_whose_task_died_before_reading_it_is_answered():
+    """A site's worker SIGKILLed between starting its task and reading the message (CI caught this
+    under load): Flower's SuperNode state left the message with no task and no reply, and the
+    SuperNode, which waits for a reply before it pulls the next message, never served the study again.
+    With answer_orphaned_messages() the expired task's message gets Flower's "ClientApp crashed"
+    reply; a message that a pending task will still read is left alone."""
+    import time
+
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from medgen._compat.flwr import answer_orphaned_messages, heartbeat_intervals, use_heartbeat
+
+    def died_before_reading(state, run_id: int, message_id: str) -> None:
+        task = state.create_task(task_type=TaskType.CLIENT_APP, run_id=run_id, fab_hash="fab")
+        state.store_message(_train_message(run_id, message_id))
+        assert state.claim_task(task) and state.activate_task(task)
+
+    before = heartbeat_intervals()
+    original = InMemoryNodeState._on_task_tokens_expired
+    try:
+        use_heartbeat(0.05)  # the task's token expires after 2 missed heartbeats
+        flowers = InMemoryNodeState(ObjectStoreFactory().store())
+        died_before_reading(flowers, 7, "m1")
+        time.sleep(0.3)
+        assert flowers.get_messages_legacy(is_reply=True) == []  # what Flower does: the SuperNode waits for ever
+
+        answer_orphaned_messages()
+        answer_orphaned_messages()  # twice is once
+        ours = InMemoryNodeState(ObjectStoreFactory().store())
+        died_before_reading(ours, 7, "m1")
+        died_before_reading(ours, 8, "m2")
+        waiting = ours.create_task(task_type=TaskType.CLIENT_APP, run_id=8, fab_hash="fab")  # run 8 has a live task
+        time.sleep(0.3)
+        replies = ours.get_messages_legacy(is_reply=True)
+        assert [(r.metadata.reply_to_message_id, r.has_error()) for r in replies] == [("m1", True)]
+        assert "stopped responding" in replies[0].error.reason
+        assert ours.get_messages_legacy(run_ids=[8], is_reply=False)[0].metadata.message_id == "m2"
+        assert ours.claim_task(waiting)
+    finally:
+        InMemoryNodeState._on_task_tokens_expired = original
+        for seconds in set(before.values()):
+            use_heartbeat(seconds)

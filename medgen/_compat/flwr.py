@@ -18,6 +18,8 @@ SuperNode keep their start-up time. What they are for:
   heartbeat, task identity), and :func:`set_message_id`;
 - the SuperLink's Control API client (``medgen/deployment/link.py``), the app bundle builder
   (``medgen/deployment/fab.py``);
+- the SuperNode's task state: :func:`answer_orphaned_messages` wraps ``InMemoryNodeState``'s
+  handling of expired tasks;
 - shorter polls: :func:`speed_up_supernode` (``medgen/deployment/supernode.py``) and
   :func:`quick_object_pulls` (``medgen/deployment/grid.py``) replace module globals of Flower's.
 """
@@ -89,7 +91,7 @@ _FROM = {
 }
 
 __all__ = sorted([*_FROM, "MINIMUM", "BELOW", "adaptive_clipping_update", "quick_object_pulls", "set_message_id",
-                  "speed_up_supernode", "use_heartbeat", "heartbeat_intervals"])
+                  "speed_up_supernode", "use_heartbeat", "heartbeat_intervals", "answer_orphaned_messages"])
 
 
 def __getattr__(name: str):
@@ -127,6 +129,37 @@ def speed_up_supernode(time_module, pull_backoff: dict) -> None:
 
     internal.time = time_module
     internal.pull_objects = functools.partial(internal.pull_objects, **pull_backoff)
+
+
+def answer_orphaned_messages() -> None:
+    """Before ``flower_supernode()`` runs: a message whose ClientApp task died after the task started
+    but before it read the message gets the same "ClientApp crashed" reply as a message the task
+    had read. Flower 1.41 answers only read messages when a running task stops sending heartbeats;
+    an unread one then has no task and no reply, and the SuperNode, which waits for a reply before
+    it pulls the next message, never serves the study again (a site's worker killed at that moment).
+    Only a run with no other unfinished task has such an orphan: a pending task will read it."""
+    from flwr.common.constant import Status
+    from flwr.supercore.constant import TaskType
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    flowers = InMemoryNodeState._on_task_tokens_expired
+    if getattr(flowers, "answers_orphans", False):
+        return
+
+    def on_task_tokens_expired(self, tasks) -> None:
+        # called by Flower with lock_task_store held, so task_store is read as it stands
+        runs = {task.run_id for task in tasks if task.type == TaskType.CLIENT_APP}
+        runs -= {task.run_id for task in self.task_store.values() if task.status.status != Status.FINISHED}
+        with self.lock_msg_store:
+            for entry in self.msg_store.values():
+                meta = entry.message.metadata
+                if meta.run_id in runs and not meta.reply_to_message_id and not entry.is_retrieved:
+                    entry.is_retrieved = True
+                    self.record_message_processing_start(meta.message_id)
+        flowers(self, tasks)
+
+    on_task_tokens_expired.answers_orphans = True
+    InMemoryNodeState._on_task_tokens_expired = on_task_tokens_expired
 
 
 def use_heartbeat(seconds: float) -> None:

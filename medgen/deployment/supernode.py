@@ -1,5 +1,5 @@
 """`python -m medgen.deployment.supernode [flower-supernode flags]`: Flower's own SuperNode with a
-shorter idle poll.
+shorter idle poll, and an answer for a message whose ClientApp worker died before reading it.
 
 Flower 1.41's SuperNode asks the SuperLink for a new message every 3 s when it has none, and
 checks every 0.5 s whether the ClientApp's reply is ready (``time.sleep(3)`` / ``time.sleep(0.5)``
@@ -15,7 +15,9 @@ often this SuperNode tells the SuperLink it is alive and how often its ClientApp
 SuperNode that a task is still running (``use_heartbeat``, also called by the worker). Both sides
 give up after 2 missed heartbeats: the SuperLink keeps counting a SIGKILLed SuperNode as online
 (and turns its restarted successor away) for up to 2 × that, and a task whose worker died is
-answered with an error after up to 2 × that. The tests set 10 s to wait those out sooner.
+answered with an error after up to 2 × that — also when it died before reading its message
+(``answer_orphaned_messages``; Flower leaves that one unanswered and the SuperNode stuck). The tests
+set 10 s to wait those out sooner.
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def capped_time(poll_s: float) -> types.SimpleNamespace:
 
 
 def main() -> None:
-    from medgen._compat.flwr import flower_supernode, speed_up_supernode, use_heartbeat
+    from medgen._compat.flwr import answer_orphaned_messages, flower_supernode, speed_up_supernode, use_heartbeat
 
+    answer_orphaned_messages()
     speed_up_supernode(capped_time(float(os.environ.get("MEDGEN_SUPERNODE_POLL_S", "0.25"))), PULL_BACKOFF)
     use_heartbeat(heartbeat_s())
     sys.argv[0] = "flower-supernode"
