@@ -2,9 +2,9 @@
 
 Flower's simulation engine runs the ServerApp in this process and each site's ClientApp in a Ray
 actor (``simulation.client_cpus`` CPUs each), or on an existing Ray cluster
-(``simulation.ray_address``). Ray starts once per run, not per round. The local Ray listens on
-127.0.0.1 only (``ray_loopback``): by default its GCS, raylet and workers listen on every
-interface.
+(``simulation.ray_address``). Ray starts once per run, not per round. The local Ray is the run's
+own (never a cluster someone started here with ``ray start``) and listens on 127.0.0.1 only
+(``medgen/_compat/ray.py``): by default its GCS, raylet and workers listen on every interface.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import warnings
 from pathlib import Path
 
 from medgen import logs
-from medgen._compat.ray import ray_loopback
-from medgen.config import Config
+from medgen._compat.ray import ray_init_args
+from medgen.config import Config, ConfigError
 from medgen.data.dataset import cache_root
 from medgen.server.errors import FederationError
 from medgen.server.rundir import RunDir, open_run
@@ -95,6 +95,10 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
     rounds). Raises FederationError when the run fails; finished rounds stay in the run directory.
     """
     cfg, run = open_run(cfg, out, resume, overrides)
+    try:
+        ray_args = ray_init_args(cfg.simulation.ray_address)
+    except ValueError as e:
+        raise ConfigError(f"simulation.ray_address={cfg.simulation.ray_address}: {e}") from None
     if cfg.simulation.ray_address is None:  # the sites train on this machine
         from medgen.client.task import check_device
 
@@ -113,12 +117,8 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
     logs.configure(logs.verbosity())  # importing flwr set its logger to DEBUG: errors only, unless -v
     backend = {"client_resources": {"num_cpus": data_cfg.simulation.client_cpus,
                                     "num_gpus": cfg.simulation.client_gpus},
-               "init_args": {"include_dashboard": False, "log_to_driver": True,
+               "init_args": {"include_dashboard": False, "log_to_driver": True, **ray_args,
                              "logging_level": logging.INFO if logs.verbosity() > 0 else logging.WARNING}}
-    if cfg.simulation.ray_address:
-        backend["init_args"]["address"] = cfg.simulation.ray_address
-    else:
-        backend["init_args"].update(ray_loopback())
     log(f"run directory: {run.path}")
     loop_done, engine_done = threading.Event(), threading.Event()
     if not cfg.simulation.ray_address:

@@ -189,6 +189,73 @@ def test_the_local_ray_listens_on_loopback_only():
         assert ip.is_loopback, f"Ray listens on {address}:{port}"
 
 
+def test_simulate_on_a_ray_cluster_through_ray_address(tmp_path, cache):
+    """`ray start --head` on loopback (a cluster with its own temp folder), then a 1-round tiny study
+    with simulation.ray_address=127.0.0.1:PORT: it completes, and it ran on that cluster (the
+    study's Ray driver log is in the head's session folder), not on a Ray of its own. Before the
+    fix Ray resolved 127.0.0.1 to the machine's outward address and waited for ever. An address
+    where nothing listens is refused at once, naming the key, before the run directory is made."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import tempfile
+    import time
+
+    from medgen.deployment.procs import descendants, free_port
+
+    refused = medgen("simulate", "--out", tmp_path / "refused", "--set", "simulation.ray_address=127.0.0.1:1",
+                     cache=cache)
+    assert refused.returncode != 0 and "simulation.ray_address=127.0.0.1:1: nothing answers" in refused.stderr, \
+        refused.stderr[-2000:]
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()
+
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, head.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the Ray head did not listen"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        run_dir = tmp_path / "run"
+        sets = [x for kv in TINY + [f"data.cache_dir={cache}", "federation.rounds=1",
+                                    f"simulation.ray_address=127.0.0.1:{port}"] for x in ("--set", kv)]
+        study = subprocess.Popen([MEDGEN, "simulate", "--out", str(run_dir), *sets], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = study.communicate(timeout=400)
+        finally:
+            study.kill()
+        assert study.returncode == 0, out[-3000:]
+        assert RunDir(run_dir).status()["status"] == "completed"
+        drivers = list(Path(temp).glob(f"session_*/logs/python-core-driver-*_{study.pid}.log"))
+        assert drivers, sorted(p.name for p in Path(temp).glob("session_*/logs/*"))[:40]
+    finally:
+        ray_processes = descendants(head.pid)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in ray_processes:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_a_hung_site_is_abandoned_and_simulate_exits(tmp_path, cache):
     """A site's Ray actor stops answering (SIGSTOP) after round 1: its messages time out, the run
     completes with the other site, and `medgen simulate` exits instead of waiting for it forever
