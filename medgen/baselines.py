@@ -21,6 +21,7 @@ from medgen.data.dataset import concat_slices
 from medgen.models import build_model
 from medgen.privacy.dp import plan
 from medgen.privacy.ledger import PrivacyLedger
+from medgen.progress import track
 from medgen.server.central_evaluation import SERVER_SITE, evaluate_server_data
 from medgen.server.errors import FederationError
 from medgen.evaluation.site import evaluate_site
@@ -53,7 +54,7 @@ def train_baseline(cfg: Config, site: str | None = None, out: str | Path | None 
     log(f"run directory: {run.path}\ntraining on {', '.join(trained)}: {len(pool)} slices, {steps} steps per round")
     dp = plan(cfg, pool, steps) if cfg.privacy.enabled else None
     ledger = PrivacyLedger(run.path / "sites" / name, name) if dp else None
-    for round_ in range(1, cfg.federation.rounds + 1):
+    for round_ in track(range(1, cfg.federation.rounds + 1), f"{name}: rounds", unit="rounds"):
         metrics = train_local(model, pool, cfg, site_seed(cfg, name, round_), steps=steps, dp=dp)
         if dp:
             metrics.update(ledger.spend(dp, round_))

@@ -17,6 +17,7 @@ from medgen.config import Config, ConfigError, DataConfig
 from medgen.data.dataset import SiteSlices, load_site
 from medgen.models import GenerativeModel
 from medgen.privacy.dp import DPPlan, noise_only_step, poisson_batches, private
+from medgen.progress import track
 
 
 @lru_cache(maxsize=8)
@@ -103,7 +104,7 @@ def train_local(model: GenerativeModel, data: SiteSlices, cfg: Config, seed: int
     totals: dict[str, float] = {}
     taken = 0
     with private(model, optimizers, dp, seed) if dp else nullcontext(optimizers) as optimizers:
-        for step, idx in enumerate(batches):
+        for step, idx in enumerate(track(batches, "local training", total=steps, unit="steps")):
             if len(idx) == 0:  # an empty Poisson batch: the private networks release noise alone
                 for name in model.private_networks:
                     noise_only_step(optimizers[name])

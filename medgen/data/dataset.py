@@ -28,6 +28,7 @@ from medgen.data.plausibility import (brain_off_head_problem, grid_mismatch_warn
 from medgen.data.preprocess import SubjectSlices, preprocess_subject
 from medgen.data.sites import Scan, discover_site
 from medgen.fileio import atomic_write
+from medgen.progress import track
 
 HEALTHY, LESION = 0, 1
 # Bump when preprocessing changes in a way the config does not show, to invalidate old caches.
@@ -142,7 +143,7 @@ def load_site(folder: str | Path, cfg: DataConfig, site: str | None = None) -> S
     notes: list[str] = list(listing.notes)
     cache = cache_root(cfg) / f"{site}-{hashlib.sha256(str(folder).encode()).hexdigest()[:10]}"
     parts: list[tuple[Scan, SubjectSlices]] = []
-    for scan in listing.scans:
+    for scan in track(listing.scans, f"site {site}: preprocessing", unit="scans"):
         try:
             warnings += check_headers(scan, cfg)
             slices = _cached_scan(scan, cfg, cache)

@@ -27,6 +27,7 @@ from medgen.evaluation.plan import (OUTLIER_LEVEL, OUTLIER_THRESHOLD, OUTSIDE_LE
                                    THRESHOLD_PREFIX, TRAINING_SITES, EvaluationPlan)
 from medgen.evaluation.samples import CLASS_NAMES
 from medgen.models import GenerativeModel
+from medgen.progress import track
 
 
 def _suffix(setting: dict) -> str:
@@ -37,7 +38,7 @@ def generated(model: GenerativeModel, label: int, n: int, seed: int) -> np.ndarr
     """(n, S, S) samples of one class from a fixed seed, in batches."""
     generator = torch.Generator().manual_seed(seed + label)
     out = []
-    for at in range(0, n, 64):
+    for at in track(range(0, n, 64), f"sampling {n} images", unit="batches"):
         labels = torch.full((min(64, n - at),), label, dtype=torch.long)
         out.append(model.sample(labels, generator=generator).cpu().numpy()[:, 0])
     return np.concatenate(out)
@@ -96,7 +97,7 @@ def _maps(model: GenerativeModel, data: SiteSlices, index: np.ndarray, setting: 
     """The model's anomaly maps of slices ``index``, post-processed (``evaluation.median_filter_px``,
     ``evaluation.erode_brain_px``): (len(index), S, S) float32 >= 0."""
     out = []
-    for at in range(0, len(index), 32):
+    for at in track(range(0, len(index), 32), f"anomaly maps of {len(index)} slices", unit="batches"):
         idx = index[at: at + 32]
         images = torch.from_numpy(data.images[idx]).unsqueeze(1)
         brain = torch.from_numpy(data.brain[idx]).unsqueeze(1)

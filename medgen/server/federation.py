@@ -22,6 +22,7 @@ from medgen.evaluation.plan import EvaluationPlan, pooled_thresholds
 from medgen.evaluation.samples import CLASS_NAMES, generate, save_grid
 from medgen.models import build_model
 from medgen.privacy.central import CentralDP
+from medgen.progress import track
 from medgen.server.central_evaluation import SERVER_SITE, evaluate_server_data, server_data
 from medgen.server.errors import FederationError
 from medgen.server.guards import shift_warnings, trained_classes, untrained_note
@@ -173,7 +174,8 @@ class Federation:
         if len(ready) < min_sites and start <= cfg.federation.rounds:
             raise FederationError(f"only {len(ready)} of {len(cfg.sites.train)} training sites are usable "
                                   f"(federation.min_sites={min_sites}); see the site errors above")
-        for round_ in range(start, cfg.federation.rounds + 1):
+        rounds = range(start, cfg.federation.rounds + 1)
+        for round_ in track(rounds, f"study: {len(rounds)} rounds", unit="rounds"):
             t0 = time.perf_counter()
             if round_ > start and not set(cfg.sites.all) <= self.nodes.keys():
                 self.discover_sites(wait=False)  # a site that failed or joined late gets another chance
