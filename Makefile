@@ -9,7 +9,7 @@ OUT ?= runs/demo
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,tracking]'
 	touch $@
 
 setup: $(BIN)/.installed

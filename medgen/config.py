@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -385,6 +386,34 @@ class PrivacyConfig(_Section):
         return self.max_epsilon.get(site) if isinstance(self.max_epsilon, dict) else self.max_epsilon
 
 
+class TrackingConfig(_Section):
+    """Copies of the metrics, sample grids and final metrics for TensorBoard / MLflow, written by the
+    server (medgen/server/tracking.py; needs ``pip install 'medgen[tracking]'``). metrics.jsonl stays
+    the record."""
+
+    tensorboard: bool = Field(False, description="TensorBoard event files in <run>/tensorboard")
+    mlflow: str | None = Field(
+        None, description="an MLflow tracking server (http(s)://...), a sqlite:/// database, or a directory "
+                          "(relative: to the run directory) that gets DIR/mlflow.db and DIR/artifacts; null = off")
+
+    @field_validator("mlflow")
+    @classmethod
+    def _store(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("empty; null turns MLflow off")
+        found = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", v or "")
+        scheme = found.group(1).lower() if found else None
+        if scheme == "file":
+            raise ValueError("MLflow's file store is deprecated (MLflow 3): give a directory (it becomes a sqlite "
+                             "store DIR/mlflow.db), a sqlite:/// URI or an http(s) server")
+        if scheme not in (None, "http", "https", "sqlite"):
+            raise ValueError(f"{scheme}: URIs may be http, https or sqlite; or give a directory")
+        if scheme and urlsplit(v).username:
+            raise ValueError("the config goes to every site: give the server's login in MLFLOW_TRACKING_USERNAME / "
+                             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), not in the URI")
+        return v
+
+
 class Config(_Section):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
@@ -396,6 +425,7 @@ class Config(_Section):
     simulation: SimulationConfig = SimulationConfig()
     sites: SitesConfig = SitesConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _min_sites(self) -> Config:

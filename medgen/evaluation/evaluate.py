@@ -11,7 +11,7 @@ from medgen.data.dataset import load_site
 from medgen.data.picture import write_site_picture
 from medgen.evaluation.plan import EvaluationPlan, pooled_thresholds
 from medgen.evaluation.report import build_report
-from medgen.evaluation.samples import generate, save_grid
+from medgen.evaluation.samples import generate
 from medgen.evaluation.site import evaluate_site
 from medgen.models import build_model
 from medgen.server.guards import trained_classes, untrained_note
@@ -73,7 +73,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str |
         run.save_artefacts(round_, site, arrays)
     if cfg.federation.samples_per_class:
         images, _ = generate(model, cfg.federation.samples_per_class, cfg.seed, told.classes)
-        save_grid(run.samples / f"round-{round_:04d}.png", images, rows=len(told.classes))
+        run.save_samples(round_, images, rows=len(told.classes))
     run.set_status("completed", round=round_, evaluated=str(data_dir))
     log(f"report: {build_report(run.path)}")
     return run

@@ -30,7 +30,7 @@ import yaml  # noqa: E402
 from medgen import provenance, strictjson  # noqa: E402
 from medgen.client import sent_log  # noqa: E402
 from medgen.evaluation.plan import THRESHOLD_SOURCES  # noqa: E402
-from medgen.server.rundir import RunDir  # noqa: E402
+from medgen.server.rundir import RunDir, final_metrics  # noqa: E402
 
 HEADLINE = ["loss", "radfd-healthy", "radfd-lesion", "kid-healthy", "kid-lesion", "precision-healthy", "recall-healthy",
             "ms-ssim-healthy", "ms-ssim-real-healthy", "ms-ssim-lesion", "ms-ssim-real-lesion", "fid-healthy",
@@ -255,15 +255,6 @@ def verdict(metrics: dict) -> tuple[bool, str] | None:
     text = ("does NOT beat its reference: " + "; ".join(bad) if bad else
             f"all {len(found)} lesion metrics beat their references")
     return not bad, text + (f" ({', '.join(missing)}: not computed)" if missing else "")
-
-
-def final_metrics(records: list[dict]) -> dict[str, dict]:
-    """The last evaluation of every site (and "global"): {site: {metric: value, "round": r}}."""
-    out: dict[str, dict] = {}
-    for r in records:
-        if r["phase"] == "evaluate":
-            out[r["site"]] = {k: v for k, v in r.items() if k not in ("site", "phase", "time")}
-    return out
 
 
 def privacy_spent(records: list[dict]) -> dict[str, dict]:

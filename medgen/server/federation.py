@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from medgen.config import Config, dump_config
 from medgen.data.dataset import HEALTHY, LESION
 from medgen.evaluation.plan import EvaluationPlan, pooled_thresholds
-from medgen.evaluation.samples import CLASS_NAMES, generate, save_grid
+from medgen.evaluation.samples import CLASS_NAMES, generate
 from medgen.models import build_model
 from medgen.privacy.central import CentralDP
 from medgen.progress import track
@@ -320,7 +320,7 @@ def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, 
         model = build_model(cfg)
         model.load_state_dict(state)
         images, _ = generate(model, cfg.federation.samples_per_class, cfg.seed, classes)
-        save_grid(run.samples / f"round-{round_:04d}.png", images, rows=len(classes))
+        run.save_samples(round_, images, rows=len(classes))
 
 
 def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print,
@@ -332,10 +332,12 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], No
     run.set_status("running")
     federation = Federation(grid, cfg, run, log, site_nodes, extra_config)
     try:
+        run.track(cfg, log)
         state = federation.run_rounds()
     except Exception as e:
         run.set_status("failed", round=federation.last_round, error=f"{type(e).__name__}: {e}")
         log(f"FAILED: {e}")
+        run.close_tracking("failed")
         raise
     extra = {"stopped": federation.stopped} if federation.stopped else {}
     skipped = {r["site"]: int(r["skipped-files"]) for r in run.records()
@@ -343,4 +345,5 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], No
     if skipped:
         extra["skipped-files"] = skipped  # per site; the names stay in each site's own log
     run.set_status("completed", round=federation.last_round, **extra)
+    run.close_tracking("completed")
     return state

@@ -7,6 +7,7 @@
     <run>/evaluation/round-NNNN/<site>.npz   a site's ROC/PR curves (and overlays, if it shares images)
     <run>/status.json           running / completed / failed, last completed round, error
     <run>/provenance.json       medgen / library versions, git commit, config sha256 per session (medgen.provenance)
+    <run>/tensorboard/, <run>/tracking.json   copies for TensorBoard / MLflow (tracking.*, medgen.server.tracking)
 
 Every JSON file is strict JSON (medgen.strictjson): a NaN or infinite value is written as null and
 read back as NaN.
@@ -28,6 +29,7 @@ from medgen.config import Config, dump_config, load_config
 from medgen.data.errors import DataError
 from medgen.fileio import atomic_write
 from medgen.server.errors import FederationError
+from medgen.server.tracking import Tracker, require
 
 _CHECKPOINT = re.compile(r"round-(\d{4,})\.pt$")
 
@@ -38,6 +40,7 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
         self.samples = self.path / "samples"
         self.metrics_file = self.path / "metrics.jsonl"
+        self.tracker: Tracker | None = None
 
     def create(self, cfg: Config) -> None:
         if self.path.exists() and not self.path.is_dir():
@@ -47,10 +50,23 @@ class RunDir:
         provenance.record(self.path)
 
     # ------------------------------------------------------------------ metrics
+    def track(self, cfg: Config, log=print) -> None:
+        """From now on, copy what is recorded to TensorBoard / MLflow as ``cfg.tracking`` asks."""
+        if cfg.tracking.tensorboard or cfg.tracking.mlflow:
+            self.tracker = Tracker(self.path, cfg.tracking, log)
+
+    def close_tracking(self, status: str) -> None:
+        """Send the final metrics and close the trackers (``status``: how the run ended)."""
+        if self.tracker is not None:
+            self.tracker.close(final_metrics(self.records()), status)
+            self.tracker = None
+
     def log(self, round_: int, site: str, phase: str, values: dict) -> dict:
         record = {"round": round_, "site": site, "phase": phase, **values, "time": round(time.time(), 3)}
         with self.metrics_file.open("a") as f:
             f.write(strictjson.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.record(record)
         return record
 
     def records(self) -> list[dict]:
@@ -75,6 +91,17 @@ class RunDir:
         kept = [r for r in self.records() if r["round"] <= last_round]
         text = "".join(strictjson.dumps(r) + "\n" for r in kept)
         atomic_write(self.metrics_file, lambda f: f.write(text.encode()))
+        if self.tracker is not None:
+            self.tracker.resumed_after(last_round)
+
+    def save_samples(self, round_: int, images: torch.Tensor, rows: int) -> Path:
+        """The generator's sample grid of ``round_`` (``images`` (N, 1, S, S) in [0, 1], ``rows`` rows)."""
+        from medgen.evaluation.samples import save_grid
+
+        path = save_grid(self.samples / f"round-{round_:04d}.png", images, rows)
+        if self.tracker is not None:
+            self.tracker.image(round_, path)
+        return path
 
     def save_artefacts(self, round_: int, site: str, arrays: dict) -> Path:
         """A site's evaluation arrays (ROC/PR curves, overlays) for the report."""
@@ -139,6 +166,15 @@ class FileLog:
             f.write(line + "\n")
 
 
+def final_metrics(records: list[dict]) -> dict[str, dict]:
+    """The last evaluation of every site (and "global"): {site: {metric: value, "round": r}}."""
+    out: dict[str, dict] = {}
+    for r in records:
+        if r["phase"] == "evaluate":
+            out[r["site"]] = {k: v for k, v in r.items() if k not in ("site", "phase", "time")}
+    return out
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by ``RunDir.save_checkpoint`` (tensors on the CPU); DataError naming the
     file when it is missing or not a medgen checkpoint."""
@@ -175,12 +211,14 @@ def open_run(cfg: Config | None, out: str | Path | None, resume: str | Path | No
     """The config and run directory of a new run (``out``, default ``runs/<time>-<family>-<strategy>``;
     ``cfg`` or the defaults plus ``overrides``), or of the run that ``resume`` continues (its own
     config.yaml plus ``overrides``, e.g. more rounds). FederationError for a ``resume`` folder that
-    is not a run, or an ``out`` that already holds one."""
+    is not a run, or an ``out`` that already holds one; ConfigError when ``tracking.*`` asks for a
+    library that is not installed."""
     if resume is not None:
         run = RunDir(resume)
         if not (run.path / "config.yaml").is_file():
             raise FederationError(f"--resume {run.path}: not a run directory (no config.yaml)")
         cfg = load_config(run.path / "config.yaml", overrides)
+        require(cfg.tracking)
         found = run.last_good_checkpoint()
         if found is not None:  # the overrides must fit the weights before anything is written
             from medgen.models import build_model
@@ -189,6 +227,7 @@ def open_run(cfg: Config | None, out: str | Path | None, resume: str | Path | No
         run.remove_partial_writes()
         return cfg, run
     cfg = cfg if cfg is not None else load_config(None, overrides)
+    require(cfg.tracking)
     run = RunDir(out or default_run_dir(cfg))
     if run.last_checkpoint() is not None:
         raise FederationError(f"{run.path} already holds a run; use --resume {run.path} or another --out")
