@@ -119,7 +119,7 @@ def test_cli_split_and_implant(tmp_path, capsys):
     assert main(["data", "implant", str(tmp_path / "s" / "A"), "--out", str(tmp_path / "s" / "A-lesions"),
                  "--fraction", "1"]) == 0
     assert "2 scans with implanted lesions" in capsys.readouterr().out
-    assert main(["data", "implant", str(tmp_path / "s" / "B"), "--out", str(tmp_path / "s" / "A-lesions")]) == 2
+    assert main(["data", "implant", str(tmp_path / "s" / "B"), "--out", str(tmp_path / "s" / "A-lesions")]) == 3
     assert "not an empty folder" in capsys.readouterr().err
 
 

@@ -135,14 +135,14 @@ def test_certs_make_a_ca_a_server_certificate_and_site_keys(tmp_path):
 def test_cli_errors_name_the_flag_or_file(tmp_path):
     out = subprocess.run([BIN / "medgen-server", "start", "--port", str(free_port())], capture_output=True,
                          text=True, timeout=120, cwd=tmp_path)
-    assert out.returncode == 2 and "--ca" in out.stderr and "--insecure" in out.stderr
+    assert out.returncode == 3 and "--ca" in out.stderr and "--insecure" in out.stderr
     out = subprocess.run([BIN / "medgen-client", "join", "--site", "A", "--server", "localhost:1", "--data",
                           str(tmp_path), "--ca", str(tmp_path / "nope.pem"), "--key", str(tmp_path / "k")],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "--ca" in out.stderr and "nope.pem" in out.stderr
+    assert out.returncode == 3 and "--ca" in out.stderr and "nope.pem" in out.stderr
     out = subprocess.run([BIN / "medgen-client", "join", "--site", "A", "--data", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "--data" in out.stderr and "missing" in out.stderr
+    assert out.returncode == 3 and "--data" in out.stderr and "missing" in out.stderr
 
 
 def test_study_key_flags_name_the_flag_or_file(certs, tmp_path):
@@ -153,18 +153,18 @@ def test_study_key_flags_name_the_flag_or_file(certs, tmp_path):
             "--ca", folder / "ca.pem", "--key", folder / "sites" / "A.key"]
     run = lambda args: subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     out = run(join)
-    assert out.returncode == 2 and "--study-key FILE is needed" in out.stderr
+    assert out.returncode == 3 and "--study-key FILE is needed" in out.stderr
     out = run(join + ["--study-key", tmp_path / "nope.pub"])
-    assert out.returncode == 2 and "--study-key" in out.stderr and "nope.pub" in out.stderr
+    assert out.returncode == 3 and "--study-key" in out.stderr and "nope.pub" in out.stderr
     out = run(join + ["--study-key", folder / "ca.pem"])
-    assert out.returncode == 2 and "not a PEM public key" in out.stderr
+    assert out.returncode == 3 and "not a PEM public key" in out.stderr
     out = run(join + ["--no-study-signature"])
-    assert out.returncode == 2 and "--no-study-signature is only for an --insecure" in out.stderr
+    assert out.returncode == 3 and "--no-study-signature is only for an --insecure" in out.stderr
     bare = tmp_path / "bare"
     init_ca(bare)
     (bare / "study.key").unlink()
     out = run([BIN / "medgen-server", "start", "--port", free_port(), "--certs", bare, "--out", tmp_path / "run"])
-    assert out.returncode == 2 and "--study-key" in out.stderr and "medgen certs study" in out.stderr
+    assert out.returncode == 3 and "--study-key" in out.stderr and "medgen certs study" in out.stderr
     assert not (tmp_path / "run").exists()
     made = subprocess.run([BIN / "medgen", "certs", "study", "--out", bare], capture_output=True, text=True, timeout=120)
     assert made.returncode == 0 and (bare / "study.key").is_file() and "study.pub" in made.stdout
@@ -174,6 +174,7 @@ def test_client_dry_run_checks_the_data_and_says_what_is_shared(cohort):
     root, cache = cohort
     out = subprocess.run([BIN / "medgen-client", "join", "--site", "A", "--data", str(root / "A"), "--dry-run",
                           "--set", f"data.cache_dir={cache}", "--set", "data.image_size=32",
+                          "--set", "privacy.enabled=true",  # a study the default policy serves
                           *(x for kv in FAST_DATA for x in ("--set", kv))],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -476,7 +477,7 @@ def test_loopback_deployment(deployment):
     _wait_until((run_dir / "checkpoints" / "round-0001.pt").is_file, d, 240, "round-0001.pt")
     # the unregistered site is refused, says so, and stops (checked while the server is surely up:
     # after the SIGTERM below its next attempt would be a connection failure, not a refusal)
-    assert d.wait("site-D", 120) == 2
+    assert d.wait("site-D", 120) == 5  # refused
     assert "refused site D's key" in d.output("site-D")
     d.procs["server"].send_signal(signal.SIGTERM)
     assert d.wait("server", 60) != 0
@@ -795,7 +796,7 @@ def test_the_heartbeat_interval_is_flowers_unless_told(monkeypatch):
     """MEDGEN_HEARTBEAT_S sets the SuperNode's and the worker's heartbeats; unset it is Flower's
     30 s; a value the SuperLink would refuse is named before anything starts."""
     from medgen._compat.flwr import HEARTBEAT_DEFAULT_INTERVAL, heartbeat_intervals, use_heartbeat
-    from medgen.deployment.link import DeploymentError
+    from medgen.config import ConfigError
     from medgen.deployment.node import join
     from medgen.deployment.supernode import heartbeat_s
 
@@ -812,5 +813,5 @@ def test_the_heartbeat_interval_is_flowers_unless_told(monkeypatch):
         use_heartbeat(30)
     for bad, why in (("5", "must be between 10 and"), ("ten", "not a number")):
         monkeypatch.setenv("MEDGEN_HEARTBEAT_S", bad)
-        with pytest.raises(DeploymentError, match=f"MEDGEN_HEARTBEAT_S='?{bad}'?: {why}"):
+        with pytest.raises(ConfigError, match=f"MEDGEN_HEARTBEAT_S='?{bad}'?: {why}"):
             join(NodeOptions("A", "localhost:1", Path("/nonexistent"), Path("/nonexistent/state"), None, None))

@@ -100,7 +100,7 @@ def test_simulate_fails_loudly(tmp_path, cache):
         (broken / site).mkdir(parents=True)
         (broken / site / "scan.nii.gz").write_bytes(b"junk")
     out = medgen("simulate", "--out", tmp_path / "run", "--set", f"data.root={broken}", cache=cache)
-    assert out.returncode != 0
+    assert out.returncode == 4  # the federation failed
     assert "site A" in out.stdout + out.stderr and "scan.nii.gz" in out.stdout + out.stderr
     assert RunDir(tmp_path / "run").status()["status"] == "failed"
 
@@ -138,7 +138,7 @@ def test_train_baselines(tmp_path, cache):
     assert [(r["run"], r["site"]) for r in compared] == [("A", "C"), ("centralized", "C")]
     bad = subprocess.run([MEDGEN, "evaluate", "--checkpoint", tmp_path / "nope.pt", "--data", folder],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "nope.pt: checkpoint file not found" in bad.stderr
+    assert bad.returncode == 3 and "nope.pt: checkpoint file not found" in bad.stderr
 
 
 RAY_LISTENERS = """

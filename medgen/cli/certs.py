@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from pathlib import Path
 
 
 def _errors(fn):
+    """A file that cannot be written is a CertError (naming it), like a bad one."""
     @functools.wraps(fn)
     def wrapped(args):
         from medgen.deployment.certs import CertError
 
         try:
             return fn(args)
-        except (CertError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        except OSError as e:
+            raise CertError(str(e)) from None
     return wrapped
 
 

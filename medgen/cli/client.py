@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
-from medgen.cli.main import _config_args, add_verbosity, add_version, run_command
+from medgen.cli import exitcodes
+from medgen.cli.main import Parser, _config_args, add_verbosity, add_version, run_command
 from medgen.config import ConfigError, load_config
 from medgen.watchdog import guard
 
@@ -27,10 +27,6 @@ What this site sends to the server (nothing else leaves it; each message is logg
   - a refusal or an error: its reason, with file paths and file names replaced by <path> / <file>.
 Never sent: scans, masks, slices (unless share_images), file names, paths, subject identifiers, the
 privacy ledger, the DP secret, the policy file."""
-
-
-def _on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def default_state_dir(site: str) -> Path:
@@ -97,14 +93,14 @@ def cmd_join(args: argparse.Namespace) -> int:
     opts = NodeOptions(site=site, server=args.server, data=data, ca=ca, key=key, state_dir=state_dir,
                        port=args.port, worker=args.clientapp == "worker", policy=policy_file, study_key=study_key,
                        allow_unsigned=args.no_study_signature)
-    signal.signal(signal.SIGTERM, _on_sigterm)
     guard()  # the SuperNode and the ClientApp worker end with this process, even on SIGKILL
     return join(opts)
 
 
 def _dry_run(site: str, data: Path, policy_file: Path, args: argparse.Namespace) -> int:
     """Check the data, show the policy and, with ``--config``, whether this site would serve that
-    study; print what would be shared. Writes nothing."""
+    study; print what would be shared. Writes nothing. The exit code is the data check's, or
+    REFUSED when the data are usable but the policy refuses the study."""
     from medgen.client.policy import policy_text, violations
     from medgen.config import SitePolicy, load_policy
     from medgen.data.check import check_site
@@ -115,11 +111,14 @@ def _dry_run(site: str, data: Path, policy_file: Path, args: argparse.Namespace)
     policy = load_policy(policy_file) if policy_file.is_file() else SitePolicy()
     where = policy_file if policy_file.is_file() else f"{policy_file} (not written yet: the safe defaults)"
     print(f"\nsite policy {where}:\n{policy_text(policy)}")
+    found = []
     if args.config is not None or args.overrides:
         found = violations(cfg, policy, site, ("", ""))
         print("this site would REFUSE that study:\n" + "\n".join(f"  - {v}" for v in found) if found
               else "this site's policy allows that study")
     print(SHARED)
+    if found and report.exit_code != exitcodes.INPUT_ERROR:
+        return exitcodes.REFUSED
     return report.exit_code
 
 
@@ -140,7 +139,7 @@ def cmd_sent(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medgen-client", description=__doc__)
+    parser = Parser(prog="medgen-client", description=__doc__)
     add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     j = commands.add_parser("join", help="join a study as one site")
@@ -175,10 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medgen.deployment.certs import CertError
-    from medgen.deployment.link import DeploymentError
-
-    return run_command(build_parser(), argv, (CertError, DeploymentError), "the SuperNode is stopped")
+    return run_command(build_parser(), argv, "the SuperNode is stopped")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,28 @@
-"""`medgen` command line: simulate, train, evaluate, report, data synth|check|split|implant, certs, config show.
-
-Exit codes: 0 done; 1 `data check`: usable, but some files are bad; 2 a usage, config or data
-error (named), or a failed federation; 130 interrupted (Ctrl-C; a run resumes with --resume)."""
+"""`medgen` command line: simulate, train, evaluate, report, data synth|check|split|implant, certs, config show."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
+from medgen.cli import exitcodes
 from medgen.config import Config, ConfigError, dump_config, load_config
 from medgen.data.errors import DataError, SiteDataError
 from medgen.server.errors import FederationError
+
+
+class Parser(argparse.ArgumentParser):
+    """The argument parser of every command and subcommand: its --help ends with the exit codes."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("epilog", exitcodes.TABLE)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:
@@ -168,8 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medgen", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="medgen", description=__doc__)
     add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -224,9 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = data_commands.add_parser(
         "check", help="validate site folders and summarise them",
-        description="Summarise site folders, list every problem (naming the file), and draw each site's "
-                    "slices as they will be trained on. Exit code: 0 usable; 1 usable but some files are "
-                    "bad; 2 nothing usable.")
+        description="Summarise site folders, list every problem (naming the file), and draw each site's\n"
+                    f"slices as they will be trained on. Exit code: {exitcodes.DONE} usable; "
+                    f"{exitcodes.SOME_FILES_BAD} usable but some files are bad;\n"
+                    f"{exitcodes.INPUT_ERROR} nothing usable.")
     check.add_argument("folders", nargs="+", type=Path, metavar="DIR")
     drawn = check.add_mutually_exclusive_group()
     drawn.add_argument("--picture", type=Path, metavar="FILE",
@@ -246,33 +254,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, errors: tuple = (),
-                interrupted: str | None = None) -> int:
-    """Parse ``argv`` and run its command. A config, data or federation error (or one of ``errors``)
-    prints ``error: ...`` and exits 2; with ``interrupted``, Ctrl-C prints it and exits 130."""
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt. A SystemExit, so that
+    what stops on Ctrl-C or SystemExit (medgen.deployment.server.serve) stops cleanly on it too."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated(exitcodes.TERMINATED)
+
+
+def exit_code(e: Exception) -> int | None:
+    """The exit code (medgen/cli/exitcodes.py) of an error whose message says what to fix; None for
+    any other exception (a bug: its traceback is shown)."""
+    from medgen.deployment.certs import CertError
+    from medgen.deployment.link import DeploymentError, Refused
+
+    if isinstance(e, Refused):
+        return exitcodes.REFUSED
+    if isinstance(e, (ConfigError, DataError, SiteDataError, CertError)):
+        return exitcodes.INPUT_ERROR
+    if isinstance(e, (FederationError, DeploymentError)):
+        return exitcodes.FAILED
+    return None
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, stopped: str) -> int:
+    """Parse ``argv`` and run its command; returns its exit code. An error with a code (``exit_code``)
+    prints ``error: ...``; Ctrl-C and SIGTERM print what ``stopped`` says was kept or stopped."""
     from medgen import logs
 
     args = parser.parse_args(argv)
     logs.configure(getattr(args, "verbosity", 0))
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
-    except (ConfigError, DataError, SiteDataError, FederationError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if interrupted is None:
-            raise
-        print(f"interrupted: {interrupted}", file=sys.stderr)
+    except (KeyboardInterrupt, Terminated) as e:
+        ctrl_c = isinstance(e, KeyboardInterrupt)
+        code = exitcodes.INTERRUPTED if ctrl_c else exitcodes.TERMINATED
+        print(f"{'interrupted (Ctrl-C)' if ctrl_c else 'stopped (SIGTERM)'}: {stopped}", file=sys.stderr)
         if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(130)  # the simulation engine's own threads would keep the process waiting for ever
-        return 130
+            os._exit(code)  # the simulation engine's own threads would keep the process waiting for ever
+        return code
+    except Exception as e:
+        code = exit_code(e)
+        if code is None:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, interrupted="stopped (Ctrl-C); finished rounds are kept: "
-                                                         "`medgen simulate --resume RUN_DIR` continues a run")
+    return run_command(build_parser(), argv, "finished rounds are kept: `medgen simulate --resume RUN_DIR` "
+                                             "continues a run")
 
 
 if __name__ == "__main__":

@@ -4,18 +4,13 @@ authentication unless --insecure); writes the same run directory and reports as 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
 from medgen import logs
-from medgen.cli.main import _config_args, add_verbosity, add_version, run_command
+from medgen.cli.main import Parser, _config_args, add_verbosity, add_version, run_command
 from medgen.config import ConfigError, load_config
 from medgen.watchdog import guard
-
-
-def _on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def study_key(args: argparse.Namespace):
@@ -51,7 +46,6 @@ def cmd_start(args: argparse.Namespace) -> int:
     opts = ServerOptions(host=args.address, port=args.port, tls=tls, site_keys=keys or {},
                          state_db=args.state_db, health_timeout_s=args.health_timeout,
                          study_key=signing_key, link_port=args.link_port)
-    signal.signal(signal.SIGTERM, _on_sigterm)
     guard()  # the SuperLink, proxy and ServerApp end with this process, even on SIGKILL
     serve(cfg, run, opts)
     print(f"run directory: {run.path}\nreport: {build_report(run.path)}")
@@ -72,7 +66,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medgen-server", description=__doc__)
+    parser = Parser(prog="medgen-server", description=__doc__)
     add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="start the SuperLink and run the study")
@@ -109,10 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medgen.deployment.certs import CertError
-    from medgen.deployment.link import DeploymentError
-
-    return run_command(build_parser(), argv, (CertError, DeploymentError), "every child process is stopped")
+    return run_command(build_parser(), argv, "every child process is stopped")
 
 
 if __name__ == "__main__":

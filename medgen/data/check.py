@@ -7,13 +7,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medgen.cli.exitcodes import DONE, INPUT_ERROR, SOME_FILES_BAD
 from medgen.config import DataConfig
 from medgen.data.dataset import LESION, SiteSlices, load_site
 from medgen.data.errors import DataError, SiteDataError
 from medgen.data.nifti import describe
 from medgen.data.sites import Scan, discover_site
 
-OK, PROBLEMS, UNUSABLE = 0, 1, 2
+OK, PROBLEMS, UNUSABLE = DONE, SOME_FILES_BAD, INPUT_ERROR
 
 
 @dataclass
@@ -34,7 +35,7 @@ class CheckReport:
     @property
     def exit_code(self) -> int:
         """0: usable, no problem; 1: usable but some files are bad (training with
-        ``data.on_bad_file: fail`` would stop); 2: nothing usable."""
+        ``data.on_bad_file: fail`` would stop); 3: nothing usable."""
         if self.slices is None or len(self.slices) == 0:
             return UNUSABLE
         return PROBLEMS if self.problems else OK

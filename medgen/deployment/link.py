@@ -28,6 +28,10 @@ class DeploymentError(RuntimeError):
     """The deployment cannot go on; the text says which process, flag or file."""
 
 
+class Refused(DeploymentError):
+    """The server refused this site (its key, or its node): the text says why and whom to ask."""
+
+
 @dataclass
 class TLS:
     """Server-side TLS files; None means --insecure."""

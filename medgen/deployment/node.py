@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medgen import logs
-from medgen.deployment.link import DeploymentError
+from medgen.config import ConfigError
+from medgen.deployment.link import Refused
 from medgen.deployment.procs import Child, flower_bin, flower_env, free_port
 from medgen.deployment.signing import NODE_KEY, NODE_UNSIGNED
 from medgen.deployment.supernode import heartbeat_s
@@ -124,7 +125,7 @@ def join(opts: NodeOptions, log=logs.info) -> int:
     try:
         heartbeat = heartbeat_s()  # the SuperNode's and the worker's (MEDGEN_HEARTBEAT_S)
     except ValueError as e:
-        raise DeploymentError(str(e)) from None
+        raise ConfigError(str(e)) from None
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     port = opts.port or free_port()
     log_file = opts.state_dir / "supernode.log"
@@ -171,8 +172,8 @@ def join(opts: NodeOptions, log=logs.info) -> int:
             # it still counts the old node as online (until 2 missed heartbeats, 60 s by default): wait that out
             stale_since = stale_since or time.monotonic()
             if time.monotonic() - stale_since > opts.stale_patience_s:
-                raise DeploymentError(f"the server has refused site {opts.site}'s SuperNode for "
-                                      f"{opts.stale_patience_s:g} s since it last served: {refused.strip()}")
+                raise Refused(f"the server has refused site {opts.site}'s SuperNode for "
+                              f"{opts.stale_patience_s:g} s since it last served: {refused.strip()}")
             log(f"site {opts.site}: the server still counts this site's previous SuperNode as online (it stopped "
                 f"without signing off; released within {2 * heartbeat:g} s); trying again in 5 s")
             time.sleep(5)
@@ -184,14 +185,14 @@ def join(opts: NodeOptions, log=logs.info) -> int:
             refusals += 1
             pub = Path(str(opts.key)).with_suffix(".pub") if opts.key else None
             if refusals >= opts.max_refusals:
-                raise DeploymentError(f"the server refused site {opts.site}'s key ({opts.key}) {refusals} times: "
-                                      f"{refused.strip()}\nAsk the coordinator to register {pub}")
+                raise Refused(f"the server refused site {opts.site}'s key ({opts.key}) {refusals} times: "
+                              f"{refused.strip()}\nAsk the coordinator to register {pub}")
             log(f"site {opts.site}: the server does not know this site's key yet ({refused.strip()}); "
                 f"trying again in {2 * refusals} s (the coordinator registers {pub} when it starts)")
             time.sleep(2 * refusals)
             continue
         if INVALID_ARGS.search(node.tail()):
-            raise DeploymentError(f"the SuperNode rejected its arguments; its log ({log_file}) ends:\n{node.tail(800)}")
+            raise ConfigError(f"the SuperNode rejected its arguments; its log ({log_file}) ends:\n{node.tail(800)}")
         if opts.max_attempts is not None and attempt >= opts.max_attempts:
             return code or 1
         if time.monotonic() - started > 60:

@@ -2,7 +2,8 @@
 
     <run>/config.yaml           the resolved config (every key)
     <run>/metrics.jsonl         one JSON object per line: round, site (name or "global"), phase, values
-    <run>/checkpoints/round-NNNN.pt   global weights + aggregator state after round N (atomic)
+    <run>/checkpoints/round-NNNN.pt   global weights + aggregator state after round N (atomic), with
+                                      the config and the provenance of the process that wrote it
     <run>/samples/round-NNNN.png      generated slices, one row per class
     <run>/evaluation/round-NNNN/<site>.npz   a site's ROC/PR curves (and overlays, if it shares images)
     <run>/status.json           running / completed / failed, last completed round, error
@@ -113,7 +114,7 @@ class RunDir:
     def save_checkpoint(self, round_: int, model_state: dict, aggregator_state: dict, cfg: Config) -> Path:
         path = self.checkpoints / f"round-{round_:04d}.pt"
         payload = {"round": round_, "model": model_state, "aggregator": aggregator_state,
-                   "config": dump_config(cfg), "family": cfg.model.family}
+                   "config": dump_config(cfg), "family": cfg.model.family, "provenance": provenance.collect()}
         atomic_write(path, lambda f: torch.save(payload, f))
         return path
 
@@ -177,7 +178,8 @@ def final_metrics(records: list[dict]) -> dict[str, dict]:
 
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by ``RunDir.save_checkpoint`` (tensors on the CPU); DataError naming the
-    file when it is missing or not a medgen checkpoint."""
+    file when it is missing or not a medgen checkpoint. ``provenance`` is absent from checkpoints
+    written before medgen recorded it."""
     from medgen.data.errors import DataError
 
     if not Path(path).is_file():
