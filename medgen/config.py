@@ -77,6 +77,11 @@ class DataConfig(_Section):
     cache_dir: Path | None = Field(
         None, description="slice cache; null = $MEDGEN_CACHE_DIR or ~/.cache/medgen"
     )
+    workers: int | None = Field(
+        None, ge=1, le=256,
+        description="threads that preprocess a site's new scans in parallel; null = one per CPU the site's "
+                    "process may use, and never more than that whatever is asked; 1 = one after the other",
+    )
 
     @field_validator("spacing_mm")
     @classmethod

@@ -266,3 +266,30 @@ def test_check_lists_skipped_files_and_warnings(tmp_path, cfg):
     assert f"{site / 'folder.nii.gz'}: a folder named like a NIfTI file; skipped" in text
     assert f"{site / 'two_frames.nii.gz'}: qform and sform disagree (by up to 12 mm" in text
     assert report.exit_code == 1
+
+
+def test_parallel_preprocessing_gives_the_same_slices_and_problems(tmp_path, cfg):
+    """data.workers: new scans preprocessed by 2 threads give the slices and the named problems that
+    one thread gives, in the same order; a study config cannot ask for more threads than the site's
+    process may use (its torch threads). A DataError survives pickling with its path and problem."""
+    import pickle
+    from medgen.data import parallel
+
+    site = make_plain_site(tmp_path / "site", n_healthy=3, n_lesion=2)
+    (site / "sub-09.nii.gz").write_bytes(b"not a nifti")
+    serial = load_site(site, cfg.data.model_copy(update={"workers": 1, "on_bad_file": "skip"}))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert parallel.workers(None) == 2 and parallel.workers(64) == 2 and parallel.workers(1) == 1
+        pooled = load_site(site, cfg.data.model_copy(update={"workers": 2, "on_bad_file": "skip",
+                                                              "cache_dir": tmp_path / "cache-threads"}))
+    finally:
+        torch.set_num_threads(before)
+    for key in ("images", "brain", "lesion", "labels", "subjects", "slice_index"):
+        assert np.array_equal(getattr(serial, key), getattr(pooled, key)), key
+    assert [str(p) for p in pooled.problems] == [str(p) for p in serial.problems]
+    assert len(serial.problems) == 1 and "sub-09.nii.gz" in str(serial.problems[0])
+    copy = pickle.loads(pickle.dumps(serial.problems[0]))
+    assert (copy.path, copy.problem, str(copy)) == (serial.problems[0].path, serial.problems[0].problem,
+                                                    str(serial.problems[0]))

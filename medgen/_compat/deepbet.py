@@ -88,9 +88,9 @@ def brain_mask(data: np.ndarray, device: str = "cpu", threshold: float = 0.5) ->
     """
     import torch
 
-    bet = _extractor(device)
     x = np.ascontiguousarray(data, dtype=np.float32)
-    with _lock, torch.no_grad():
+    with _lock, torch.no_grad():  # one scan at a time (and one load of the networks) per process
+        bet = _extractor(device)
         try:
             prob = bet.run_model(x.copy())
             mask = bet.postprocess(prob > threshold)

@@ -9,10 +9,12 @@ are checked on every run, cached or not, so that header limits (``data.max_voxel
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from medgen.config import DataConfig
-from medgen.data import brain_mask
+from medgen.data import brain_mask, parallel
 from medgen.data.errors import DataError, SiteDataError
 from medgen.data.nifti import MIN_BRAIN_EXTENT_MM, inspect_header, load_lesion_mask, load_mask, load_volume
 from medgen.data.plausibility import (brain_off_head_problem, grid_mismatch_warning, label_map_problem,
@@ -143,13 +145,14 @@ def load_site(folder: str | Path, cfg: DataConfig, site: str | None = None) -> S
     notes: list[str] = list(listing.notes)
     cache = cache_root(cfg) / f"{site}-{hashlib.sha256(str(folder).encode()).hexdigest()[:10]}"
     parts: list[tuple[Scan, SubjectSlices]] = []
+    outcomes = _outcomes(listing.scans, cfg, cache)
     for scan in track(listing.scans, f"site {site}: preprocessing", unit="scans"):
-        try:
-            warnings += check_headers(scan, cfg)
-            slices = _cached_scan(scan, cfg, cache)
-        except DataError as e:
-            problems.append(_naming_scan(e, scan))
+        outcome = next(outcomes)
+        if isinstance(outcome, DataError):
+            problems.append(_naming_scan(outcome, scan))
             continue
+        scan_warnings, slices = outcome
+        warnings += scan_warnings
         if len(slices.images) == 0:
             problems.append(DataError(scan.image, "no axial slice with enough brain "
                                                   f"(data.min_brain_fraction={cfg.min_brain_fraction})"))
@@ -234,12 +237,47 @@ def _cache_key(scan: Scan, cfg: DataConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _cached_scan(scan: Scan, cfg: DataConfig, cache: Path) -> SubjectSlices:
+def _outcomes(scans: list[Scan], cfg: DataConfig, cache: Path) -> Iterator[tuple[list[DataError], SubjectSlices]
+                                                                          | DataError]:
+    """Each scan's header warnings and slices, or its DataError, in order. Scans not in the cache yet
+    are preprocessed ``data.workers`` at a time (medgen/data/parallel.py)."""
+    work = functools.partial(_outcome, cfg=cfg, cache=cache)
+    fresh = [scan for scan in scans if not _in_cache(scan, cfg, cache)]
+    done = parallel.ordered_map(work, fresh, parallel.workers(cfg.workers))
+    fresh_ids = {id(scan) for scan in fresh}
+    for scan in scans:
+        yield next(done) if id(scan) in fresh_ids else work(scan)
+
+
+def _outcome(scan: Scan, cfg: DataConfig, cache: Path) -> tuple[list[DataError], SubjectSlices] | DataError:
+    try:
+        return check_headers(scan, cfg), _cached_scan(scan, cfg, cache)
+    except DataError as e:
+        return e
+
+
+def _cache_entry(scan: Scan, cfg: DataConfig, cache: Path) -> Path:
+    """Where the scan's slices are cached; DataError when one of its files is missing."""
     for path in scan.files:
         if not path.is_file():
             raise DataError(path, "file does not exist")
-    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in scan.id)
-    target = cache / f"{safe_id}-{_cache_key(scan, cfg)}.npz"
+    return cache / f"{_safe_id(scan)}-{_cache_key(scan, cfg)}.npz"
+
+
+def _safe_id(scan: Scan) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in scan.id)
+
+
+def _in_cache(scan: Scan, cfg: DataConfig, cache: Path) -> bool:
+    """Cached, or nothing to preprocess (a missing file: its DataError comes at once)."""
+    try:
+        return _cache_entry(scan, cfg, cache).is_file()
+    except DataError:
+        return True
+
+
+def _cached_scan(scan: Scan, cfg: DataConfig, cache: Path) -> SubjectSlices:
+    target, safe_id = _cache_entry(scan, cfg, cache), _safe_id(scan)
     if target.is_file():
         try:
             with np.load(target) as z:

@@ -13,6 +13,9 @@ class DataError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # pickled (a Ray actor's error, a copy) as (path, problem), not as its message
+        return type(self), (self.path, self.problem)
+
 
 class SiteDataError(ValueError):
     """All problems found in one site folder (raised when ``data.on_bad_file`` is ``fail``)."""
