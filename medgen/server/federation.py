@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from medgen import logs
 from medgen.config import Config, dump_config
 from medgen.data.dataset import HEALTHY, LESION
 from medgen.evaluation.plan import EvaluationPlan, pooled_thresholds
@@ -44,7 +45,7 @@ def _summary(metrics: dict) -> str:
 
 
 class Federation:
-    def __init__(self, grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print,
+    def __init__(self, grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = logs.info,
                  site_nodes: dict[str, int] | None = None, extra_config: dict[str, str] | None = None):
         self.grid, self.cfg, self.run, self.log = grid, cfg, run, log
         self.site_nodes = site_nodes or {}  # deployment: the node each site's registered key belongs to
@@ -292,7 +293,7 @@ def is_full_evaluation(cfg: Config, round_: int) -> bool:
 
 
 def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, dict], state: State,
-                      log: Callable[[str], None] = print, artefacts: dict[str, dict] | None = None,
+                      log: Callable[[str], None] = logs.info, artefacts: dict[str, dict] | None = None,
                       classes: tuple[int, ...] = (HEALTHY, LESION)) -> None:
     """Log each site's evaluation and their example-weighted mean (site "global"; sample sizes
     ``n-*`` are summed instead), keep the sites' report arrays (curves, overlays), and write the
@@ -323,7 +324,7 @@ def record_evaluation(run: RunDir, cfg: Config, round_: int, results: dict[str, 
         run.save_samples(round_, images, rows=len(classes))
 
 
-def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = print,
+def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], None] = logs.info,
                    site_nodes: dict[str, int] | None = None, extra_config: dict[str, str] | None = None) -> State:
     """Run (or resume) the federation; the run directory's status says how it ended. With
     ``site_nodes`` (a deployment with SuperNode authentication) a site is accepted only from the

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medgen import provenance, strictjson
+from medgen import logs, provenance, strictjson
 from medgen.config import Config, dump_config, load_config
 from medgen.data.errors import DataError
 from medgen.fileio import atomic_write
@@ -51,7 +51,7 @@ class RunDir:
         provenance.record(self.path)
 
     # ------------------------------------------------------------------ metrics
-    def track(self, cfg: Config, log=print) -> None:
+    def track(self, cfg: Config, log=logs.info) -> None:
         """From now on, copy what is recorded to TensorBoard / MLflow as ``cfg.tracking`` asks."""
         if cfg.tracking.tensorboard or cfg.tracking.mlflow:
             self.tracker = Tracker(self.path, cfg.tracking, log)
@@ -127,7 +127,7 @@ class RunDir:
                        if (m := _CHECKPOINT.search(p.name)))
         return [p for _, p in found]
 
-    def last_good_checkpoint(self, log=print) -> tuple[Path, dict] | None:
+    def last_good_checkpoint(self, log=logs.info) -> tuple[Path, dict] | None:
         """The newest checkpoint that loads, and its content; an unreadable newer one is named and
         passed over (it stays on disk, and the round it held is trained again)."""
         for path in reversed(self._checkpoints()):

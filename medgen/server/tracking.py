@@ -68,7 +68,7 @@ def _scalars(prefix: str, values: dict) -> dict[str, float]:
 class Tracker:
     """The run's TensorBoard writer and MLflow run, as ``cfg`` asks (nothing when it asks for neither)."""
 
-    def __init__(self, run_dir: Path, cfg: TrackingConfig, log: Callable[[str], None] = print):
+    def __init__(self, run_dir: Path, cfg: TrackingConfig, log: Callable[[str], None] = logs.info):
         require(cfg)
         self.run_dir, self.log = Path(run_dir), log
         self.sinks: dict[str, object] = {}
