@@ -27,13 +27,29 @@ def make_server_app(cfg: Config, run: RunDir, on_done=None, log=logs.info) -> Se
     return app
 
 
-# Deployment: `medgen-server start` submits this app to the SuperLink (see medgen/deployment/fab.py);
-# the run config carries the medgen config (YAML text) and the run directory; medgen-server hands
-# over the run's study signature (medgen/deployment/signing.py), which goes into every message.
+# The module-level ServerApp serves both ways of starting a run:
+# - deployment: `medgen-server start` submits it to its SuperLink (medgen/deployment/fab.py); the run
+#   config carries the medgen config (YAML text), the run directory and the version handshake;
+#   medgen-server hands over the run's study signature (medgen/deployment/signing.py), which goes
+#   into every message;
+# - `flwr run .` from the repository root: Flower's local simulation (medgen/server/flwrrun.py); the
+#   run config is the repository's pyproject.toml [tool.flwr.app.config] plus --run-config.
+# Only medgen-server's run config has medgen-version (the repository's pyproject does not list it, so
+# `flwr run --run-config` cannot set it). A deployed site refuses a run without the handshake or the
+# signature either way (medgen/client/app.py), so choosing the path here weakens nothing at a site.
 app = ServerApp()
 
 
 @app.main()
+def main(grid: Grid, context: Context) -> None:
+    if context.run_config.get("medgen-version"):
+        deployed(grid, context)
+    else:
+        from medgen.server.flwrrun import run_flwr
+
+        run_flwr(grid, dict(context.run_config))
+
+
 def deployed(grid: Grid, context: Context) -> None:
     from medgen.config import load_config_text
     from medgen.deployment.grid import quick_replies
