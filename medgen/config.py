@@ -187,8 +187,12 @@ class FederationConfig(_Section):
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "fedmedian", "fedtrimmedavg", "krum",
                       "multikrum", "bulyan"] = "fedavg"
     min_sites: int | None = Field(
-        None, ge=1, description="training sites that must answer for a round to count; null = all"
+        None, ge=1, description="training sites that must answer for a round to count; null = all (that were asked)"
     )
+    fraction_train: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="share of the training sites asked to train each round: ceil(fraction x n) drawn at random; "
+                    "with privacy.central each site with this probability (Poisson sampling, the accountant's rate)")
     round_timeout_s: float = Field(600.0, gt=0.0, description="how long to wait for the sites each round")
     eval_every: int = Field(1, ge=1, description="evaluate on every site every k rounds (and after the last)")
     proximal_mu: float = Field(0.01, ge=0.0, description="fedprox: weight of the proximal term")
@@ -444,7 +448,14 @@ class Config(_Section):
         if fed.strategy == "multikrum" and (fed.multikrum_keep or 1) > len(self.sites.train):
             raise ValueError(f"federation.multikrum_keep={fed.multikrum_keep} is more than the "
                              f"{len(self.sites.train)} training sites")
+        if fed.fraction_train < 1.0 and fed.strategy in ("krum", "multikrum", "bulyan", "fedtrimmedavg"):
+            raise ValueError(f"federation.fraction_train={fed.fraction_train:g}: federation.strategy={fed.strategy} "
+                             f"needs a known number of updates per round; sample sites with fedavg, fedprox, fedadam, "
+                             f"fedyogi, fedmedian or fedbn")
         central = self.privacy.central
+        if central.enabled and central.adaptive and fed.fraction_train < 1.0:
+            raise ValueError("privacy.central.adaptive: the clipped count needs every site each round; with "
+                             f"federation.fraction_train={fed.fraction_train:g} use a fixed clipping norm")
         if central.enabled and self.federation.strategy == "fedbn":
             raise ValueError("privacy.central.enabled: federation.strategy=fedbn keeps each site's normalisation "
                              "parameters out of the noised mean; use fedavg, fedprox, fedadam or fedyogi")

@@ -123,3 +123,51 @@ def test_federation_with_central_dp(tiny_cohort, tmp_path):
     privacy = json.loads((run.path / "report" / "metrics.json").read_text())["privacy"]
     assert privacy["global"] == {"round": 2, "central-epsilon": eps[1], "central-delta": 1e-5}
     assert f"Central DP at the server: site-level (ε = {eps[1]:.3g}" in (run.path / "report" / "index.html").read_text()
+
+
+def test_sampled_sites_fixed_denominator_noise_and_amplified_accounting():
+    """federation.fraction_train = q < 1 with central DP: the mean is over q N (DP-FedAvg's fixed
+    denominator), so the noise std is z C / (q N) with 1 site or none drawn; the accountant runs at
+    sample rate q, and a target epsilon needs less noise than with every site every round."""
+    z, c, q = 1.1, 0.5, 0.5
+    dp = CentralDP(FedAvg(), dp_cfg(f"privacy.central.noise_multiplier={z}", f"privacy.central.clipping_norm={c}",
+                                    f"federation.fraction_train={q}", sites="[A,B,C,D]"))
+    current = global_state(n=300_000)
+    one = moved(current, 0.2, seed=5)
+    new = dp.aggregate(current, [Update("A", one, 10)])
+    delta = (new["net.w"].double() - current["net.w"].double()).numpy()
+    signal = (one["net.w"].double() - current["net.w"].double()).numpy() / (q * 4)  # the one update over q N = 2
+    assert (delta - signal).std() == pytest.approx(z * c / (q * 4), rel=0.01)
+    assert dp.round_metrics()["central-mean-norm"] == pytest.approx(0.2 / (q * 4), rel=1e-5)
+    none = dp.aggregate(current, [])  # no site drawn: noise alone, same std
+    assert (none["net.w"].double() - current["net.w"].double()).numpy().std() == pytest.approx(z * c / 2, rel=0.01)
+    assert np.isnan(dp.round_metrics()["central-clipped-fraction"])
+    assert dp.state()["central"]["history"] == [(z, q, 2)]
+    assert dp.epsilon() == pytest.approx(central.epsilon([(z, q, 2)], 1e-5))
+    assert dp.epsilon() < central.epsilon([(z, 1.0, 2)], 1e-5)
+    every = central.noise_multiplier(dp_cfg("privacy.central.target_epsilon=4", "federation.rounds=10"))
+    sampled = central.noise_multiplier(dp_cfg("privacy.central.target_epsilon=4", "federation.rounds=10",
+                                              "federation.fraction_train=0.5"))
+    assert sampled < every and central.epsilon([(sampled, 0.5, 10)], 1e-5) == pytest.approx(4, rel=0.01)
+    with pytest.raises(ConfigError, match="privacy.central.adaptive"):
+        dp_cfg("privacy.central.adaptive=true", "federation.fraction_train=0.5")
+
+
+def test_site_sampling_draws():
+    """Without central DP: ceil(q n) sites, without replacement, by (seed, round); with it: each site
+    with probability q, independently (what the accountant assumes)."""
+    from medgen.server.sampling import sample_sites
+
+    sites = list("ABCDEFGHIJ")
+    plain = load_config(None, [f"sites.train=[{','.join(sites)}]", "sites.heldout=[]", "federation.fraction_train=0.25"])
+    draws = [sample_sites(sites, plain, r) for r in range(1, 201)]
+    assert all(len(d) == 3 and len(set(d)) == 3 and d == sorted(d) for d in draws)
+    assert sample_sites(sites, plain, 7) == draws[6] and len({tuple(d) for d in draws}) > 50
+    assert sample_sites(sites, plain.model_copy(update={"seed": 1}), 7) != draws[6] or \
+        sample_sites(sites, plain.model_copy(update={"seed": 1}), 8) != draws[7]
+    poisson = dp_cfg("federation.fraction_train=0.3", sites=f"[{','.join(sites)}]")
+    counts = [len(sample_sites(sites, poisson, r)) for r in range(1, 2001)]
+    assert np.mean(counts) == pytest.approx(3.0, abs=0.15) and min(counts) == 0 and max(counts) >= 6
+    assert sample_sites(sites, dp_cfg(sites=f"[{','.join(sites)}]"), 3) == sites  # q = 1: everyone
+    with pytest.raises(ConfigError, match="federation.fraction_train=0.5: federation.strategy=krum"):
+        load_config(None, ["federation.fraction_train=0.5", "federation.strategy=krum"])

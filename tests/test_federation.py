@@ -108,6 +108,26 @@ def test_rounds_write_metrics_checkpoints_samples(tiny_cohort, tmp_path):
     assert run.status()["status"] == "completed"
 
 
+def test_a_round_asks_the_sampled_sites_only(tiny_cohort, tmp_path):
+    """federation.fraction_train=0.5 of 2 training sites: one site per round, the one sample_sites
+    draws for that round; the global record says how many were asked; the held-out site evaluates."""
+    from medgen.server.sampling import sample_sites
+
+    cfg = tiny_cfg(tiny_cohort, "federation.rounds=3", "federation.fraction_train=0.5")
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    federate(cfg, run.path)
+    records = run.records()
+    for round_ in (1, 2, 3):
+        trained = [r["site"] for r in records if r["round"] == round_ and r["phase"] == "train" and "loss" in r]
+        assert trained == sample_sites(["A", "B"], cfg, round_) and len(trained) == 1
+        glob = next(r for r in records if r["round"] == round_ and r["phase"] == "train" and r["site"] == "global")
+        assert glob["sites"] == 1 and glob["sites-asked"] == 1
+        evaluated = {r["site"] for r in records if r["round"] == round_ and r["phase"] == "evaluate"}
+        assert {"C", "global"} <= evaluated
+    assert run.status()["status"] == "completed"
+
+
 def test_fedavg_is_the_example_weighted_mean(tiny_cohort, tmp_path):
     """The global model after one round equals the weighted mean of what the two sites sent."""
     cfg = tiny_cfg(tiny_cohort, "federation.rounds=1", "federation.samples_per_class=0")

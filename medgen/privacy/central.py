@@ -21,9 +21,13 @@ those instead, with the same semantics and Flower's own functions where they app
   tracks the ``target_clipped_quantile`` quantile of the update norms; and the noise uses the norm
   that clipped this round's updates (the sensitivity), not the already-updated one.
 
-Accounting: Opacus' RDP accountant with one step per round at sampling rate q = sites asked per
-round / training sites. The server asks every training site every round (no random sampling), so
-q = 1: no amplification, as Flower's fixed-clipping accountant also requires.
+Accounting: Opacus' RDP accountant with one step per round at sampling rate q =
+``federation.fraction_train``. q = 1 (the default): every training site every round, no
+amplification, as Flower's fixed-clipping accountant also requires; the mean is over the m updates
+that came. q < 1: each site is asked with probability q, independently (Poisson sampling,
+medgen/server/sampling.py), and the mean is over the expected count q N, not over the updates that
+came (DP-FedAvg's fixed-denominator estimator, McMahan et al. 2018): the noise std is z C / (q N)
+whether few or no sites were drawn, and a round that drew none releases noise alone.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ from medgen._compat.flwr import (
 from medgen.config import Config, ConfigError
 from medgen.server.strategy import FedAvg, State, Update
 
-SAMPLE_RATE = 1.0  # every training site is asked every round
+def sample_rate(cfg: Config) -> float:
+    """The probability that a training site is asked in a round (``federation.fraction_train``)."""
+    return cfg.federation.fraction_train
 
 
 def noise_multiplier(cfg: Config) -> float:
@@ -56,7 +62,7 @@ def noise_multiplier(cfg: Config) -> float:
     if c.noise_multiplier is not None:
         return c.noise_multiplier
     return float(get_noise_multiplier(target_epsilon=c.target_epsilon, target_delta=c.delta,
-                                      sample_rate=SAMPLE_RATE, steps=cfg.federation.rounds, accountant="rdp"))
+                                      sample_rate=sample_rate(cfg), steps=cfg.federation.rounds, accountant="rdp"))
 
 
 def epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -92,6 +98,7 @@ class CentralDP(FedAvg):
         if not c.enabled:
             raise ConfigError("privacy.central.enabled is false")
         self.inner, self.delta, self.sites = inner, c.delta, len(cfg.sites.train)
+        self.sample_rate = sample_rate(cfg)
         self.noise_multiplier = noise_multiplier(cfg)
         self.clipping_norm = c.clipping_norm
         self.adaptive = None
@@ -119,9 +126,11 @@ class CentralDP(FedAvg):
 
     def release(self, current: State, deltas: list[list[np.ndarray]]) -> tuple[State, dict[str, float]]:
         """The global state moved by the equal-weight mean of ``deltas`` plus Gaussian noise of std
-        z C / m; and the std, the norm of the noise-free mean and the norm of the noise."""
-        keys, m = _floating(current), len(deltas)
-        mean = [sum(d[i] for d in deltas) / m for i in range(len(keys))]
+        z C / m; and the std, the norm of the noise-free mean and the norm of the noise. m: the
+        number of deltas, or the expected number q N when sites are sampled (q < 1)."""
+        keys = _floating(current)
+        m = len(deltas) if self.sample_rate >= 1.0 else self.sample_rate * self.sites
+        mean = [sum((d[i] for d in deltas), np.zeros(current[k].shape)) / m for i, k in enumerate(keys)]
         std = compute_stdv(self.update_noise_multiplier, self.clipping_norm, m)
         noisy = [a.copy() for a in mean]
         add_gaussian_noise_inplace(noisy, std)
@@ -143,16 +152,16 @@ class CentralDP(FedAvg):
         self._account()
         self.last = {"central-epsilon": self.epsilon(), "central-delta": self.delta,
                      "central-noise-multiplier": self.noise_multiplier, "central-clipping-norm": used_norm,
-                     "central-clipped-fraction": clipped / len(deltas),
-                     "central-update-norm-median": float(np.median(norms)), **released}
+                     "central-clipped-fraction": clipped / len(deltas) if deltas else float("nan"),
+                     "central-update-norm-median": float(np.median(norms)) if norms else float("nan"), **released}
         return self.inner.aggregate(current, [Update("central-dp", noised, 1)])
 
     def _account(self) -> None:
-        z = self.noise_multiplier
-        if self.history and self.history[-1][:2] == (z, SAMPLE_RATE):
-            self.history[-1] = (z, SAMPLE_RATE, self.history[-1][2] + 1)
+        z, q = self.noise_multiplier, self.sample_rate
+        if self.history and self.history[-1][:2] == (z, q):
+            self.history[-1] = (z, q, self.history[-1][2] + 1)
         else:
-            self.history.append((z, SAMPLE_RATE, 1))
+            self.history.append((z, q, 1))
 
     def epsilon(self) -> float:
         return epsilon(self.history, self.delta)

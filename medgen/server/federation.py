@@ -28,6 +28,7 @@ from medgen.server.central_evaluation import SERVER_SITE, evaluate_server_data, 
 from medgen.server.errors import FederationError
 from medgen.server.guards import shift_warnings, trained_classes, untrained_note
 from medgen.server.rundir import RunDir, load_weights
+from medgen.server.sampling import sample_sites
 from medgen.server.strategy import State, make_aggregator
 from medgen.server.validation import Rejected, bound_norms, read_update
 
@@ -184,8 +185,12 @@ class Federation:
                 run.log(round_, site, "train", {"refused": self.refusals[site]} if site in self.refusals
                         else {"error": "site not connected"})
             willing = [s for s in cfg.sites.train if s not in self.exhausted]
+            asked = sample_sites(willing, cfg, round_)
+            if len(asked) < len(willing):
+                self.log(f"round {round_}: asking {len(asked)} of {len(willing)} training sites "
+                         f"(federation.fraction_train={cfg.federation.fraction_train:g}): {', '.join(asked) or 'none'}")
             msgs = {s: self._message(self.nodes[s], MessageType.TRAIN, round_, aggregator.payload(s, state))
-                    for s in willing if s in self.nodes}
+                    for s in asked if s in self.nodes}
             updates, accepted = [], {}
             for site, reply in self._exchange(round_, "train", msgs).items():
                 info = reply.content["info"] if "info" in reply.content else {}
@@ -218,7 +223,7 @@ class Federation:
                 self.stopped = "every training site refused to train (privacy budget spent, or its policy)"
                 self.log(f"round {round_}: {self.stopped}; stopping after round {round_ - 1}")
                 break
-            if len(updates) < min(min_sites, len(set(willing) - self.exhausted)) or not updates:
+            if len(updates) < min(min_sites, len(set(asked) - self.exhausted)) or (asked and not updates):
                 raise FederationError(
                     f"round {round_}: only {len(updates)} of {len(cfg.sites.train)} training sites sent a usable "
                     f"update (federation.min_sites={min_sites}); finished rounds are kept")
@@ -227,7 +232,7 @@ class Federation:
                 raise FederationError(f"round {round_}: the aggregated model holds NaN or Inf ({bad[0]}, ...); it is not "
                                       f"written, and the last checkpoint stays the one --resume continues from")
             state = aggregated
-            run.log(round_, "global", "train", {"sites": len(updates),
+            run.log(round_, "global", "train", {"sites": len(updates), "sites-asked": len(asked),
                                                 "num-examples": sum(u.num_examples for u in updates),
                                                 "round-time-s": time.perf_counter() - t0,
                                                 **aggregator.round_metrics()})
