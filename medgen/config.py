@@ -194,6 +194,9 @@ class FederationConfig(_Section):
         description="share of the training sites asked to train each round: ceil(fraction x n) drawn at random; "
                     "with privacy.central each site with this probability (Poisson sampling, the accountant's rate)")
     round_timeout_s: float = Field(600.0, gt=0.0, description="how long to wait for the sites each round")
+    query_timeout_s: float | None = Field(
+        None, gt=0.0, description="how long to wait for a site's first answer, when it loads and preprocesses its "
+                                  "data (and a simulated site's Ray actor starts); null = round_timeout_s")
     eval_every: int = Field(1, ge=1, description="evaluate on every site every k rounds (and after the last)")
     proximal_mu: float = Field(0.01, ge=0.0, description="fedprox: weight of the proximal term")
     server_lr: float = Field(0.01, gt=0.0, description="fedadam / fedyogi: server learning rate")

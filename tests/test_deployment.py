@@ -547,7 +547,8 @@ def test_a_site_whose_supernode_crashed_rejoins(deployment):
     run_dir = d.tmp / "run"
     run = RunDir(run_dir)
     d.server("--out", run_dir, "--set", "federation.rounds=200", "--set", "federation.min_sites=1",
-             "--set", "sites.heldout=[]", "--set", "federation.round_timeout_s=20")
+             "--set", "sites.heldout=[]", "--set", "federation.round_timeout_s=20",
+             "--set", "federation.query_timeout_s=120")
     d.site("A"), d.site("B")
     trained = lambda: [r["round"] for r in run.records() if r["site"] == "B" and r["phase"] == "train" and "loss" in r]
     _wait_until(lambda: len(trained()) >= 1, d, 240, "a round trained by B")
@@ -572,7 +573,8 @@ def test_a_crash_looping_site_worker_is_restarted_each_time(deployment):
     run_dir = d.tmp / "run"
     run = RunDir(run_dir)
     d.server("--out", run_dir, "--set", "federation.rounds=6", "--set", "federation.min_sites=1",
-             "--set", "sites.heldout=[]", "--set", "federation.round_timeout_s=20")
+             "--set", "sites.heldout=[]", "--set", "federation.round_timeout_s=20",
+             "--set", "federation.query_timeout_s=120")
     d.site("A"), d.site("B")
     trained = lambda: [r["round"] for r in run.records() if r["site"] == "B" and r["phase"] == "train" and "loss" in r]
     killed = []

@@ -128,6 +128,30 @@ def test_a_round_asks_the_sampled_sites_only(tiny_cohort, tmp_path):
     assert run.status()["status"] == "completed"
 
 
+def test_the_first_query_has_its_own_timeout(tiny_cohort, tmp_path):
+    """federation.query_timeout_s bounds the queries (a site's first answer: it loads its data then),
+    round_timeout_s the training and evaluation; a site silent at the query is named with the key."""
+
+    class Silent(LocalGrid):
+        timeouts: list
+
+        def send_and_receive(self, messages, *, timeout=None):
+            self.timeouts.append((messages[0].metadata.message_type, timeout))
+            return [r for r in super().send_and_receive(messages, timeout=timeout)
+                    if not (r.metadata.message_type == "query" and r.metadata.src_node_id == 101)]
+
+    cfg = tiny_cfg(tiny_cohort, "federation.rounds=1", "federation.min_sites=1", "federation.round_timeout_s=30",
+                   "federation.query_timeout_s=300")
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    grid, lines = Silent(3), []
+    grid.timeouts = []
+    run_federation(grid, cfg, run, lines.append)
+    assert ("query", 300.0) in grid.timeouts and ("train", 30.0) in grid.timeouts
+    assert {t for kind, t in grid.timeouts if kind != "query"} == {30.0}
+    assert any("site node 101 FAILED (query): no answer within federation.query_timeout_s=300" in x for x in lines), lines
+
+
 def test_fedavg_is_the_example_weighted_mean(tiny_cohort, tmp_path):
     """The global model after one round equals the weighted mean of what the two sites sent."""
     cfg = tiny_cfg(tiny_cohort, "federation.rounds=1", "federation.samples_per_class=0")

@@ -259,9 +259,9 @@ def test_simulate_on_a_ray_cluster_through_ray_address(tmp_path, cache):
 def test_a_hung_site_is_abandoned_and_simulate_exits(tmp_path, cache):
     """A site's Ray actor stops answering (SIGSTOP) after round 1: its messages time out, the run
     completes with the other site, and `medgen simulate` exits instead of waiting for it forever
-    (after simulation.hung_grace_s, shortened here from 20 s to 5 s). The round timeout (25 s) also
-    bounds the first query, which starts the Ray actors: 10 s, then 15 s, were measured too short
-    on a loaded 2-core machine."""
+    (after simulation.hung_grace_s, shortened here from 20 s to 5 s). The first query, which starts
+    the Ray actors and loads the sites' data, has its own timeout (federation.query_timeout_s, 120 s):
+    bounded by the round timeout, 10 s and 15 s were measured too short on a loaded 2-core machine."""
     import os
     import signal
     import time
@@ -271,6 +271,7 @@ def test_a_hung_site_is_abandoned_and_simulate_exits(tmp_path, cache):
     run_dir = tmp_path / "run"
     grace = 5
     extra = ["federation.rounds=2", "federation.min_sites=1", "federation.round_timeout_s=25",
+             "federation.query_timeout_s=120",
              "simulation.client_cpus=1", f"simulation.hung_grace_s={grace}"]
     sets = [x for kv in TINY + [f"data.cache_dir={cache}", *extra] for x in ("--set", kv)]
     proc = subprocess.Popen([MEDGEN, "simulate", "--out", str(run_dir), *sets], stdout=subprocess.PIPE,

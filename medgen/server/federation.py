@@ -73,14 +73,18 @@ class Federation:
         return Message(content=content, message_type=kind, dst_node_id=node)
 
     def _exchange(self, round_: int, phase: str, messages: dict[str, Message]) -> dict[str, Message]:
-        """Send, wait up to the round timeout, return the good replies by site; log every failure."""
-        replies = self.grid.send_and_receive(list(messages.values()), timeout=self.cfg.federation.round_timeout_s)
+        """Send, wait up to the round timeout (the query timeout for a query), return the good replies
+        by site; log every failure."""
+        fed = self.cfg.federation
+        key, timeout = (("query_timeout_s", fed.query_timeout_s) if phase == "query" and fed.query_timeout_s
+                        else ("round_timeout_s", fed.round_timeout_s))
+        replies = self.grid.send_and_receive(list(messages.values()), timeout=timeout)
         by_node = {m.metadata.src_node_id: m for m in replies}
         good = {}
         for site, msg in messages.items():
             reply = by_node.get(msg.metadata.dst_node_id)
             if reply is None:
-                reason = f"no answer within federation.round_timeout_s={self.cfg.federation.round_timeout_s:g}"
+                reason = f"no answer within federation.{key}={timeout:g}"
             elif reply.has_error():
                 reason = _clean_reason(reply.error.reason)
             else:
@@ -91,10 +95,11 @@ class Federation:
         return good
 
     def discover_sites(self, wait: bool) -> None:
-        """Ask every node not yet bound which site it is. With ``wait``, keep asking (up to the round
+        """Ask every node not yet bound which site it is. With ``wait``, keep asking (up to the query
         timeout) until every configured site is bound or every node has answered."""
         expected = set(self.cfg.sites.all)
-        deadline = time.monotonic() + self.cfg.federation.round_timeout_s
+        fed = self.cfg.federation
+        deadline = time.monotonic() + (fed.query_timeout_s or fed.round_timeout_s)
         while True:
             node_ids = list(self.grid.get_node_ids())
             unknown = [n for n in node_ids if n not in self.nodes.values() and n not in self.strangers]
