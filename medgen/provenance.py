@@ -1,5 +1,6 @@
 """What produced a run's numbers: medgen and library versions, Python, platform, the git commit of
-the medgen source (when it is a git checkout), and a fingerprint of the resolved config.
+the medgen source (when it is a git checkout), the machine's CPUs and CUDA devices, and a
+fingerprint of the resolved config.
 
 ``<run>/provenance.json`` holds one entry per session that wrote into the run directory (the first
 start, then each ``--resume``): ``{"sessions": [{"started": ..., "medgen": ..., ...}, ...]}``. The
@@ -15,6 +16,7 @@ import hashlib
 import os
 import platform
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -66,10 +68,24 @@ def fingerprint(config_text: str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def device() -> str:
+    """This machine's compute: its CPU count, and the CUDA devices torch sees when torch is already
+    imported (a report built without torch does not import it for this)."""
+    text = f"{os.cpu_count() or '?'} CPUs ({platform.machine() or 'unknown'})"
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available():
+            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            text += ", CUDA: " + ", ".join(names)
+    except Exception:  # a broken CUDA set-up must not stop a run from recording what it can
+        text += ", CUDA: unavailable"
+    return text
+
+
 def collect(config_file: str | Path | None = None) -> dict:
     """The provenance of this process (and of ``config_file``'s text, when given)."""
     out = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "medgen": _version("medgen"), "git": git_source(),
-           "python": platform.python_version(), "platform": platform.platform(),
+           "python": platform.python_version(), "platform": platform.platform(), "device": device(),
            "libraries": {name: _version(name) for name in LIBRARIES}}
     if config_file is not None and Path(config_file).is_file():
         out["config-sha256"] = fingerprint(Path(config_file).read_bytes())

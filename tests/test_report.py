@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 from html.parser import HTMLParser
 
@@ -131,6 +132,7 @@ def check_format_provenance_layout(run, index, compare, last_c):
     (session,) = provenance.read(run.path)
     assert session["config-sha256"] == hashlib.sha256((run.path / "config.yaml").read_bytes()).hexdigest()
     assert {"medgen", "python", "platform", "git", "started"} <= session.keys()
+    assert session["device"].startswith(f"{os.cpu_count()} CPUs")
     assert {"torch", "flwr", "opacus", "numpy", "nibabel"} <= {k for k, v in session["libraries"].items() if v}
     assert metrics["provenance"]["run"] == [session]
     assert metrics["provenance"]["report"]["config-sha256"] == session["config-sha256"]
@@ -138,6 +140,7 @@ def check_format_provenance_layout(run, index, compare, last_c):
         parsed = Page(page.read_text())
         assert "Provenance" in parsed.headings, page
         assert session["libraries"]["torch"] in parsed.cells and session["config-sha256"][:16] in parsed.cells, page
+        assert session["device"] in parsed.cells, page
         # every table sits in a box that scrolls sideways: nothing runs off the page
         assert parsed.tables_in and set(parsed.tables_in) == {"div.scroll"}, page
 

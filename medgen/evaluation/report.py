@@ -493,7 +493,7 @@ def _site_picture(run, site: str) -> str:
 # ----------------------------------------------------------------------------- provenance
 
 _PROVENANCE_ROWS = [("started", "started"), ("medgen", "medgen"), ("git commit", "git"), ("python", "python"),
-                    ("platform", "platform"), ("config sha256", "config-sha256")]
+                    ("platform", "platform"), ("device", "device"), ("config sha256", "config-sha256")]
 
 
 def _provenance_cell(entry: dict, key: str) -> str:
