@@ -110,8 +110,11 @@ class PhantomConfig(_Section):
     lesion_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of lesion subjects")
 
 
+Family = Literal["vae", "cevae", "gan", "ddpm"]
+
+
 class ModelConfig(_Section):
-    family: Literal["vae", "gan", "ddpm"] = "vae"
+    family: Family = "vae"
     width: int = Field(16, ge=4, le=512, description="channels of the first conv layer (16: CPU; 64: GPU)")
     latent_dim: int = Field(64, ge=2, le=4096, description="VAE / GAN latent size")
     recon_loss: Literal["mse", "l1"] = "mse"
@@ -120,6 +123,8 @@ class ModelConfig(_Section):
                                  "benchmarks/README.md)"
     )
     kl_warmup_steps: int = Field(0, ge=0, description="VAE: KL weight ramps 0 -> beta over these local steps")
+    ce_weight: float = Field(1.0, ge=0.0, description="ceVAE: weight of the context-encoding loss (reconstructing "
+                                                      "the image from a copy with a random patch replaced by noise)")
     norm_groups: int = Field(8, ge=1, description="GroupNorm groups (no BatchNorm: DP-SGD compatible)")
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="GAN generator / DDPM weights EMA used for sampling")
     gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
@@ -295,8 +300,8 @@ class SitePolicy(_Section):
     share_images: bool = Field(
         False, description="may anomaly-map overlays and the memorisation audit's image pairs leave the site "
                            "(false: never, whatever the study asks)")
-    allow_families: list[Literal["vae", "gan", "ddpm"]] = Field(
-        ["vae", "gan", "ddpm"], description="model families the site trains")
+    allow_families: list[Family] = Field(
+        ["vae", "cevae", "gan", "ddpm"], description="model families the site trains")
     max_local_steps: int = Field(10_000, ge=1, description="refuse more optimiser steps per round than this")
     allowed_studies: list[str] = Field(
         [], description="study names or config fingerprints the site agreed to; [] = every study (in a deployment: "

@@ -30,7 +30,8 @@ def test_conv2d_per_sample_gradients_equal_brute_force(stride, dilation, bias, s
     assert (out.shape[-1] ** 2 >= MIN_POSITIONS) == (size == 20 and stride == 1)  # both paths are covered
 
 
-@pytest.mark.parametrize("family, space", [("vae", "pixel"), ("gan", "pixel"), ("ddpm", "pixel"), ("ddpm", "latent")])
+@pytest.mark.parametrize("family, space", [("vae", "pixel"), ("cevae", "pixel"), ("gan", "pixel"), ("ddpm", "pixel"),
+                                           ("ddpm", "latent")])
 def test_dp_step_equals_opacus_grad_sample_module(family, space):
     cfg = load_config(None, [f"model.family={family}", "data.image_size=32", "model.width=8", "model.latent_dim=16",
                              "model.timesteps=50", "model.anomaly_t=20", f"model.space={space}"])

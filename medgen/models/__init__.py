@@ -16,6 +16,10 @@ def build_model(cfg: Config, seed: int | None = None) -> GenerativeModel:
         from medgen.models.vae import ConditionalVAE
 
         return ConditionalVAE(cfg)
+    if family == "cevae":
+        from medgen.models.cevae import ContextEncodingVAE
+
+        return ContextEncodingVAE(cfg)
     if family == "gan":
         from medgen.models.gan import ConditionalGAN
 
@@ -24,7 +28,7 @@ def build_model(cfg: Config, seed: int | None = None) -> GenerativeModel:
         from medgen.models.ddpm import DDPM
 
         return DDPM(cfg)
-    raise NotImplementedError(f"model.family={family!r} is not implemented yet (available: vae, gan, ddpm)")
+    raise NotImplementedError(f"model.family={family!r} is not implemented yet (available: vae, cevae, gan, ddpm)")
 
 
 __all__ = ["HEALTHY", "LESION", "GenerativeModel", "build_model"]

@@ -18,6 +18,11 @@ from medgen.models.layers import (Down, Up, group_count, label_embedding, level_
                                   smooth_score)
 
 
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per image: (B, latent_dim) each -> (B,), >= 0."""
+    return -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)
+
+
 class VAENet(nn.Module):
     """Encoder + decoder. ``forward(x, y)`` -> (reconstruction in [0, 1], mu, logvar); in train
     mode z is sampled from the posterior, in eval mode z = mu."""
@@ -88,7 +93,7 @@ class ConditionalVAE(GenerativeModel):
     def _losses(self, images, labels, beta: float) -> dict[str, torch.Tensor]:
         x_hat, mu, logvar = self.networks["vae"](images, labels)
         recon = self._recon_error(images, x_hat).flatten(1).sum(1).mean()
-        kl = (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)).mean()
+        kl = kl_divergence(mu, logvar).mean()
         return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
 
     def _beta(self, step: int | None) -> float:
@@ -108,8 +113,7 @@ class ConditionalVAE(GenerativeModel):
         loss = terms["loss"] + extra_loss() if extra_loss is not None else terms["loss"]
         loss.backward()
         opt.step()
-        return {"loss": float(loss.detach()), "recon": float(terms["recon"].detach()),
-                "kl": float(terms["kl"].detach())}
+        return {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(loss.detach())}
 
     def evaluate(self, images, labels) -> dict[str, float]:
         """Same keys as ``train_step`` with the full beta and z = posterior mean (deterministic)."""
