@@ -22,7 +22,7 @@ _SUFFIX = re.compile(r"^((@[a-z_]+=[-+\w.]+)*|/outlier-level|/outlier)$")
 
 #: ``threshold-source`` metric: which slices fixed the threshold of ``dice-at-threshold``.
 THRESHOLD_SOURCES = {
-    0: "none: no healthy slices to fix it on",
+    0: "no healthy slices to fix it on",
     1: "the site's own healthy subjects (half of them; those slices are not scored)",
     2: "the training sites' healthy validation slices (a pixel-weighted mean of their quantiles)",
     3: "the site's own slices outside the lesion masks (evaluation.calibration=outside-lesions: looks at the masks)",
