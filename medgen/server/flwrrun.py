@@ -45,8 +45,7 @@ def open_flwr_run(run_config: dict) -> tuple[Config, RunDir]:
     cfg = load_config(Path(config_file).resolve() if config_file else None, overrides(run_config))
     run_dir = str(run_config.get("run-dir") or "") or None
     cfg, run = open_run(cfg, Path(run_dir).resolve() if run_dir else None, None)
-    run.path = run.path.resolve()
-    return cfg, RunDir(run.path)
+    return cfg, RunDir(run.path.resolve())
 
 
 def wait_for_nodes(grid, sites: list[str], wait_s: float = NODES_WAIT_S) -> None:
