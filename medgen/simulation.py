@@ -1,29 +1,36 @@
 """`medgen simulate`: every site of the study as a simulated Flower SuperNode on Ray, one machine.
 
-Flower's simulation engine runs the ServerApp in this process and each site's ClientApp in a Ray
-actor (``simulation.client_cpus`` CPUs each), or on an existing Ray cluster
-(``simulation.ray_address``). Ray starts once per run, not per round. The local Ray is the run's
-own (never a cluster someone started here with ``ray start``) and listens on 127.0.0.1 only
-(``medgen/_compat/ray.py``): by default its GCS, raylet and workers listen on every interface.
+As Flower 1.41 runs a local simulation (what `flwr run` does): a SuperLink in simulation mode on
+127.0.0.1 (a child process, its log in ``<run>/simulation/superlink.log``) is handed the study as a
+run — an app bundle naming medgen's ServerApp and ClientApp, the resolved config and the run
+directory in its run config, the SuperNodes and their Ray resources (``simulation.client_cpus`` /
+``client_gpus``) in its simulation config. Flower's simulation process then runs the ServerApp and
+each site's ClientApp in a Ray actor; its output (the ServerApp's lines, progress bars) comes to
+this terminal. Ray starts once per run, not per round. The local Ray is the run's own (never a
+cluster someone started here with ``ray start``) and listens on 127.0.0.1 only; or it is an
+existing cluster (``simulation.ray_address``) — ``medgen/_compat/ray.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import signal
-import threading
-import warnings
+import time
 from pathlib import Path
 
 from medgen import logs
-from medgen._compat.ray import ray_init_args
-from medgen.config import Config, ConfigError
+from medgen._compat.ray import ray_environment
+from medgen.config import Config, ConfigError, dump_config
 from medgen.data.dataset import cache_root
 from medgen.server.errors import FederationError
 from medgen.server.rundir import RunDir, open_run
+
+LINK_TIMEOUT_S = 60.0  # how long the SuperLink may take to answer on /health
+POLL_S = 0.2  # how often the run's status is read
+CONSOLE_FILE = "console.log"  # under <run>/simulation/: the ServerApp's console output
+DONE_FILE = "done"  # under <run>/simulation/: written when the ServerApp has returned
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -51,15 +58,11 @@ def resolve_data(cfg: Config, log=logs.info) -> Config:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": folder, "cache_dir": cache})})
 
 
-def release_hung_sites(loop_done: threading.Event, engine_done: threading.Event, grace_s: float,
-                       log=logs.info) -> None:
-    """Once the federated loop has returned, give the simulation engine ``grace_s``
-    (``simulation.hung_grace_s``) to shut down; if it has not, a site's ClientApp actor does not
-    answer (stopped, or stuck in a call) and Ray waits for it forever: kill the run's ClientApp
-    actors, which lets the engine end. The run's outcome is already written."""
-    loop_done.wait()
-    if engine_done.wait(grace_s):
-        return
+def stop_hung_sites(grace_s: float, log=logs.info) -> None:
+    """The ServerApp's loop has returned, but Flower's simulation has not ended ``grace_s``
+    (``simulation.hung_grace_s``) later: a site's ClientApp actor does not answer (stopped, or stuck
+    in a call) and Ray waits for it for ever. Kill the run's ClientApp actors, which lets it end.
+    The run's outcome is already written."""
     from medgen.deployment.procs import descendants
 
     stuck = []
@@ -93,46 +96,130 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
 
     With ``resume`` the config is the run's own ``config.yaml`` plus ``overrides`` (e.g. more
     rounds). Raises FederationError when the run fails; finished rounds stay in the run directory.
+    ``log`` takes this process' lines; the ServerApp's are printed here as they come (at the
+    verbosity of ``medgen.logs``) and go to ``run.log``.
     """
     cfg, run = open_run(cfg, out, resume, overrides)
     try:
-        ray_args = ray_init_args(cfg.simulation.ray_address)
+        ray_env = ray_environment(cfg.simulation.ray_address)
     except ValueError as e:
         raise ConfigError(f"simulation.ray_address={cfg.simulation.ray_address}: {e}") from None
+    cfg = resolve_client_cpus(cfg)
+    if cfg.simulation.client_cpus != int(cfg.simulation.client_cpus):
+        raise ConfigError(f"simulation.client_cpus={cfg.simulation.client_cpus:g}: Flower's simulation reserves "
+                          f"whole CPUs per site")
     if cfg.simulation.ray_address is None:  # the sites train on this machine
         from medgen.client.task import check_device
 
         check_device(cfg)
     run.create(cfg)
+    run.path = run.path.resolve()
     logs.to_run_log(run.path)
-    data_cfg = resolve_client_cpus(resolve_data(cfg, log))
-
-    from flwr.simulation import run_simulation
-
-    from medgen.client.app import app as client_app
-    from medgen.server.app import make_server_app
-
-    # run_simulation is deprecated in favour of `flwr run` (a SuperLink plus an app bundle); it is
-    # still Flower's in-process simulation engine, and it needs neither.
-    logs.configure(logs.verbosity())  # importing flwr set its logger to DEBUG: errors only, unless -v
-    backend = {"client_resources": {"num_cpus": data_cfg.simulation.client_cpus,
-                                    "num_gpus": cfg.simulation.client_gpus},
-               "init_args": {"include_dashboard": False, "log_to_driver": True, **ray_args,
-                             "logging_level": logging.INFO if logs.verbosity() > 0 else logging.WARNING}}
-    log(f"run directory: {run.path}")
-    loop_done, engine_done = threading.Event(), threading.Event()
-    if not cfg.simulation.ray_address:
-        threading.Thread(target=release_hung_sites, args=(loop_done, engine_done, cfg.simulation.hung_grace_s, log),
-                         daemon=True).start()
+    run.set_status("starting")
+    (run.path / "simulation" / DONE_FILE).unlink(missing_ok=True)
+    link = start_link(run.path / "simulation", ray_env)  # it starts while the data is made ready
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            run_simulation(make_server_app(data_cfg, run, on_done=loop_done.set, log=log), client_app,
-                           num_supernodes=len(cfg.sites.all), backend_config=backend)
+        data_cfg = resolve_data(cfg, log)
+        log(f"run directory: {run.path}")
+        run_on(link, data_cfg, run, log)
     finally:
-        engine_done.set()
+        link.stop()
     status = run.status()
     if status.get("status") != "completed":
         raise FederationError(f"simulation did not complete: {status.get('error', status.get('status'))} "
                               f"(run directory {run.path})")
     return run
+
+
+def start_link(work: Path, ray_env: dict[str, str]):
+    """A ``flower-superlink --simulation`` on a free port of 127.0.0.1 (a ``procs.Child``); Flower's
+    console messages are its errors only (everything is in ``work/superlink.log``)."""
+    from medgen.deployment.procs import Child, flower_bin, flower_env, free_port
+    from medgen.progress import ENV as PROGRESS_ENV
+
+    port = free_port()
+    env = flower_env(work / "flwr-home", {**ray_env, "FLWR_LOG_LEVEL": "ERROR", PROGRESS_ENV: "0"})
+    link = Child("SuperLink", [flower_bin("flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1",
+                               "--port", str(port), "--isolation", "subprocess",
+                               "--disable-runtime-dependency-installation", "--log-file", str(work / "superlink.log")],
+                 work / "superlink.log", env=env, console=True)
+    link.address = f"127.0.0.1:{port}"
+    return link
+
+
+def run_on(link, cfg: Config, run: RunDir, log=logs.info) -> None:
+    """The study ``cfg`` (resolved: data folder, CPUs) as a run of the simulation SuperLink ``link``,
+    followed until Flower says the run has finished (or, ``simulation.hung_grace_s`` after the
+    ServerApp is done, until its hung ClientApp actors are stopped). On Ctrl-C / SIGTERM the run is
+    stopped and marked resumable. The ServerApp (``medgen.server.app``, its ``simulated`` branch)
+    writes the outcome to ``run``."""
+    from medgen._compat.flwr import SimulationConfig
+    from medgen.deployment.fab import build_fab
+    from medgen.deployment.handshake import medgen_version
+    from medgen.deployment.link import Control, wait_healthy
+    from medgen.deployment.procs import shielded
+    from medgen.progress import track
+
+    verbose = logs.verbosity() > 0
+    control, run_id, finished = None, None, False
+    try:
+        wait_healthy(link.address, None, LINK_TIMEOUT_S, link)
+        control = Control(link.address, None)
+        sim = cfg.simulation
+        resources = SimulationConfig(
+            num_supernodes=len(cfg.sites.all), backend="ray", verbose=verbose,
+            client_resources_num_cpus=int(sim.client_cpus), client_resources_num_gpus=sim.client_gpus,
+            init_args_logging_level="INFO" if verbose else "WARNING", init_args_log_to_driver=True)
+        run_id = control.start_run(build_fab(medgen_version()), {
+            "simulation": str(logs.verbosity()), "medgen-config": dump_config(cfg), "run-dir": str(run.path)}, resources)
+        rounds = range(run.last_round() + 1, cfg.federation.rounds + 1)
+        for _ in track(_follow(control, run_id, link, run, sim.hung_grace_s, log), f"study: {len(rounds)} rounds",
+                       total=len(rounds), unit="rounds"):
+            pass
+        finished = True
+        _, sub_status, details = control.run_status(run_id)
+        if sub_status != "completed" and run.status().get("status") not in ("completed", "failed"):
+            run.set_status("failed", round=run.last_round(),
+                           error=f"Flower's simulation {sub_status}: {details} (log: {link.log_file})")
+    except (KeyboardInterrupt, SystemExit) as e:
+        with shielded():
+            link.stop()  # the ServerApp first: its last words must not hide that the run was stopped
+            if run.status().get("status") not in ("completed", "failed"):
+                how = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+                run.set_status("failed", round=run.last_round(),
+                               error=f"stopped ({how}); continue with `medgen simulate --resume {run.path}`")
+        raise
+    finally:
+        if control is not None:
+            if run_id is not None and not finished and link.running():
+                try:
+                    control.stop_run(run_id)
+                except Exception:  # the link is stopped next, which ends the run anyway
+                    pass
+            control.close()
+
+
+def _follow(control, run_id: int, link, run: RunDir, grace_s: float, log):
+    """Until Flower's run has finished: print the ServerApp's console lines, yield once per
+    round checkpointed, and stop the ClientApp actors that keep Flower waiting ``grace_s`` after
+    the ServerApp is done (``stop_hung_sites``)."""
+    from medgen.deployment.link import DeploymentError
+    from medgen.deployment.server import Follower
+
+    console = Follower(run.path / "simulation" / CONSOLE_FILE, lambda line: print(line, flush=True))
+    done, loop_ended = run.last_round(), None
+    while control.run_status(run_id)[0] != "finished":
+        console.poll()
+        if not link.running():
+            raise DeploymentError(f"the simulation SuperLink exited (code {link.proc.returncode}); its log "
+                                  f"({link.log_file}) ends:\n{link.tail()}")
+        while run.last_round() > done:
+            done += 1
+            yield done
+        if loop_ended is None and (run.path / "simulation" / DONE_FILE).is_file():
+            loop_ended = time.monotonic()
+        if loop_ended is not None and time.monotonic() - loop_ended > grace_s:
+            stop_hung_sites(grace_s, log)
+            loop_ended = float("inf")
+        time.sleep(POLL_S)
+    console.poll()

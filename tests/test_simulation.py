@@ -144,12 +144,12 @@ def test_train_baselines(tmp_path, cache):
 RAY_LISTENERS = """
 import ipaddress, json, logging, os, socket
 from medgen.deployment.procs import descendants
-from medgen._compat.ray import ray_loopback
+from medgen._compat.ray import ray_environment
 
-args = ray_loopback()
+os.environ.update(ray_environment(None))
 import ray
 
-ray.init(include_dashboard=False, num_cpus=1, logging_level=logging.ERROR, **args)
+ray.init(include_dashboard=False, num_cpus=1, logging_level=logging.ERROR)  # as Flower's Ray backend does
 ray.get(ray.remote(lambda: 1).remote())
 pids = {os.getpid(), *descendants(os.getpid())}
 inodes = {}
@@ -175,8 +175,8 @@ print(json.dumps(found))
 
 
 def test_the_local_ray_listens_on_loopback_only():
-    """`medgen simulate`'s Ray (ray_loopback's init args): the GCS, the raylet and the workers
-    listen on 127.0.0.1, not on every interface (they do without these arguments)."""
+    """`medgen simulate`'s Ray (started under ray_environment(None)): the GCS, the raylet and the
+    workers listen on 127.0.0.1, not on every interface (they do without it)."""
     import ipaddress
 
     out = subprocess.run([sys.executable, "-c", RAY_LISTENERS], capture_output=True, text=True, timeout=300)
@@ -191,8 +191,8 @@ def test_the_local_ray_listens_on_loopback_only():
 
 def test_simulate_on_a_ray_cluster_through_ray_address(tmp_path, cache):
     """`ray start --head` on loopback (a cluster with its own temp folder), then a 1-round tiny study
-    with simulation.ray_address=127.0.0.1:PORT: it completes, and it ran on that cluster (the
-    study's Ray driver log is in the head's session folder), not on a Ray of its own. Before the
+    with simulation.ray_address=127.0.0.1:PORT: it completes, and it ran on that cluster (the Ray
+    driver log of one of the study's processes is in the head's session folder), not on a Ray of its own. Before the
     fix Ray resolved 127.0.0.1 to the machine's outward address and waited for ever. An address
     where nothing listens is refused at once, naming the key, before the run directory is made."""
     import os
@@ -231,15 +231,23 @@ def test_simulate_on_a_ray_cluster_through_ray_address(tmp_path, cache):
         run_dir = tmp_path / "run"
         sets = [x for kv in TINY + [f"data.cache_dir={cache}", "federation.rounds=1",
                                     f"simulation.ray_address=127.0.0.1:{port}"] for x in ("--set", kv)]
-        study = subprocess.Popen([MEDGEN, "simulate", "--out", str(run_dir), *sets], stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
+        log = tmp_path / "study.out"
+        with log.open("w") as f:
+            study = subprocess.Popen([MEDGEN, "simulate", "--out", str(run_dir), *sets], stdout=f,
+                                     stderr=subprocess.STDOUT, text=True)
+        ours = {study.pid}  # the study's processes; Flower's simulation process among them is the Ray driver
+        deadline = time.monotonic() + 400
         try:
-            out, _ = study.communicate(timeout=400)
+            while study.poll() is None and time.monotonic() < deadline:
+                ours.update(descendants(study.pid))
+                time.sleep(0.2)
         finally:
             study.kill()
+        out = log.read_text()
         assert study.returncode == 0, out[-3000:]
         assert RunDir(run_dir).status()["status"] == "completed"
-        drivers = list(Path(temp).glob(f"session_*/logs/python-core-driver-*_{study.pid}.log"))
+        drivers = [p for p in Path(temp).glob("session_*/logs/python-core-driver-*.log")
+                   if int(p.stem.rsplit("_", 1)[1]) in ours]
         assert drivers, sorted(p.name for p in Path(temp).glob("session_*/logs/*"))[:40]
     finally:
         ray_processes = descendants(head.pid)
@@ -351,3 +359,42 @@ def test_a_crash_looping_site_is_named_every_round_and_the_others_finish(tmp_pat
     while [p for p in below if _start_time(p)] and time.monotonic() < deadline:
         time.sleep(0.3)
     assert not [p for p in below if _start_time(p)], "Ray processes live on"
+
+
+def test_ctrl_c_stops_the_simulation_and_leaves_it_resumable(tmp_path, cache):
+    """Ctrl-C (SIGINT) once round 1 is checkpointed: `medgen simulate` stops its SuperLink and every
+    process below it, says so in one line, exits 130, and the run says how to continue."""
+    import os
+    import signal
+    import time
+
+    from medgen.deployment.procs import descendants
+    from medgen.watchdog import _start_time
+
+    run_dir = tmp_path / "run"
+    sets = [x for kv in TINY + [f"data.cache_dir={cache}", "federation.rounds=20"] for x in ("--set", kv)]
+    proc = subprocess.Popen([MEDGEN, "simulate", "--out", str(run_dir), *sets], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "round-0001.pt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "no round 1: " + proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    below = {p: _start_time(p) for p in descendants(proc.pid)}
+    assert any(Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ray::ClientAppActor") for p in below
+               if _start_time(p))
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("medgen simulate did not stop on Ctrl-C")
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): "), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    deadline = time.monotonic() + 15  # the watchdog (medgen/watchdog.py) ends once it sees its parent gone
+    while (left := [p for p, t in below.items() if t and _start_time(p) == t]) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left]
+    status = RunDir(run_dir).status()
+    assert status["status"] == "failed" and f"medgen simulate --resume {run_dir}" in status["error"], status
+    assert not os.path.exists(run_dir / "checkpoints" / "round-0020.pt")

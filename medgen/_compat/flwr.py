@@ -16,8 +16,8 @@ SuperNode keep their start-up time. What they are for:
 - the site's long-lived ClientApp worker (``medgen/deployment/worker.py``): what ``flwr-clientapp``
   does with the SuperNode's Runtime API (runtime client, protobuf messages, serde, object pulls,
   heartbeat, task identity), and :func:`set_message_id`;
-- the SuperLink's Control API client (``medgen/deployment/link.py``), the app bundle builder
-  (``medgen/deployment/fab.py``);
+- the SuperLink's Control API client (``medgen/deployment/link.py``) and the simulation config of
+  a run (``medgen/simulation.py``), the app bundle builder (``medgen/deployment/fab.py``);
 - the SuperNode's task state: :func:`answer_orphaned_messages` wraps ``InMemoryNodeState``'s
   handling of expired tasks;
 - shorter polls: :func:`speed_up_supernode` (``medgen/deployment/supernode.py``) and
@@ -75,6 +75,7 @@ _FROM = {
     "RegisterNodeRequest": "flwr.proto.control_pb2",
     "StartRunRequest": "flwr.proto.control_pb2",
     "StopRunRequest": "flwr.proto.control_pb2",
+    "SimulationConfig": "flwr.proto.federation_config_pb2",
     "make_confirm_message_received_fn_protobuf": "flwr.supercore.inflatable.inflatable_protobuf_utils",
     "make_pull_object_fn_protobuf": "flwr.supercore.inflatable.inflatable_protobuf_utils",
     "pull_and_inflate_object_from_tree": "flwr.supercore.inflatable.inflatable_utils",

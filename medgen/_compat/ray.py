@@ -5,43 +5,35 @@ reach. Written against ray 2.55 (the version flwr 1.41 pins)."""
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
-import sys
 
-LOOPBACK = "127.0.0.1"
 CONNECT_TIMEOUT_S = 5.0
 
 
-def ray_loopback() -> dict:
-    """The ``ray.init`` arguments that keep a Ray node on 127.0.0.1. Ray 2.55 turns
-    ``_node_ip_address="127.0.0.1"`` into the machine's outward address unless it runs as a
-    single-machine node (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when ``ray`` is imported, so
-    it is also set on the loaded module); its GCS, raylet and workers then listen on 127.0.0.1
-    instead of every interface (measured with ``ss -ltnp``), and a driver looks for a cluster on
-    loopback at 127.0.0.1, not at the outward address (where it would wait for ever)."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # also for Ray's own child processes
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = False
-    return {"_node_ip_address": LOOPBACK}
+def ray_environment(address: str | None) -> dict[str, str]:
+    """The environment under which Flower's simulation process starts Ray (its ``ray.init`` takes
+    the address from ``RAY_ADDRESS``; Flower's simulation config has no key for it). ``address``
+    None: a new local Ray — ``local``, else ``ray.init`` joins any cluster someone started on this
+    machine with ``ray start``. A ``host:port`` or ``ray://host:port`` address: that cluster.
+    ValueError when nothing answers at the address within 5 s (Ray itself retries for many
+    minutes without saying why).
 
-
-def ray_init_args(address: str | None) -> dict:
-    """``ray.init`` arguments for Flower's simulation backend. ``address`` None: a new local Ray on
-    loopback — ``address="local"``, else ``ray.init`` joins any cluster someone started on this machine
-    with ``ray start``. A ``host:port`` or ``ray://host:port`` address: that cluster, with the loopback
-    settings when the host is this machine's loopback. ValueError when nothing answers at the address
-    within 5 s (Ray itself retries for many minutes without saying why)."""
+    A local Ray, or a cluster on this machine's loopback, also gets
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's single-machine mode): its node address is then
+    127.0.0.1, where Ray 2.55 would otherwise use the machine's outward address — its GCS, raylet
+    and workers listen on 127.0.0.1 instead of every interface (measured with ``ss -ltnp``), and a
+    driver looks for a cluster on loopback at 127.0.0.1, not at the outward address (where it
+    would wait for ever)."""
+    loopback = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     if address is None:
-        return {"address": "local", **ray_loopback()}
+        return {"RAY_ADDRESS": "local", **loopback}
     host, port = _host_port(address)
     try:
         socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as e:
         raise ValueError(f"nothing answers at {host}:{port} ({e.strerror or e}); start the cluster first "
                          f"(`ray start --head --port {port}` on its head node)") from None
-    return {"address": address, **(ray_loopback() if _is_loopback(host) else {})}
+    return {"RAY_ADDRESS": address, **(loopback if _is_loopback(host) else {})}
 
 
 def _host_port(address: str) -> tuple[str, int]:

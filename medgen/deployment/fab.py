@@ -1,10 +1,10 @@
-"""The Flower App Bundle that `medgen-server` submits: only a pyproject naming medgen's ServerApp
-and ClientApp. The code itself is the medgen installed at each end (nothing is installed at run
+"""The Flower App Bundle that `medgen-server` and `medgen simulate` submit: only a pyproject naming
+medgen's ServerApp and ClientApp, and the run config keys they set. The code itself is the medgen installed at each end (nothing is installed at run
 time); the handshake (medgen/deployment/handshake.py) checks that both ends run the same one."""
 
 from __future__ import annotations
 
-RUN_CONFIG_KEYS = ("medgen-config", "run-dir", "medgen-version", "model-fingerprint", "site-nodes")
+RUN_CONFIG_KEYS = ("medgen-config", "run-dir", "medgen-version", "model-fingerprint", "site-nodes", "simulation")
 
 PYPROJECT = """\
 [build-system]

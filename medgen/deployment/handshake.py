@@ -33,9 +33,8 @@ def server_handshake(cfg: Config) -> dict[str, str]:
 
 def check_handshake(run_config: dict, cfg: Config, required: bool = True) -> str | None:
     """Why this site must refuse the run, or None. A deployed site (``required``) refuses a run
-    config without the handshake keys. The simulation (``required=False``) has none: Flower 1.41's
-    ``run_simulation`` takes no run config, and its ServerApp and ClientApps are the same installed
-    medgen in one process tree, so there is nothing to mismatch."""
+    config without the handshake keys. The simulation (``required=False``) has none: its ServerApp
+    and ClientApps are the same installed medgen in one process tree, so there is nothing to mismatch."""
     theirs = str(run_config.get("medgen-version") or "")
     if required and not (theirs and run_config.get("model-fingerprint")):
         return ("version handshake missing: the run config has no medgen-version / model-fingerprint "

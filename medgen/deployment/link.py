@@ -130,13 +130,16 @@ class Control:
 
         return list(self.client.ListNodes(ListNodesRequest()).nodes_info)
 
-    def start_run(self, fab: bytes, run_config: dict) -> int:
+    def start_run(self, fab: bytes, run_config: dict, simulation=None) -> int:
+        """Submit the app bundle ``fab`` with ``run_config``; returns the run id. ``simulation``: the
+        ``SimulationConfig`` of a simulation SuperLink's run (SuperNodes, their resources)."""
         import hashlib
 
         from medgen._compat.flwr import Fab, StartRunRequest, fab_to_proto, user_config_to_proto
 
         req = StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
-                              override_config=user_config_to_proto(run_config), federation="")
+                              override_config=user_config_to_proto(run_config), federation="",
+                              override_federation_config=simulation)
         res = self.client.StartRun(req)
         if not res.HasField("run_id"):
             raise DeploymentError(f"the SuperLink did not start the run{': ' + res.note if res.HasField('note') else ''}")

@@ -105,17 +105,20 @@ def _alive(pid: int) -> bool:
 
 
 class Child:
-    """One child process in its own process group, output appended to ``log_file``."""
+    """One child process in its own process group, output appended to ``log_file``; with
+    ``console``, output to this process' stdout / stderr instead (the child writes ``log_file``
+    itself)."""
 
     def __init__(self, name: str, cmd: list[str], log_file: str | Path, env: dict[str, str] | None = None,
-                 cwd: str | Path | None = None):
+                 cwd: str | Path | None = None, console: bool = False):
         self.name, self.cmd, self.log_file = name, cmd, Path(log_file)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
             log.write(f"\n$ {' '.join(cmd)}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, cwd=cwd, start_new_session=True)
+            out = {} if console else {"stdout": log, "stderr": subprocess.STDOUT}
+            self.proc = subprocess.Popen(cmd, **out, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+                                         start_new_session=True)
 
     @property
     def pid(self) -> int:

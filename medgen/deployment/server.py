@@ -172,7 +172,7 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=logs.info) -> RunDi
                 break
             time.sleep(1.0)
         if sub_status != "completed" and run.status().get("status") != "failed":
-            run.set_status("failed", round=_last_round(run), error=f"Flower run {run_id} {sub_status}: {details}")
+            run.set_status("failed", round=run.last_round(), error=f"Flower run {run_id} {sub_status}: {details}")
         status = run.status()
         if status.get("status") != "completed":
             raise FederationError(f"the federation did not complete: {status.get('error', status.get('status'))} "
@@ -198,7 +198,7 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=logs.info) -> RunDi
             # after the ServerApp is gone: its own last words (e.g. a push error as the link went
             # down) must not hide that the coordinator stopped the run
             if interrupted and run.status().get("status") != "completed":
-                run.set_status("failed", round=_last_round(run),
+                run.set_status("failed", round=run.last_round(),
                                error=f"stopped by the coordinator ({interrupted}); continue with --resume {run.path}")
                 log(f"stopping: continue later with `medgen-server start --resume {run.path}`")
 
@@ -211,7 +211,3 @@ def _reachable(host: str) -> str:
     """Where this machine reaches a server listening on ``host``."""
     return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
 
-
-def _last_round(run: RunDir) -> int:
-    last = run.last_checkpoint()
-    return int(last.stem.split("-")[1]) if last is not None else 0

@@ -6,28 +6,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from medgen import logs
-from medgen.config import Config
 from medgen.server.federation import run_federation
 from medgen.server.rundir import RunDir
 
 
-def make_server_app(cfg: Config, run: RunDir, on_done=None, log=logs.info) -> ServerApp:
-    """The simulation's ServerApp, logging with ``log``; ``on_done()`` is called when its loop has
-    returned, however."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            run_federation(grid, cfg, run, log)
-        finally:
-            if on_done is not None:
-                on_done()
-
-    return app
-
-
-# The module-level ServerApp serves both ways of starting a run:
+# The module-level ServerApp serves every way of starting a run:
+# - `medgen simulate`: Flower's simulation on a SuperLink of its own (medgen/simulation.py); the run
+#   config carries the resolved medgen config (YAML text), the run directory and, as `simulation`,
+#   the console verbosity;
 # - deployment: `medgen-server start` submits it to its SuperLink (medgen/deployment/fab.py); the run
 #   config carries the medgen config (YAML text), the run directory and the version handshake;
 #   medgen-server hands over the run's study signature (medgen/deployment/signing.py), which goes
@@ -44,10 +30,31 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     if context.run_config.get("medgen-version"):
         deployed(grid, context)
+    elif context.run_config.get("simulation"):
+        simulated(grid, context)
     else:
         from medgen.server.flwrrun import run_flwr
 
         run_flwr(grid, dict(context.run_config))
+
+
+def simulated(grid: Grid, context: Context) -> None:
+    import sys
+
+    from medgen.config import load_config_text
+    from medgen.simulation import CONSOLE_FILE, DONE_FILE
+
+    rc = context.run_config
+    run = RunDir(str(rc["run-dir"]))
+    # Flower's simulation process has no terminal (its output goes nowhere): what the ServerApp and
+    # the Ray actors print goes to a file that `medgen simulate` prints as it grows
+    sys.stdout = sys.stderr = (run.path / "simulation" / CONSOLE_FILE).open("a", buffering=1, encoding="utf-8")
+    logs.configure(int(rc["simulation"]))
+    logs.to_run_log(run.path)
+    try:
+        run_federation(grid, load_config_text(str(rc["medgen-config"])), run, logs.info)
+    finally:
+        (run.path / "simulation" / DONE_FILE).touch()
 
 
 def deployed(grid: Grid, context: Context) -> None:

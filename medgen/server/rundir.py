@@ -122,6 +122,11 @@ class RunDir:
         found = self._checkpoints()
         return found[-1] if found else None
 
+    def last_round(self) -> int:
+        """The round of the newest checkpoint (0: none)."""
+        found = [int(m.group(1)) for p in self.checkpoints.glob("round-*.pt") if (m := _CHECKPOINT.search(p.name))]
+        return max(found, default=0)
+
     def _checkpoints(self) -> list[Path]:
         found = sorted((int(m.group(1)), p) for p in self.checkpoints.glob("round-*.pt")
                        if (m := _CHECKPOINT.search(p.name)))
