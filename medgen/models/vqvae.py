@@ -26,11 +26,14 @@ wrapped by Opacus) there is no restart.
 Federation: the codebook is averaged like every other weight. Averaging is only meaningful if code k
 means the same at every site; it does, since all sites start each round from the same global weights
 (and the first round from the same seeded initialisation), so local steps only move codes a little.
-``tests/test_models.py::test_vqvae_averaged_sites_keep_codebook_usage`` checks that usage does not
-collapse after a plain mean of two sites' weights.
+``tests/test_vqvae.py::test_averaged_sites_keep_codebook_usage`` checks that codebook usage and code
+assignments survive a plain mean of two sites' weights over rounds (and that a relabelled codebook
+would not).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +165,7 @@ class VQVAE(GenerativeModel):
 
     def _floats(self, terms: dict[str, torch.Tensor], codes: torch.Tensor) -> dict[str, float]:
         out = {k: float(v.detach()) for k, v in terms.items()}
-        out["prior_bits_per_code"] = out["prior"] / (codes[0].numel() * 0.6931471805599453)
+        out["prior_bits_per_code"] = out["prior"] / (codes[0].numel() * math.log(2))
         return {**out, **usage(codes, self.cfg.model.codebook_size)}
 
     def train_step(self, images, labels, optimizers, step, extra_loss=None) -> dict[str, float]:
