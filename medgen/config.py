@@ -110,7 +110,7 @@ class PhantomConfig(_Section):
     lesion_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of lesion subjects")
 
 
-Family = Literal["vae", "cevae", "gan", "ddpm"]
+Family = Literal["vae", "cevae", "vqvae", "gan", "ddpm"]
 
 
 class ModelConfig(_Section):
@@ -125,6 +125,15 @@ class ModelConfig(_Section):
     kl_warmup_steps: int = Field(0, ge=0, description="VAE: KL weight ramps 0 -> beta over these local steps")
     ce_weight: float = Field(1.0, ge=0.0, description="ceVAE: weight of the context-encoding loss (reconstructing "
                                                       "the image from a copy with a random patch replaced by noise)")
+    codebook_size: int = Field(64, ge=2, le=65_536, description="VQ-VAE: number of codes")
+    code_dim: int = Field(16, ge=2, le=1024, description="VQ-VAE: size of a code vector")
+    commitment: float = Field(0.25, ge=0.0, description="VQ-VAE: weight of the commitment loss ||z - sg[e]||^2")
+    restart_every: int = Field(
+        50, ge=0, description="VQ-VAE without DP-SGD: every this many local steps, codes unused on the batch are "
+                              "re-initialised from used codes + noise (0: never; never under DP-SGD)")
+    restore_threshold: float = Field(
+        0.01, gt=0.0, lt=1.0, description="VQ-VAE anomaly maps (score=restored): codes less likely than this under "
+                                          "the prior are replaced by the prior's most likely code")
     norm_groups: int = Field(8, ge=1, description="GroupNorm groups (no BatchNorm: DP-SGD compatible)")
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="GAN generator / DDPM weights EMA used for sampling")
     gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
@@ -159,7 +168,7 @@ class ModelConfig(_Section):
 # the only ones `medgen evaluate` lets a checkpoint's config change
 INFERENCE_KEYS = frozenset(f"model.{k}" for k in ("guidance_scale", "sampler", "ddim_steps", "ddim_eta",
                                                   "anomaly_t", "anomaly_noise", "anomaly_steps", "anomaly_draws",
-                                                  "inversion_steps"))
+                                                  "inversion_steps", "restore_threshold"))
 
 
 class TrainConfig(_Section):
@@ -301,7 +310,7 @@ class SitePolicy(_Section):
         False, description="may anomaly-map overlays and the memorisation audit's image pairs leave the site "
                            "(false: never, whatever the study asks)")
     allow_families: list[Family] = Field(
-        ["vae", "cevae", "gan", "ddpm"], description="model families the site trains")
+        ["vae", "cevae", "vqvae", "gan", "ddpm"], description="model families the site trains")
     max_local_steps: int = Field(10_000, ge=1, description="refuse more optimiser steps per round than this")
     allowed_studies: list[str] = Field(
         [], description="study names or config fingerprints the site agreed to; [] = every study (in a deployment: "

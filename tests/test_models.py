@@ -19,7 +19,7 @@ from medgen.models.cevae import mask_patches
 from medgen.models.layers import smooth_score
 from medgen.models.vae import kl_divergence
 
-FAMILIES = ["vae", "cevae", "gan", "ddpm", "ddpm:pixel"]
+FAMILIES = ["vae", "cevae", "vqvae", "gan", "ddpm", "ddpm:pixel"]
 SIZE = 32
 
 

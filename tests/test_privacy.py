@@ -115,7 +115,8 @@ def test_federation_accounts_epsilon_and_stops_exhausted_site(tiny_cohort, tmp_p
     assert (run.path / "sites" / "A" / "privacy-ledger.json").is_file()
 
 
-@pytest.mark.parametrize("family, space", [("gan", "pixel"), ("ddpm", "pixel"), ("ddpm", "latent")])
+@pytest.mark.parametrize("family, space", [("gan", "pixel"), ("ddpm", "pixel"), ("ddpm", "latent"),
+                                           ("vqvae", "pixel")])
 def test_dp_wraps_only_the_private_networks(tiny_cohort, family, space):
     cfg = tiny_cfg(tiny_cohort, f"model.family={family}", f"model.space={space}", "privacy.enabled=true",
                    "privacy.noise_multiplier=1.0",

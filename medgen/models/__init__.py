@@ -20,6 +20,10 @@ def build_model(cfg: Config, seed: int | None = None) -> GenerativeModel:
         from medgen.models.cevae import ContextEncodingVAE
 
         return ContextEncodingVAE(cfg)
+    if family == "vqvae":
+        from medgen.models.vqvae import VQVAE
+
+        return VQVAE(cfg)
     if family == "gan":
         from medgen.models.gan import ConditionalGAN
 
@@ -28,7 +32,7 @@ def build_model(cfg: Config, seed: int | None = None) -> GenerativeModel:
         from medgen.models.ddpm import DDPM
 
         return DDPM(cfg)
-    raise NotImplementedError(f"model.family={family!r} is not implemented yet (available: vae, cevae, gan, ddpm)")
+    raise NotImplementedError(f"model.family={family!r} is not implemented yet (available: vae, cevae, vqvae, gan, ddpm)")
 
 
 __all__ = ["HEALTHY", "LESION", "GenerativeModel", "build_model"]
