@@ -294,3 +294,30 @@ def test_medgen_simulate_with_secure_aggregation_matches_the_clear_run(tmp_path,
     secure = next(r for r in runs["secure"].records() if r["site"] == "global" and r["phase"] == "train")
     assert secure["secagg-sites"] == 3 and secure["secagg-bound"] == pytest.approx(sa.Quantiser(1.0, 24).bound)
     assert _max_diff(_weights(runs["secure"]), _weights(runs["clear"])) <= secure["secagg-bound"] + 1e-6
+
+
+def test_a_simulated_site_that_requires_it_refuses_a_clear_study_and_serves_a_secure_one(
+        tiny_cohort, tmp_path):  # noqa: F811
+    """A's policy requires secure aggregation: in a clear study it refuses when asked, naming the
+    key, and never trains; in a secure one it takes part, and its sent-message log shows the four
+    steps, the training reply holding one uint64 vector and no weights."""
+    from medgen.client import sent_log
+
+    policy = "sites.policies={A: {require_secure_aggregation: true, require_dp: false}}"
+    lines = []
+    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.min_sites=2", policy)
+    run = RunDir(tmp_path / "clear")
+    run.create(cfg)
+    run_federation(LocalGrid(3), cfg, run, log=lines.append)
+    refused = [r for r in run.records() if r["site"] == "A" and "refused" in r]
+    assert refused and all("require_secure_aggregation" in r["refused"] for r in refused)
+    assert not any(r["site"] == "A" and r["phase"] == "train" and "loss" in r for r in run.records())
+    assert any("site A: REFUSED the study" in line for line in lines)
+
+    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus", policy)
+    run = _federate(cfg, tmp_path / "secure")
+    assert next(r for r in run.records() if r["site"] == "global" and r["phase"] == "train")["secagg-sites"] == 3
+    sent = sent_log.read(run.path / "sites" / "A")
+    assert [e["kind"] for e in sent] == ["query", "train.secagg_keys", "train.secagg_shares", "train",
+                                         "train.secagg_unmask", "evaluate"]
+    assert sent[3]["records"]["arrays"]["keys"] == ["masked"]
