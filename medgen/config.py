@@ -225,6 +225,24 @@ class FederationConfig(_Section):
     num_malicious: int = Field(1, ge=0, description="krum / multikrum / bulyan: the number f of bad sites tolerated")
     trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="fedtrimmedavg: share cut at each end per coordinate")
     multikrum_keep: int | None = Field(None, ge=1, description="multikrum: updates averaged; null = n - num_malicious")
+    secure_aggregation: Literal["off", "secaggplus"] = Field(
+        "off", description="secaggplus: the server learns only the sum of the sites' (quantised, weighted) updates "
+                           "(SecAgg+, README \"Secure aggregation\"); off: it sees each site's weights")
+    secagg_threshold: int | None = Field(
+        None, ge=2, description="secaggplus: sites that must stay to the end of a round for the sum to be unmasked "
+                                "(and the most that can drop is n - this); must be a majority of the round's n "
+                                "sites; null = n // 2 + 1")
+    secagg_clip: float = Field(
+        1.0, gt=0.0, description="secaggplus: each coordinate of a site's update (its weights minus the global "
+                                 "model's) is clipped to [-clip, clip] before quantisation")
+    secagg_bits: int = Field(
+        24, ge=8, le=32, description="secaggplus: quantisation levels 2^bits over [-clip, clip]; the mean update is "
+                                     "within clip / (2^bits - 1) of the exact one per coordinate")
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 class EvaluationConfig(_Section):
@@ -296,6 +314,9 @@ class SitePolicy(_Section):
     a site that writes no policy gets them."""
 
     require_dp: bool = Field(True, description="refuse to train without DP-SGD (privacy.enabled)")
+    require_secure_aggregation: bool = Field(
+        False, description="refuse to send a clear update: serve only studies with federation.secure_aggregation "
+                           "on (secaggplus)")
     max_epsilon: float | None = Field(
         10.0, gt=0.0, description="the site's hard privacy budget over its whole lifetime (every round of every "
                                   "study in its ledger), accounted at the site's own delta; null = none")
@@ -469,6 +490,8 @@ class Config(_Section):
             raise ValueError(f"federation.fraction_train={fed.fraction_train:g}: federation.strategy={fed.strategy} "
                              f"needs a known number of updates per round; sample sites with fedavg, fedprox, fedadam, "
                              f"fedyogi, fedmedian or fedbn")
+        if fed.secure_aggregation == "secaggplus":
+            _check_secure_aggregation(self)
         central = self.privacy.central
         if central.enabled and central.adaptive and fed.fraction_train < 1.0:
             raise ValueError("privacy.central.adaptive: the clipped count needs every site each round; with "
@@ -481,6 +504,33 @@ class Config(_Section):
 
             check_adaptive(self)
         return self
+
+
+def _check_secure_aggregation(cfg: Config) -> None:
+    """What secaggplus cannot go with: whatever needs one site's update at the server."""
+    fed, n = cfg.federation, len(cfg.sites.train)
+    where = "federation.secure_aggregation=secaggplus"
+    if fed.strategy in ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"):
+        raise ValueError(f"{where}: federation.strategy={fed.strategy} needs each site's update, and the server sees "
+                         f"only their sum; use fedavg, fedprox, fedadam or fedyogi")
+    if fed.strategy == "fedbn":
+        raise ValueError(f"{where}: federation.strategy=fedbn keeps each site's normalisation parameters at the "
+                         f"server (not supported with secure aggregation yet); use fedavg, fedprox, fedadam or fedyogi")
+    if cfg.privacy.central.enabled:
+        raise ValueError(f"{where}: privacy.central.enabled clips each site's update at the server, which sees only "
+                         f"the sum (not supported together yet; DP-SGD at the sites, privacy.enabled, is)")
+    if fed.max_update_ratio is not None:
+        raise ValueError(f"{where}: federation.max_update_ratio={fed.max_update_ratio:g} compares each site's update "
+                         f"norm with the others', and the server sees only their sum; set it to null "
+                         f"(federation.secagg_clip bounds each coordinate of each site's update instead)")
+    if n < 3:
+        raise ValueError(f"{where}: {n} training sites; with two, each learns the other's update from the global "
+                         f"model (it knows its own): use at least 3")
+    if fed.secagg_threshold is not None and fed.secagg_threshold > n:
+        raise ValueError(f"federation.secagg_threshold={fed.secagg_threshold} is more than the {n} training sites")
+    if fed.secagg_threshold is not None and 2 * fed.secagg_threshold <= n:
+        raise ValueError(f"federation.secagg_threshold={fed.secagg_threshold} is not a majority of the {n} training "
+                         f"sites (2t > n keeps a server that lies about who dropped from unmasking a site)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -537,6 +537,28 @@ def test_loopback_deployment(deployment):
     assert (d.tmp / "state-A" / "supernode.log").is_file() and (d.tmp / "state-A" / "flwr-home").is_dir()
 
 
+def test_a_loopback_deployment_with_secure_aggregation(deployment):
+    """Three deployed sites whose policies require secure aggregation (#23) serve a secaggplus study
+    over loopback with TLS and SuperNode authentication: each site's secrets stay in its SuperNode's
+    context between the four messages of a round, and the server logs only the sum."""
+    d = deployment
+    run_dir = d.tmp / "run"
+    run = RunDir(run_dir)
+    d.server("--out", run_dir, "--set", "sites.train=[A,B,C]", "--set", "sites.heldout=[]", "--set",
+             "federation.rounds=1", "--set", "federation.secure_aggregation=secaggplus", "--set",
+             "federation.max_update_ratio=null")
+    for site in "ABC":
+        d.site(site, policy="require_dp: false\nrequire_secure_aggregation: true\n")
+    assert d.wait("server", 300) == 0, d.output("server")[-4000:]
+    records = run.records()
+    total = next(r for r in records if r["site"] == "global" and r["phase"] == "train")
+    assert total["secagg-sites"] == 3 and total["secagg-dropped"] == 0 and run.status()["status"] == "completed"
+    assert sorted(r["site"] for r in records if r["phase"] == "train" and "loss" in r) == ["A", "B", "C"]
+    sent = sent_log.read(d.tmp / "state-A")
+    assert [e["kind"] for e in sent if e["kind"].startswith("train")] == [
+        "train.secagg_keys", "train.secagg_shares", "train", "train.secagg_unmask"]
+
+
 def test_a_site_whose_supernode_crashed_rejoins(deployment):
     """Site B's SuperNode is SIGKILLed mid-study: medgen-client starts it again; the SuperLink turns
     it away while it still counts the dead node as online, which the site waits out instead of

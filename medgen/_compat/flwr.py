@@ -13,6 +13,8 @@ SuperNode keep their start-up time. What they are for:
 - central DP (``medgen/privacy/central.py``): Flower's DP primitives
   (``flwr.supercore.differential_privacy``) and the adaptive-clipping update of
   ``DifferentialPrivacyServerSideAdaptiveClipping`` (:func:`adaptive_clipping_update`);
+- secure aggregation (``medgen/privacy/secagg.py``): Shamir's secret sharing
+  (``flwr.common.secure_aggregation.crypto.shamir``: pycryptodome's Shamir over 16-byte chunks);
 - the site's long-lived ClientApp worker (``medgen/deployment/worker.py``): what ``flwr-clientapp``
   does with the SuperNode's Runtime API (runtime client, protobuf messages, serde, object pulls,
   heartbeat, task identity), and :func:`set_message_id`;
@@ -49,6 +51,9 @@ _FROM = {
     "compute_adaptive_noise_params": "flwr.supercore.differential_privacy",
     "compute_stdv": "flwr.supercore.differential_privacy",
     "get_norm": "flwr.supercore.differential_privacy",
+    # secure aggregation (medgen/privacy/secagg.py): Shamir's secret sharing
+    "create_shares": "flwr.common.secure_aggregation.crypto.shamir",
+    "combine_shares": "flwr.common.secure_aggregation.crypto.shamir",
     # Runtime API (the site's worker) and Control API (the server)
     "RuntimeHttpClient": "flwr.supercore.runtime",
     "RuntimeTokenHttpInterceptor": "flwr.supercore.interceptors",

@@ -24,7 +24,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medgen.client import sent_log
+from medgen.client import secure, sent_log
 from medgen.client.policy import (budget, budget_delta, plan_violations, policy_summary, refusal_text, site_config,
                                   violations)
 from medgen.client.task import evaluate_local, local_steps, proximal_term, site_data, site_seed, train_local
@@ -105,7 +105,7 @@ def _handler(fn):
     """Bind the node to its site and check the run before any data is read — the version
     handshake and the study signature (both required at a deployed site), then the site's
     policy; put back what the site owns (its cache, what it reads, its image policy); run
-    ``fn(msg, cfg, site, round)``. Every reply, refusal and error goes to the site's sent-message
+    ``fn(msg, cfg, site, round, context)``. Every reply, refusal and error goes to the site's sent-message
     log before it leaves; an error's text names the problem, not the site's paths (the site's own
     log, stderr, keeps them)."""
 
@@ -135,7 +135,7 @@ def _handler(fn):
                     raise SiteFailure(f"site {site.name}: {refusal}")
                 return _sent(site, entry, _refuse(msg, site.name, refusal), cfg)
             cfg = site_config(cfg, site.policy, site_cache(site))
-            return _sent(site, entry, fn(msg, cfg, site, round_), cfg)
+            return _sent(site, entry, fn(msg, cfg, site, round_, context), cfg)
         except SiteFailure:
             raise
         except Exception as e:
@@ -193,7 +193,7 @@ def _refuse(msg: Message, site: str, reason: str, metrics: dict | None = None) -
 
 @app.query()
 @_handler
-def query(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
+def query(msg: Message, cfg: Config, site: Site, round_: int, context: Context) -> Message:
     """Which site is this node, and how much data does it hold. A site whose data is unusable says
     so here (the server leaves it out and asks again next round) rather than crashing."""
     try:
@@ -217,9 +217,12 @@ def query(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
 
 @app.train()
 @_handler
-def train(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
+def train(msg: Message, cfg: Config, site: Site, round_: int, context: Context) -> Message:
+    """Train on the global weights; reply with the new weights, or under secure aggregation with
+    their masked quantised difference from the global weights (``medgen/client/secure.py``)."""
     if site.name in cfg.sites.heldout:
         raise RuntimeError(f"site {site.name} is held out (sites.heldout) and must never train")
+    secagg = secure.mask_plan(msg, context, site.name, round_) if cfg.federation.secure_aggregation != "off" else None
     data, _ = site_data(cfg, site.name, site.folder)
     steps = local_steps(cfg, len(data))
     if site.policy is not None and steps > site.policy.max_local_steps:
@@ -248,12 +251,35 @@ def train(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
     metrics = train_local(model, data, cfg, seed, extra_loss=extra, dp=dp)
     if dp:
         metrics.update(ledger.spend(dp, round_))
+    if secagg is not None:  # the checks of the masking step ran before any training
+        arrays, numbers = secure.masked(secagg, cfg, site.name, round_, model.state_dict(), global_state,
+                                        int(metrics["num-examples"]))
+        return _reply(msg, site.name, {**metrics, **numbers}, arrays)
     return _reply(msg, site.name, metrics, ArrayRecord(model.state_dict()))
+
+
+def _secagg_step(step, record: str):
+    """A secure-aggregation step of a training site: its reply carries the step's record."""
+
+    def run(msg: Message, cfg: Config, site: Site, round_: int, context: Context) -> Message:
+        if site.name not in cfg.sites.train or cfg.federation.secure_aggregation == "off":
+            raise RuntimeError(f"site {site.name}: a secure-aggregation step, but the site does not train with it")
+        reply = _reply(msg, site.name, {})
+        reply.content[record] = step(msg, context, site.name, round_)
+        return reply
+
+    run.__name__ = run.__qualname__ = step.__name__
+    return run
+
+
+app.train("secagg_keys")(_handler(_secagg_step(secure.keys, secure.KEYS)))
+app.train("secagg_shares")(_handler(_secagg_step(secure.shares, secure.SHARES)))
+app.train("secagg_unmask")(_handler(_secagg_step(secure.unmask, secure.OPENED)))
 
 
 @app.evaluate()
 @_handler
-def evaluate(msg: Message, cfg: Config, site: Site, round_: int) -> Message:
+def evaluate(msg: Message, cfg: Config, site: Site, round_: int, context: Context) -> Message:
     train, data = site_data(cfg, site.name, site.folder, heldout=site.name in cfg.sites.heldout)
     if len(data) == 0:
         return _reply(msg, site.name, {"num-examples": 0})

@@ -2,8 +2,8 @@
 
 Two checks, both before a single step is taken:
 
-- :func:`violations` reads only the server's config (before any data is read): DP required,
-  ε and δ budgets, noise and clipping bounds, the protected unit, image sharing, families, steps,
+- :func:`violations` reads only the server's config (before any data is read): DP and secure
+  aggregation required, ε and δ budgets, noise and clipping bounds, the protected unit, image sharing, families, steps,
   the study itself;
 - :func:`plan_violations` reads the round's DP plan (the noise solved from the site's data).
 
@@ -40,6 +40,8 @@ def violations(cfg: Config, policy: SitePolicy, site: str, study: tuple[str, str
         found.append("share_images: the study sets evaluation.share_images=true; this site sends no image")
     if site not in cfg.sites.train:
         return found
+    if p.require_secure_aggregation and cfg.federation.secure_aggregation == "off":
+        found.append("require_secure_aggregation: the study sends clear updates (federation.secure_aggregation=off)")
     if p.require_dp and not dp.enabled:
         found.append("require_dp: the study trains without DP-SGD (privacy.enabled=false)")
     if cfg.train.local_steps is not None and cfg.train.local_steps > p.max_local_steps:

@@ -5,6 +5,8 @@ aggregated; every ``federation.eval_every`` rounds all sites (held-out ones incl
 global model where their data is; the global model writes sample images; a checkpoint is written.
 A site that fails or times out is logged with its name and round; the round goes on when at least
 ``federation.min_sites`` training sites answered, otherwise it fails and the last checkpoint stays.
+With ``federation.secure_aggregation: secaggplus`` the training step is SecAgg+
+(``medgen/server/secure.py``): the server gets the sum of the sites' updates, not the updates.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from medgen.server.errors import FederationError
 from medgen.server.guards import shift_warnings, trained_classes, untrained_note
 from medgen.server.rundir import RunDir, load_weights
 from medgen.server.sampling import sample_sites
+from medgen.server.secure import SecureRound
 from medgen.server.strategy import State, make_aggregator
 from medgen.server.validation import Rejected, bound_norms, read_update
 
@@ -63,11 +66,11 @@ class Federation:
 
     # ----------------------------------------------------------------- messaging
     def _message(self, node: int, kind: str, round_: int, state: State | None = None, full: bool = False,
-                 plan: EvaluationPlan | None = None) -> Message:
+                 plan: EvaluationPlan | None = None, extra: dict | None = None, records: dict | None = None) -> Message:
         config = {"medgen-config": self.config_text, "round": round_, "state-root": str(self.run.path / "sites"),
                   "study-name": self.run.path.name, "full": int(full), **(plan.to_config() if plan else {}),
-                  **self.extra_config}
-        content = RecordDict({"config": ConfigRecord(config)})
+                  **(extra or {}), **self.extra_config}
+        content = RecordDict({"config": ConfigRecord(config), **(records or {})})
         if state is not None:
             content["arrays"] = ArrayRecord(state)
         return Message(content=content, message_type=kind, dst_node_id=node)
@@ -194,27 +197,14 @@ class Federation:
             if len(asked) < len(willing):
                 self.log(f"round {round_}: asking {len(asked)} of {len(willing)} training sites "
                          f"(federation.fraction_train={cfg.federation.fraction_train:g}): {', '.join(asked) or 'none'}")
-            msgs = {s: self._message(self.nodes[s], MessageType.TRAIN, round_, aggregator.payload(s, state))
-                    for s in asked if s in self.nodes}
-            updates, accepted = [], {}
-            for site, reply in self._exchange(round_, "train", msgs).items():
-                info = reply.content["info"] if "info" in reply.content else {}
-                if "refused" in info:
-                    reason = str(info["refused"])
-                    epsilon = dict(reply.content["metrics"]).get("epsilon", 0.0) if "metrics" in reply.content else 0.0
-                    self.exhausted.add(site)
-                    self.log(f"round {round_}: site {site} refused to train: {reason}")
-                    run.log(round_, site, "train", {"refused": reason, "epsilon": epsilon})
-                    continue
-                try:
-                    update, metrics = read_update(site, reply, state, self.declared.get(site))
-                except Rejected as e:
-                    self.log(f"round {round_}: site {site} update REJECTED: {e}")
-                    run.log(round_, site, "train", {"error": f"update rejected: {e}"})
-                    continue
-                updates.append(update)
-                accepted[site] = metrics
-            updates, touched = bound_norms(updates, state, cfg.federation)
+            secure_metrics = {}
+            if cfg.federation.secure_aggregation == "secaggplus":  # the server sees only the sum
+                secure = SecureRound(self, round_)
+                total, accepted = secure.run(asked, state, aggregator.payload)
+                updates, touched, counted, secure_metrics = [total] if total else [], {}, len(accepted), secure.metrics
+            else:
+                updates, accepted, touched = self._train_clear(round_, asked, state, aggregator)
+                counted = len(updates)
             for site, metrics in accepted.items():
                 if site in touched:
                     self.log(f"round {round_}: site {site} {touched[site]}")
@@ -228,25 +218,51 @@ class Federation:
                 self.stopped = "every training site refused to train (privacy budget spent, or its policy)"
                 self.log(f"round {round_}: {self.stopped}; stopping after round {round_ - 1}")
                 break
-            if len(updates) < min(min_sites, len(set(asked) - self.exhausted)) or (asked and not updates):
+            if counted < min(min_sites, len(set(asked) - self.exhausted)) or (asked and not updates):
                 raise FederationError(
-                    f"round {round_}: only {len(updates)} of {len(cfg.sites.train)} training sites sent a usable "
+                    f"round {round_}: only {counted} of {len(cfg.sites.train)} training sites sent a usable "
                     f"update (federation.min_sites={min_sites}); finished rounds are kept")
             aggregated = aggregator.aggregate(state, updates)
             if bad := [k for k, v in aggregated.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
                 raise FederationError(f"round {round_}: the aggregated model holds NaN or Inf ({bad[0]}, ...); it is not "
                                       f"written, and the last checkpoint stays the one --resume continues from")
             state = aggregated
-            run.log(round_, "global", "train", {"sites": len(updates), "sites-asked": len(asked),
+            run.log(round_, "global", "train", {"sites": counted, "sites-asked": len(asked),
                                                 "num-examples": sum(u.num_examples for u in updates),
                                                 "round-time-s": time.perf_counter() - t0,
-                                                **aggregator.round_metrics()})
+                                                **aggregator.round_metrics(), **secure_metrics})
             if round_ % cfg.federation.eval_every == 0 or round_ == cfg.federation.rounds:
                 self.evaluate(round_, state)
             run.save_checkpoint(round_, state, aggregator.state(), cfg)
             run.set_status("running", round=round_)
             self.last_round = round_
         return state
+
+    def _train_clear(self, round_: int, asked: list[str], state: State, aggregator) -> tuple[list, dict, dict]:
+        """The asked sites train and send their weights: (updates within the norm bound, each
+        replying site's metrics, the reason for each site the bound touched)."""
+        msgs = {s: self._message(self.nodes[s], MessageType.TRAIN, round_, aggregator.payload(s, state))
+                for s in asked if s in self.nodes}
+        updates, accepted = [], {}
+        for site, reply in self._exchange(round_, "train", msgs).items():
+            info = reply.content["info"] if "info" in reply.content else {}
+            if "refused" in info:
+                reason = str(info["refused"])
+                epsilon = dict(reply.content["metrics"]).get("epsilon", 0.0) if "metrics" in reply.content else 0.0
+                self.exhausted.add(site)
+                self.log(f"round {round_}: site {site} refused to train: {reason}")
+                self.run.log(round_, site, "train", {"refused": reason, "epsilon": epsilon})
+                continue
+            try:
+                update, metrics = read_update(site, reply, state, self.declared.get(site))
+            except Rejected as e:
+                self.log(f"round {round_}: site {site} update REJECTED: {e}")
+                self.run.log(round_, site, "train", {"error": f"update rejected: {e}"})
+                continue
+            updates.append(update)
+            accepted[site] = metrics
+        updates, touched = bound_norms(updates, state, self.cfg.federation)
+        return updates, accepted, touched
 
     def evaluate(self, round_: int, state: State) -> None:
         """Every connected site scores the global model. A full evaluation tells the sites which

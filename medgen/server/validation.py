@@ -7,12 +7,17 @@ when it connected. Then, across the round, an update whose distance from the glo
 than ``federation.max_update_ratio`` times the round's lower median distance is rejected or scaled
 down to that bound (``federation.on_large_update``). Anything else is that site's problem: its
 update is rejected with the reason logged, and the round goes on.
+
+Under secure aggregation (``medgen/server/secure.py``) a site's reply holds a masked vector
+instead of weights: :func:`read_masked` checks its metrics, dtype and length; the norm bound
+cannot apply (it needs each site's update), the sum is checked instead.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from flwr.app import Message
 
@@ -40,11 +45,11 @@ def check_update(state: State, reference: State) -> str | None:
     return None
 
 
-def read_update(site: str, reply: Message, reference: State, declared: int | None) -> tuple[Update, dict]:
-    """(update, metrics) of a training reply; Rejected naming what is wrong with it."""
+def read_metrics(reply: Message, declared: int | None) -> tuple[dict, int]:
+    """(metrics, num-examples) of a training reply with arrays; Rejected naming what is wrong with them."""
     try:
         metrics = dict(reply.content["metrics"])
-        arrays = reply.content["arrays"]
+        reply.content["arrays"]
     except (KeyError, TypeError) as e:
         raise Rejected(f"malformed reply (no {e})") from None
     numbers = [x for v in metrics.values() for x in (v if isinstance(v, list) else [v])]
@@ -55,13 +60,36 @@ def read_update(site: str, reply: Message, reference: State, declared: int | Non
         raise Rejected(f"num-examples must be a whole number >= 1 (got {count!r})")
     if declared is not None and count > declared:
         raise Rejected(f"num-examples={count:g} is more than the {declared} training slices the site declared")
+    return metrics, int(count)
+
+
+def read_update(site: str, reply: Message, reference: State, declared: int | None) -> tuple[Update, dict]:
+    """(update, metrics) of a training reply; Rejected naming what is wrong with it."""
+    metrics, count = read_metrics(reply, declared)
     try:
-        state = arrays.to_torch_state_dict()
+        state = reply.content["arrays"].to_torch_state_dict()
     except Exception as e:  # a record that is not an ArrayRecord of tensors
         raise Rejected(f"malformed weights ({type(e).__name__}: {e})") from None
     if reason := check_update(state, reference):
         raise Rejected(reason)
-    return Update(site, state, int(count)), metrics
+    return Update(site, state, count), metrics
+
+
+def read_masked(reply: Message, length: int, declared: int | None) -> tuple[np.ndarray, dict, int]:
+    """(masked vector, metrics, num-examples) of a secure-aggregation training reply: its arrays
+    must be one uint64 array ``masked`` of shape (length,); Rejected naming what is wrong with it."""
+    metrics, count = read_metrics(reply, declared)
+    record = reply.content["arrays"]
+    try:
+        keys = list(record.keys())
+        vector = record["masked"].numpy() if keys == ["masked"] else None
+    except Exception as e:  # not an ArrayRecord of numpy arrays
+        raise Rejected(f"malformed masked vector ({type(e).__name__}: {e})") from None
+    if vector is None:
+        raise Rejected(f"the arrays must be one array 'masked' (got {keys[:3]})")
+    if vector.dtype != np.uint64 or vector.shape != (length,):
+        raise Rejected(f"masked vector is {vector.dtype} of shape {vector.shape}, expected uint64 of shape ({length},)")
+    return vector, metrics, count
 
 
 def update_norm(update: State, reference: State) -> float:

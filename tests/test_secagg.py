@@ -1,0 +1,323 @@
+"""Secure aggregation (issue #23): the SecAgg+ protocol on numpy vectors, then the server loop and
+the real ClientApp over the in-process Grid of test_federation.py (3 training sites, 1 round)."""
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+
+from medgen.client.policy import violations
+from medgen.config import ConfigError, SitePolicy, load_config
+from medgen.privacy import secagg as sa
+from medgen.server.errors import FederationError
+from medgen.server.federation import run_federation
+from medgen.server.rundir import RunDir, load_checkpoint
+from test_federation import TINY, LocalGrid, tiny_cohort  # noqa: F401  (a fixture)
+
+ROUND = 3
+Q = sa.Quantiser(clip=1.0, bits=24)
+
+
+class Study:
+    """n sites run the four steps on random deltas; the server's view is what it is handed."""
+
+    def __init__(self, n=5, t=3, dim=1000, seed=0):
+        rng = np.random.default_rng(seed)
+        self.names, self.t = [chr(ord("A") + i) for i in range(n)], t
+        self.keys = {s: sa.SiteKeys.new() for s in self.names}
+        self.public = {s: self.keys[s].public() for s in self.names}
+        sent = {s: sa.share_keys(s, self.keys[s], ROUND, self.public, t) for s in self.names}
+        self.held = {h: {o: sent[o][h] for o in self.names} for h in self.names}
+        self.deltas = {s: rng.normal(0, 0.05, dim) for s in self.names}
+        self.weights = {s: int(rng.integers(10, 500)) for s in self.names}
+        self.x = {s: Q.encode(self.deltas[s], self.weights[s])[0] for s in self.names}
+        self.y = {s: sa.mask(s, self.keys[s], ROUND, self.x[s], self.public) for s in self.names}
+
+    def open(self, answering, survivors):
+        dropped = [s for s in self.names if s not in survivors]
+        return {h: sa.open_shares(h, self.keys[h], ROUND, self.public, self.held[h], survivors, dropped, self.t)
+                for h in answering}
+
+    def total(self, survivors, answering=None):
+        opened = self.open(answering or survivors, survivors)
+        return sa.unmask(ROUND, self.public, {s: self.y[s] for s in survivors}, opened, self.t)
+
+
+def test_masked_vectors_hide_each_update():
+    """What the server holds for a site is its update plus a uniform mask: no coordinate equal, the
+    masked values spread over all of [0, 2^64), and decoding it alone is refused; asking the other
+    sites to unmask one site alone (the rest 'dropped') is refused by every site."""
+    study = Study()
+    for s in study.names:
+        x, y = study.x[s], study.y[s]
+        assert not np.any(x == y)
+        assert 0.4 < float(np.mean(y / 2.0**64)) < 0.6 and float(np.mean(x / 2.0**64)) < 1e-9
+        with pytest.raises(sa.SecAggError):
+            Q.decode(y)
+    with pytest.raises(sa.SecAggError, match="listed as dropped"):
+        study.open(["B"], ["A"])  # "only A survived": no other site answers
+    with pytest.raises(sa.SecAggError, match="2 survivors < threshold 3"):
+        study.open(["B"], ["A", "B"])  # B could subtract its own update from A + B's
+    with pytest.raises(sa.SecAggError, match="both survivors and dropped"):
+        sa.open_shares("B", study.keys["B"], ROUND, study.public, study.held["B"], ["A", "B", "C"],
+                       ["A", "D", "E"], study.t)
+    with pytest.raises(sa.SecAggError, match="threshold"):
+        sa.unmask(ROUND, study.public, {"A": study.y["A"]}, study.open(["A", "B"], ["A", "B", "C"]), study.t)
+
+
+def test_the_sum_is_weighted_fedavg_within_the_stated_bound():
+    study = Study()
+    total = study.total(study.names)
+    assert np.array_equal(total, sum(study.x.values()))  # the masks cancel exactly
+    mean, weight = Q.decode(total)
+    exact = sum(study.deltas[s] * study.weights[s] for s in study.names) / sum(study.weights.values())
+    assert weight == sum(study.weights.values())
+    assert np.abs(mean - exact).max() <= Q.bound * (1 + 1e-9)
+    assert Q.bound == pytest.approx(1.0 / (2**24 - 1))
+
+
+@pytest.mark.parametrize("dropped", [["B"], ["B", "D"]])
+def test_sites_dropping_after_masking_are_recovered_exactly(dropped):
+    """Their masked vectors never arrive: their mask keys are rebuilt from the survivors' shares
+    and their pairwise masks removed; the sum is exactly the survivors' sum. A survivor that does
+    not answer the unmasking step costs nothing while t others answer."""
+    study = Study(n=5, t=3)
+    survivors = [s for s in study.names if s not in dropped]
+    assert np.array_equal(study.total(survivors), sum(study.x[s] for s in survivors))
+    assert np.array_equal(study.total(survivors, answering=survivors[:3]), sum(study.x[s] for s in survivors))
+
+
+def test_fewer_survivors_than_the_threshold_is_refused():
+    study = Study(n=5, t=3)
+    with pytest.raises(sa.SecAggError, match="2 survivors < threshold 3"):
+        study.open(["A", "B"], ["A", "B"])
+    with pytest.raises(sa.SecAggError, match="opened their shares < threshold"):
+        sa.unmask(ROUND, study.public, {s: study.y[s] for s in "ABC"}, study.open(["A", "B"], ["A", "B", "C"]),
+                  study.t)
+
+
+def test_a_site_that_lies_in_the_protocol_is_caught():
+    """A bad share fails the rebuilt seed's commitment (or the rebuilt key's public key); a changed
+    ciphertext does not decrypt; a vector that is not an encoding fails the decoded sum's checks."""
+    study = Study(n=4, t=3)
+    opened = study.open(["A", "B", "C", "D"], study.names)
+    share = bytearray(opened["A"]["B"])
+    share[5] ^= 1
+    opened["A"]["B"] = bytes(share)
+    with pytest.raises(sa.SecAggError, match="site B's rebuilt self-mask seed does not match"):
+        sa.unmask(ROUND, study.public, dict(study.y), opened, study.t)
+    held = dict(study.held["C"])
+    held["A"] = held["A"][:-1] + bytes([held["A"][-1] ^ 1])
+    with pytest.raises(sa.SecAggError, match="share from site A does not decrypt"):
+        sa.open_shares("C", study.keys["C"], ROUND, study.public, held, study.names, [], study.t)
+    garbage = sa.prg(b"k" * 32, study.y["D"].size)
+    garbage[0] = 0
+    study.y["D"] = study.y["D"] + garbage  # D masks a vector that is not an encoding (its weight is right)
+    with pytest.raises(sa.SecAggError, match="not an encoded update"):
+        Q.decode(study.total(study.names))
+    study.y["D"][0] += np.uint64(2**50)  # and a weight no site could have (the loop also compares it with the
+    # num-examples the sites reported)
+    with pytest.raises(sa.SecAggError, match="not a sum of site weights"):
+        Q.decode(study.total(study.names))
+    with pytest.raises(sa.SecAggError, match="majority"):
+        sa.share_keys("A", study.keys["A"], ROUND, study.public, 2)
+
+
+# ---------------------------------------------------------------------- config and policy
+SECURE = ["federation.secure_aggregation=secaggplus", "federation.max_update_ratio=null", "sites.train=[A,B,C]",
+          "sites.heldout=[]"]
+
+
+@pytest.mark.parametrize("setting, named", [
+    ("federation.strategy=fedmedian", "federation.strategy=fedmedian"),
+    ("federation.strategy=krum", "federation.strategy=krum"),
+    ("federation.strategy=fedbn", "federation.strategy=fedbn"),
+    ("privacy.central.enabled=true", "privacy.central.enabled"),
+    ("federation.max_update_ratio=10", "federation.max_update_ratio"),
+    ("sites.train=[A,B]", "use at least 3"),
+    ("federation.secagg_threshold=1", "secagg_threshold"),
+])
+def test_what_secure_aggregation_cannot_go_with_is_refused(setting, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("[", r"\[")):
+        load_config(None, SECURE + [setting])
+
+
+def test_yaml_off_and_the_default_are_off():
+    assert load_config(None, []).federation.secure_aggregation == "off"
+    assert load_config(None, ["federation.secure_aggregation=off"]).federation.secure_aggregation == "off"
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_clear_study():
+    policy = SitePolicy(require_dp=False, require_secure_aggregation=True)
+    clear = load_config(None, ["sites.train=[A,B,C]"])
+    found = violations(clear, policy, "A", ("study", "0" * 16))
+    assert found == ["require_secure_aggregation: the study sends clear updates (federation.secure_aggregation=off)"]
+    assert violations(load_config(None, SECURE), policy, "A", ("study", "0" * 16)) == []
+
+
+# ---------------------------------------------------------------------- the loop, with the real ClientApp
+class DroppingGrid(LocalGrid):
+    """Site nodes in ``fail`` raise when a message of that type reaches them (a site that crashes
+    at that step); ``corrupt`` replaces a site's masked vector with a shorter one."""
+
+    def __init__(self, n_nodes, fail=None, corrupt=()):
+        super().__init__(n_nodes)
+        self.fail, self.corrupt = fail or {}, set(corrupt)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        kept = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id - 100
+            if msg.metadata.message_type in self.fail.get(node, ()):
+                continue  # no answer: a site that dropped at this step
+            kept.append(msg)
+        replies = super().send_and_receive(kept, timeout=timeout)
+        for reply in replies:
+            if reply.metadata.src_node_id - 100 in self.corrupt and "arrays" in reply.content:
+                vector = reply.content["arrays"]["masked"].numpy()
+                reply.content["arrays"] = ArrayRecord({"masked": Array(vector[:-1].copy())})
+        return replies
+
+
+def _federate(cfg, path, grid=None):
+    run = RunDir(path)
+    run.create(cfg)
+    run_federation(grid or LocalGrid(len(cfg.sites.all)), cfg, run, log=lambda _: None)
+    return run
+
+
+def _cfg(cohort, *extra):
+    base = [x for x in TINY if not x.startswith("sites.")] + ["federation.samples_per_class=0",
+                                                              "evaluation.max_samples=4",
+                                                              "evaluation.max_anomaly_slices=4",
+                                                              "evaluation.membership_inference=false"]
+    cfg = load_config(None, base + ["federation.max_update_ratio=null", "sites.train=[A,B,C]", "sites.heldout=[]",
+                                    *extra])
+    return cfg.model_copy(update={"data": cohort})
+
+
+def _weights(run):
+    return load_checkpoint(run.last_checkpoint())["model"]
+
+
+def _max_diff(a, b):
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def clear_run(tiny_cohort, tmp_path_factory):  # noqa: F811
+    return _weights(_federate(_cfg(tiny_cohort, "federation.rounds=1"), tmp_path_factory.mktemp("clear") / "run"))
+
+
+def test_secure_round_matches_the_clear_fedavg(tiny_cohort, clear_run, tmp_path):  # noqa: F811
+    """One round of 3 sites through the four steps; the global model equals plain FedAvg's within
+    the quantisation bound (plus float32 rounding), and the server logged no site's weights."""
+    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus")
+    run = _federate(cfg, tmp_path / "run")
+    secure = _weights(run)
+    bound = sa.Quantiser(cfg.federation.secagg_clip, cfg.federation.secagg_bits).bound
+    diff = _max_diff(secure, clear_run)
+    assert 0 < diff <= bound + 1e-6, diff
+    rec = next(r for r in run.records() if r["site"] == "global" and r["phase"] == "train")
+    assert rec["sites"] == 3 and rec["secagg-sites"] == 3 and rec["secagg-dropped"] == 0
+    train = [r for r in run.records() if r["phase"] == "train" and r["site"] in "ABC"]
+    assert sorted(r["site"] for r in train) == ["A", "B", "C"] and all("error" not in r for r in train)
+    assert run.status()["status"] == "completed"
+
+
+def test_a_site_dropping_while_training_is_recovered(tiny_cohort, tmp_path):  # noqa: F811
+    """C answers the key steps, then never sends its masked vector: A and B (t = 2 of 3) still get
+    their sum unmasked — the same model as a clear run of A and B alone, within the bound."""
+    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
+               "federation.min_sites=2")
+    run = _federate(cfg, tmp_path / "run", DroppingGrid(3, fail={2: {"train"}}))
+    rec = next(r for r in run.records() if r["site"] == "global" and r["phase"] == "train")
+    assert rec["secagg-sites"] == 2 and rec["secagg-dropped"] == 1
+    alone = _cfg(tiny_cohort, "federation.rounds=1").model_copy()
+    alone = alone.model_copy(update={"sites": alone.sites.model_copy(update={"train": ["A", "B"], "heldout": ["C"]})})
+    clear = _weights(_federate(alone, tmp_path / "clear"))
+    assert _max_diff(_weights(run), clear) <= sa.Quantiser(1.0, 24).bound + 1e-6
+
+
+def test_a_malformed_masked_vector_is_rejected_and_the_round_goes_on(tiny_cohort, tmp_path):  # noqa: F811
+    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
+               "federation.min_sites=2")
+    run = _federate(cfg, tmp_path / "run", DroppingGrid(3, corrupt={1}))
+    bad = [r for r in run.records() if r["site"] == "B" and r["phase"] == "train"]
+    assert len(bad) == 1 and "update rejected: masked vector is uint64 of shape" in bad[0]["error"]
+    rec = next(r for r in run.records() if r["site"] == "global" and r["phase"] == "train")
+    assert rec["secagg-sites"] == 2 and rec["secagg-dropped"] == 1
+
+
+def test_fewer_survivors_than_the_threshold_fails_the_round_and_keeps_the_finished_ones(
+        tiny_cohort, tmp_path):  # noqa: F811
+    """Round 2: B and C drop while training; 1 < t = 2 survivors: the round fails naming the
+    threshold, round 1's checkpoint stays."""
+
+    class LateDrops(DroppingGrid):
+        trains = 0
+
+        def send_and_receive(self, messages, *, timeout=None):
+            if messages and messages[0].metadata.message_type == "train":
+                LateDrops.trains += 1
+                self.fail = {1: {"train"}, 2: {"train"}} if LateDrops.trains == 2 else {}
+            return super().send_and_receive(messages, timeout=timeout)
+
+    cfg = _cfg(tiny_cohort, "federation.rounds=2", "federation.secure_aggregation=secaggplus")
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    with pytest.raises(FederationError, match="round 2: secure aggregation: 1 sites left after training < "
+                                              "federation.secagg_threshold=2"):
+        run_federation(LateDrops(3), cfg, run, log=lambda _: None)
+    assert run.status()["status"] == "failed" and load_checkpoint(run.last_checkpoint())["round"] == 1
+    assert torch.isfinite(next(iter(_weights(run).values()))).all()
+
+
+def test_medgen_simulate_with_secure_aggregation_matches_the_clear_run(tmp_path, shared_cache):
+    """`medgen simulate` on Flower's Ray engine, 3 sites, 1 round, with and without
+    --set federation.secure_aggregation=secaggplus: the same global model within the bound (the
+    sites' secrets live in each node's context.state between the four messages)."""
+    from test_simulation import MEDGEN
+
+    sets = [*[x for x in TINY if not x.startswith("sites.")], "sites.train=[A,B,C]", "sites.heldout=[]",
+            "federation.rounds=1", "federation.max_update_ratio=null", "federation.samples_per_class=0",
+            f"data.cache_dir={shared_cache}"]
+    runs = {}
+    for name, extra in (("clear", []), ("secure", ["federation.secure_aggregation=secaggplus"])):
+        args = [x for kv in sets + extra for x in ("--set", kv)]
+        out = subprocess.run([MEDGEN, "simulate", "--out", str(tmp_path / name), *args], capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        runs[name] = RunDir(tmp_path / name)
+    secure = next(r for r in runs["secure"].records() if r["site"] == "global" and r["phase"] == "train")
+    assert secure["secagg-sites"] == 3 and secure["secagg-bound"] == pytest.approx(sa.Quantiser(1.0, 24).bound)
+    assert _max_diff(_weights(runs["secure"]), _weights(runs["clear"])) <= secure["secagg-bound"] + 1e-6
+
+
+def test_a_simulated_site_that_requires_it_refuses_a_clear_study_and_serves_a_secure_one(
+        tiny_cohort, tmp_path):  # noqa: F811
+    """A's policy requires secure aggregation: in a clear study it refuses when asked, naming the
+    key, and never trains; in a secure one it takes part, and its sent-message log shows the four
+    steps, the training reply holding one uint64 vector and no weights."""
+    from medgen.client import sent_log
+
+    policy = "sites.policies={A: {require_secure_aggregation: true, require_dp: false}}"
+    lines = []
+    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.min_sites=2", policy)
+    run = RunDir(tmp_path / "clear")
+    run.create(cfg)
+    run_federation(LocalGrid(3), cfg, run, log=lines.append)
+    refused = [r for r in run.records() if r["site"] == "A" and "refused" in r]
+    assert refused and all("require_secure_aggregation" in r["refused"] for r in refused)
+    assert not any(r["site"] == "A" and r["phase"] == "train" and "loss" in r for r in run.records())
+    assert any("site A: REFUSED the study" in line for line in lines)
+
+    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus", policy)
+    run = _federate(cfg, tmp_path / "secure")
+    assert next(r for r in run.records() if r["site"] == "global" and r["phase"] == "train")["secagg-sites"] == 3
+    sent = sent_log.read(run.path / "sites" / "A")
+    assert [e["kind"] for e in sent] == ["query", "train.secagg_keys", "train.secagg_shares", "train",
+                                         "train.secagg_unmask", "evaluate"]
+    assert sent[3]["records"]["arrays"]["keys"] == ["masked"]
