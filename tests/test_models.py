@@ -388,9 +388,13 @@ def test_flow_log_dets_reach_every_per_sample_gradient():
 def test_flow_sweep_and_ratio_map():
     model = build_model(make_cfg("flow"), seed=0)
     images, _, brain = batch(2)
-    assert model.anomaly_sweep() == [{"score": "nll"}, {"score": "ratio"}]
-    ratio = model.anomaly_map(images, brain, score="ratio")
-    assert ratio.shape == images.shape and ratio.min() >= 0 and torch.all(ratio[~brain] == 0)
+    assert model.anomaly_sweep() == [{"score": "coarse"}, {"score": "all"}, {"score": "ratio"}]
+    assert torch.equal(model.anomaly_map(images, brain), model.anomaly_map(images, brain, score="coarse"))
+    for score in ("all", "ratio"):
+        amap = model.anomaly_map(images, brain, score=score)
+        assert amap.shape == images.shape and amap.min() >= 0 and torch.all(amap[~brain] == 0)
+    # the finest scale's deviation is part of "all" only
+    assert (model.anomaly_map(images, score="all") > model.anomaly_map(images)).any()
     with pytest.raises(TypeError):
         model.anomaly_map(images, score="recon")
 

@@ -20,10 +20,12 @@ clamped to [0, 1].
 Anomaly map: a flow's log-likelihood has no exact per-pixel split (the 1x1 convs and couplings mix
 pixels). The score used is the latents' part of -log p: 0.5 ((z - mu) / sigma)^2 per latent element
 under the healthy label, each element's value spread evenly over the 2^l x 2^l pixel block it was
-squeezed from at scale l, summed over scales and channels (the sum over the map is the latents'
-total squared deviation). ``score="ratio"``: that map under the healthy label minus the map under
-the lesion label, clamped at 0 — a per-pixel class likelihood ratio (pixels the lesion model explains
-better). Both smoothed (sigma 1 px) and zeroed outside the brain.
+squeezed from at scale l, summed over channels and scales. ``score="coarse"`` (default) leaves out
+the finest scale, whose likelihood is dominated by local pixel correlations (texture, noise) rather
+than by what the image shows (Schirrmeister et al. 2020, Kirichenko et al. 2020); ``score="all"``
+sums every scale; ``score="ratio"``: the all-scale map under the healthy label minus the one under
+the lesion label, clamped at 0 — a per-pixel class likelihood ratio (pixels the lesion model
+explains better). Smoothed (sigma 1 px) and zeroed outside the brain.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from medgen.models.layers import smooth_score
 
 ALPHA = 0.05   # logit transform margin (RealNVP)
 BINS = 256     # intensity levels the likelihood is counted in
-SCORES = ("nll", "ratio")
+SCORES = ("coarse", "all", "ratio")
 
 
 def to_logits(images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,34 +191,37 @@ class NormalisingFlow(GenerativeModel):
                                       lambda level, mu, logs: mu + t * torch.exp(logs) * eps[level])
             return from_logits(logits).clamp(0, 1)
 
-    def _deviation_map(self, x: torch.Tensor, label: int) -> torch.Tensor:
+    def _deviation_map(self, x: torch.Tensor, label: int, coarse: bool) -> torch.Tensor:
         """0.5 ((z - mu) / sigma)^2 of every latent element under ``label``, spread over its pixel
-        block and summed over scales: (B, 1, S, S), >= 0."""
+        block and summed over the scales (``coarse``: all but the finest, when there are several):
+        (B, 1, S, S), >= 0."""
         h, _ = to_logits(x, torch.full_like(x, 0.5))
         labels = torch.full((len(x),), label, dtype=torch.long, device=x.device)
         latents, _ = self._net.encode(h, labels)
         out = torch.zeros_like(x)
-        for z, mu, logs in latents:
+        for z, mu, logs in latents[1:] if coarse and len(latents) > 1 else latents:
             block = x.shape[-1] // z.shape[-1]
             dev = (0.5 * ((z - mu) * torch.exp(-logs)) ** 2).sum(1, keepdim=True)
             out = out + F.interpolate(dev, scale_factor=block, mode="nearest") / block ** 2
         return out
 
     def anomaly_map(self, images, brain=None, **setting) -> torch.Tensor:
-        """``score="nll"`` (default): the latents' deviation under the healthy label, per pixel (see
-        module doc); ``score="ratio"``: healthy minus lesion deviation, clamped at 0. Smoothed (sigma
-        1 px), zeroed outside ``brain``. Same shape as ``images`` (B, 1, S, S), >= 0, deterministic."""
+        """``score="coarse"`` (default): the latents' deviation under the healthy label per pixel,
+        the finest scale left out; ``"all"``: every scale; ``"ratio"``: the all-scale deviation
+        under the healthy label minus the one under the lesion label, clamped at 0 (see the module
+        doc). Smoothed (sigma 1 px), zeroed outside ``brain``. Same shape as ``images``
+        (B, 1, S, S), >= 0, deterministic."""
         unknown = set(setting) - {"score"}
         score = setting.get("score", SCORES[0])
         if unknown or score not in SCORES:
             raise TypeError(f"flow anomaly_map: settings {setting} (known: score in {SCORES})")
         with self._eval_mode():
             x = images.to(self._device)
-            amap = self._deviation_map(x, HEALTHY)
+            amap = self._deviation_map(x, HEALTHY, coarse=score == "coarse")
             if score == "ratio":
-                amap = (amap - self._deviation_map(x, LESION)).clamp_min(0)
+                amap = (amap - self._deviation_map(x, LESION, coarse=False)).clamp_min(0)
             return smooth_score(amap, None if brain is None else brain.to(x.device))
 
     def anomaly_sweep(self) -> list[dict]:
-        """The healthy-prior deviation first, then the class likelihood ratio."""
+        """The coarse scales' deviation first, then every scale's, then the class likelihood ratio."""
         return [{"score": s} for s in SCORES]
