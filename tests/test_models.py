@@ -408,8 +408,9 @@ def test_anomaly_map_is_higher_inside_an_inserted_lesion(family):
     """Trained on healthy discs only, every family scores an inserted dark blob (like the phantom's
     stroke lesions) far above the healthy tissue around it. Measured after 300 steps: VAE 26x,
     ceVAE 56x (combined score; 29x its reconstruction error alone), GAN 16x, DDPM 19x (latent
-    space) / 6.3x (pixel space), flow 8.7x (2 steps per scale); untrained 1.1-1.5x. (A bright blob tells less: 2.5-4.6x trained, but
-    already 1.5-2.2x untrained, since any shrinkage towards mid-grey errs most at the extremes.)"""
+    space) / 6.3x (pixel space), flow 8.3x (2 steps per scale); untrained 1.1-1.5x. (A bright
+    blob tells less: 2.5-4.6x trained, but already 1.5-2.2x untrained, since any shrinkage towards
+    mid-grey errs most at the extremes.)"""
     model = build_model(make_cfg(family), seed=0)
     images, labels, brain = batch(16)
     healthy = images[labels == HEALTHY]
