@@ -1,5 +1,5 @@
-"""The ``--families`` entries of the benchmarks: a family (``vae``, ``cevae``, ``vqvae``, ``gan``, ``ddpm``) at
-the default config, or ``family:space`` for one of the DDPM's spaces (``ddpm:pixel``)."""
+"""The ``--families`` entries of the benchmarks: a family (``vae``, ``cevae``, ``vqvae``, ``gan``, ``ddpm``,
+``flow``) at the default config, or ``family:space`` for one of the DDPM's spaces (``ddpm:pixel``)."""
 
 
 def overrides(name: str) -> list[str]:

@@ -110,7 +110,7 @@ class PhantomConfig(_Section):
     lesion_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of lesion subjects")
 
 
-Family = Literal["vae", "cevae", "vqvae", "gan", "ddpm"]
+Family = Literal["vae", "cevae", "vqvae", "gan", "ddpm", "flow"]
 
 
 class ModelConfig(_Section):
@@ -134,6 +134,11 @@ class ModelConfig(_Section):
     restore_threshold: float = Field(
         0.01, gt=0.0, lt=1.0, description="VQ-VAE anomaly maps (score=restored): codes less likely than this under "
                                           "the prior are replaced by the prior's most likely code")
+    flow_levels: int = Field(3, ge=1, le=6, description="flow: scales (squeeze, steps, split); data.image_size must "
+                                                         "be divisible by 2**flow_levels")
+    flow_steps: int = Field(4, ge=1, le=64, description="flow: steps (channel affine, 1x1 conv, coupling) per scale")
+    flow_temperature: float = Field(0.7, gt=0.0, le=2.0, description="flow: std of the latents drawn for samples "
+                                                                     "(1: the model's own; lower: smoother)")
     norm_groups: int = Field(8, ge=1, description="GroupNorm groups (no BatchNorm: DP-SGD compatible)")
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="GAN generator / DDPM weights EMA used for sampling")
     gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
@@ -168,7 +173,7 @@ class ModelConfig(_Section):
 # the only ones `medgen evaluate` lets a checkpoint's config change
 INFERENCE_KEYS = frozenset(f"model.{k}" for k in ("guidance_scale", "sampler", "ddim_steps", "ddim_eta",
                                                   "anomaly_t", "anomaly_noise", "anomaly_steps", "anomaly_draws",
-                                                  "inversion_steps", "restore_threshold"))
+                                                  "inversion_steps", "restore_threshold", "flow_temperature"))
 
 
 class TrainConfig(_Section):
@@ -331,7 +336,7 @@ class SitePolicy(_Section):
         False, description="may anomaly-map overlays and the memorisation audit's image pairs leave the site "
                            "(false: never, whatever the study asks)")
     allow_families: list[Family] = Field(
-        ["vae", "cevae", "vqvae", "gan", "ddpm"], description="model families the site trains")
+        ["vae", "cevae", "vqvae", "gan", "ddpm", "flow"], description="model families the site trains")
     max_local_steps: int = Field(10_000, ge=1, description="refuse more optimiser steps per round than this")
     allowed_studies: list[str] = Field(
         [], description="study names or config fingerprints the site agreed to; [] = every study (in a deployment: "

@@ -39,7 +39,7 @@ def test_dump_round_trips(tmp_path):
     ("data.image_size=abc", "data.image_size", "valid integer"),
     ("data.image_size=8", "data.image_size", "greater than or equal to 16"),
     ("data.image_size=65", "data.image_size", "multiple of 8"),
-    ("model.family=flow", "model.family", "'vae', 'cevae', 'vqvae', 'gan' or 'ddpm'"),
+    ("model.family=pixelcnn", "model.family", "'vae', 'cevae', 'vqvae', 'gan', 'ddpm' or 'flow'"),
     ("federation.strategy=avg", "federation.strategy", "'fedavg'"),
     ("federation.rounds=0", "federation.rounds", "greater than or equal to 1"),
     ("privacy.target_epsilon=-1", "privacy.target_epsilon", "greater than 0"),

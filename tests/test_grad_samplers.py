@@ -31,7 +31,7 @@ def test_conv2d_per_sample_gradients_equal_brute_force(stride, dilation, bias, s
 
 
 @pytest.mark.parametrize("family, space", [("vae", "pixel"), ("cevae", "pixel"), ("gan", "pixel"), ("ddpm", "pixel"),
-                                           ("ddpm", "latent"), ("vqvae", "pixel")])
+                                           ("ddpm", "latent"), ("vqvae", "pixel"), ("flow", "pixel")])
 def test_dp_step_equals_opacus_grad_sample_module(family, space):
     cfg = load_config(None, [f"model.family={family}", "data.image_size=32", "model.width=8", "model.latent_dim=16",
                              "model.timesteps=50", "model.anomaly_t=20", f"model.space={space}"])

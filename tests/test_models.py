@@ -16,10 +16,11 @@ from torch import nn
 from medgen.config import load_config
 from medgen.models import HEALTHY, LESION, build_model
 from medgen.models.cevae import mask_patches
+from medgen.models.flow import FlowNet, from_logits, gaussian_log_density, to_logits
 from medgen.models.layers import smooth_score
 from medgen.models.vae import kl_divergence
 
-FAMILIES = ["vae", "cevae", "vqvae", "gan", "ddpm", "ddpm:pixel"]
+FAMILIES = ["vae", "cevae", "vqvae", "gan", "ddpm", "ddpm:pixel", "flow"]
 SIZE = 32
 
 
@@ -32,8 +33,9 @@ def variant(family: str) -> list[str]:
 def make_cfg(family: str, *overrides: str, size: int = SIZE):
     ddpm = family.startswith("ddpm")
     short_chain = ["model.timesteps=100", "model.ddim_steps=10", "model.anomaly_t=20"] if ddpm else []
+    short_flow = ["model.flow_steps=2"] if family == "flow" else []
     return load_config(None, [*variant(family), "model.width=8", "model.latent_dim=16",
-                              f"data.image_size={size}", *short_chain, *overrides])
+                              f"data.image_size={size}", *short_chain, *short_flow, *overrides])
 
 
 def batch(n: int = 8, size: int = SIZE, seed: int = 0):
@@ -292,12 +294,123 @@ def test_cevae_combined_map_uses_the_elbo_input_gradient():
         model.anomaly_map(x, score="kl")
 
 
+# ------------------------------------------------------------------------------------ flow only
+def perturbed_flow(size: int, levels: int, steps: int, width: int) -> FlowNet:
+    """A float64 flow with every parameter moved off its initialisation (the couplings and priors
+    start as the identity / N(0, 1), which would make the checks below trivial)."""
+    torch.manual_seed(0)
+    net = FlowNet(size, levels, steps, width, groups=2).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return net
+
+
+def test_flow_inverts_its_forward_map():
+    net = perturbed_flow(16, levels=3, steps=2, width=8)
+    images, labels = torch.rand(4, 1, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    h, _ = to_logits(images, torch.full_like(images, 0.5))
+    latents, _ = net.encode(h, labels)
+    assert [tuple(z.shape[1:]) for z, _, _ in latents] == net.latent_shapes == [(2, 8, 8), (4, 4, 4), (16, 2, 2)]
+    back = from_logits(net.decode(labels, lambda level, mu, logs: latents[level][0]))
+    torch.testing.assert_close(back, images, rtol=0, atol=1e-4)
+    assert (back - images).abs().max() < 1e-10  # in float64 the inverse is exact up to rounding
+
+
+def test_flow_log_det_equals_the_autograd_jacobian():
+    """A 1 x 4 x 4 input through two scales: the flow's log|det| against autograd's Jacobian of
+    logits -> latents (16 x 16), and the logit transform's against its own."""
+    net = perturbed_flow(4, levels=2, steps=2, width=4)
+    h, labels = torch.randn(1, 1, 4, 4, dtype=torch.float64), torch.tensor([1])
+
+    def latents(v):
+        return torch.cat([z.flatten() for z, _, _ in net.encode(v.view(1, 1, 4, 4), labels)[0]])
+
+    jacobian = torch.autograd.functional.jacobian(latents, h.flatten())
+    assert jacobian.shape == (16, 16)
+    _, logdet = net.encode(h, labels)
+    torch.testing.assert_close(logdet, torch.linalg.slogdet(jacobian)[1].view(1), rtol=1e-8, atol=1e-8)
+    x, u = torch.rand(1, 1, 4, 4, dtype=torch.float64), torch.full((1, 1, 4, 4), 0.5, dtype=torch.float64)
+    logit_jacobian = torch.autograd.functional.jacobian(lambda v: to_logits(v.view(1, 1, 4, 4), u)[0].flatten(),
+                                                        x.flatten())
+    # the log-det is the one of logits <- y = (255 x + u) / 256, the variable the density is of
+    expected = torch.linalg.slogdet(logit_jacobian)[1] + 16 * torch.log(torch.tensor(256 / 255, dtype=torch.float64))
+    torch.testing.assert_close(to_logits(x, u)[1], expected.view(1))
+
+
+def test_flow_bpd_is_the_exact_negative_log_likelihood():
+    model = build_model(make_cfg("flow"), seed=0)
+    images, labels, _ = batch(4)
+    net = model.networks["flow"]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        net.eval()
+        h, logit_logdet = to_logits(images, torch.full_like(images, 0.5))
+        latents, logdet = net.encode(h, labels)
+        log_p = sum(gaussian_log_density(*lat).flatten(1).sum(1) for lat in latents) + logdet + logit_logdet
+    bpd = (-log_p / SIZE ** 2 + torch.log(torch.tensor(256.0))) / torch.log(torch.tensor(2.0))
+    ev = model.evaluate(images, labels)
+    assert ev["loss"] == ev["bpd"] == pytest.approx(float(bpd.mean()), rel=1e-5)
+    assert 0 < ev["bpd"] < 16
+
+
+def test_flow_temperature_scales_the_samples():
+    """Temperature 0 draws each latent's prior mean: the samples of one label are identical."""
+    labels = torch.tensor([HEALTHY, HEALTHY, LESION])
+    cold = build_model(make_cfg("flow", "model.flow_temperature=0.000001"), seed=0).sample(labels, seeded(0))
+    assert (cold[0] - cold[1]).abs().max() < 1e-4 and (cold[0] - cold[2]).abs().max() > 1e-4
+    warm = build_model(make_cfg("flow", "model.flow_temperature=1.0"), seed=0).sample(labels, seeded(0))
+    assert (warm[0] - warm[1]).abs().max() > 1e-2
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # Opacus hooks on the input layer
+def test_flow_log_dets_reach_every_per_sample_gradient():
+    """The 1x1 convs' and channel affines' log-dets are part of every image's gradient (read off probe
+    pixels inside the hooked Conv2d): one image's per-sample gradient equals its own full gradient."""
+    model = build_model(make_cfg("flow"), seed=0)
+    images, labels, _ = batch(3)
+    noise = torch.rand(images.shape, generator=seeded(0))
+
+    def bpd(net, i):
+        return -net(images[i], labels[i], noise[i]) / SIZE ** 2
+
+    wrapped = GradSampleModule(model.networks["flow"])
+    bpd(wrapped, slice(None)).mean().backward()
+    per_sample = {name: p.grad_sample[1].clone() for name, p in wrapped._module.named_parameters()}
+    single = build_model(make_cfg("flow"), seed=0).networks["flow"]
+    bpd(single, slice(1, 2)).sum().backward()
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(per_sample[name], p.grad, rtol=1e-3, atol=1e-7, msg=name)
+    assert per_sample["levels.0.0.mix.conv.weight"].abs().sum() > 0
+
+
+def test_flow_sweep_and_ratio_map():
+    model = build_model(make_cfg("flow"), seed=0)
+    images, _, brain = batch(2)
+    assert model.anomaly_sweep() == [{"score": "coarse"}, {"score": "all"}, {"score": "ratio"}]
+    assert torch.equal(model.anomaly_map(images, brain), model.anomaly_map(images, brain, score="coarse"))
+    for score in ("all", "ratio"):
+        amap = model.anomaly_map(images, brain, score=score)
+        assert amap.shape == images.shape and amap.min() >= 0 and torch.all(amap[~brain] == 0)
+    # the finest scale's deviation is part of "all" only
+    assert (model.anomaly_map(images, score="all") > model.anomaly_map(images)).any()
+    with pytest.raises(TypeError):
+        model.anomaly_map(images, score="recon")
+
+
+def test_flow_image_size_must_fit_the_scales():
+    with pytest.raises(ValueError, match="flow_levels"):
+        build_model(make_cfg("flow", "model.flow_levels=4", size=24), seed=0)
+
+
 def test_anomaly_map_is_higher_inside_an_inserted_lesion(family):
     """Trained on healthy discs only, every family scores an inserted dark blob (like the phantom's
     stroke lesions) far above the healthy tissue around it. Measured after 300 steps: VAE 26x,
     ceVAE 56x (combined score; 29x its reconstruction error alone), GAN 16x, DDPM 19x (latent
-    space) / 6.3x (pixel space); untrained 1.1-1.5x. (A bright blob tells less: 2.5-4.6x trained, but
-    already 1.5-2.2x untrained, since any shrinkage towards mid-grey errs most at the extremes.)"""
+    space) / 6.3x (pixel space), flow 8.3x (2 steps per scale); untrained 1.1-1.5x. (A bright
+    blob tells less: 2.5-4.6x trained, but already 1.5-2.2x untrained, since any shrinkage towards
+    mid-grey errs most at the extremes.)"""
     model = build_model(make_cfg(family), seed=0)
     images, labels, brain = batch(16)
     healthy = images[labels == HEALTHY]

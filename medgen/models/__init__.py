@@ -32,7 +32,11 @@ def build_model(cfg: Config, seed: int | None = None) -> GenerativeModel:
         from medgen.models.ddpm import DDPM
 
         return DDPM(cfg)
-    raise NotImplementedError(f"model.family={family!r} is not implemented yet (available: vae, cevae, vqvae, gan, ddpm)")
+    if family == "flow":
+        from medgen.models.flow import NormalisingFlow
+
+        return NormalisingFlow(cfg)
+    raise NotImplementedError(f"model.family={family!r} is not implemented yet (available: vae, cevae, vqvae, gan, ddpm, flow)")
 
 
 __all__ = ["HEALTHY", "LESION", "GenerativeModel", "build_model"]
