@@ -5,8 +5,9 @@ As Flower 1.41 runs a local simulation (what `flwr run` does): a SuperLink in si
 run — an app bundle naming medgen's ServerApp and ClientApp, the resolved config and the run
 directory in its run config, the SuperNodes and their Ray resources (``simulation.client_cpus`` /
 ``client_gpus``) in its simulation config. Flower's simulation process then runs the ServerApp and
-each site's ClientApp in a Ray actor; its output (the ServerApp's lines, progress bars) comes to
-this terminal. Ray starts once per run, not per round. The local Ray is the run's own (never a
+each site's ClientApp in a Ray actor; what it prints goes to ``<run>/simulation/console.log``,
+which this process prints as it grows (with a bar of the rounds on a terminal). Ray starts once
+per run, not per round. The local Ray is the run's own (never a
 cluster someone started here with ``ray start``) and listens on 127.0.0.1 only; or it is an
 existing cluster (``simulation.ray_address``) — ``medgen/_compat/ray.py``.
 """
@@ -28,7 +29,7 @@ from medgen.server.errors import FederationError
 from medgen.server.rundir import RunDir, open_run
 
 LINK_TIMEOUT_S = 60.0  # how long the SuperLink may take to answer on /health
-POLL_S = 0.2  # how often the run's status is read
+POLL_S = 0.25  # how often the run's status is read
 CONSOLE_FILE = "console.log"  # under <run>/simulation/: the ServerApp's console output
 DONE_FILE = "done"  # under <run>/simulation/: written when the ServerApp has returned
 
@@ -104,10 +105,9 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
         ray_env = ray_environment(cfg.simulation.ray_address)
     except ValueError as e:
         raise ConfigError(f"simulation.ray_address={cfg.simulation.ray_address}: {e}") from None
-    cfg = resolve_client_cpus(cfg)
-    if cfg.simulation.client_cpus != int(cfg.simulation.client_cpus):
-        raise ConfigError(f"simulation.client_cpus={cfg.simulation.client_cpus:g}: Flower's simulation reserves "
-                          f"whole CPUs per site")
+    cpus = resolve_client_cpus(cfg).simulation.client_cpus
+    if cpus != int(cpus):
+        raise ConfigError(f"simulation.client_cpus={cpus:g}: Flower's simulation reserves whole CPUs per site")
     if cfg.simulation.ray_address is None:  # the sites train on this machine
         from medgen.client.task import check_device
 
@@ -119,7 +119,7 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
     (run.path / "simulation" / DONE_FILE).unlink(missing_ok=True)
     link = start_link(run.path / "simulation", ray_env)  # it starts while the data is made ready
     try:
-        data_cfg = resolve_data(cfg, log)
+        data_cfg = resolve_client_cpus(resolve_data(cfg, log))
         log(f"run directory: {run.path}")
         run_on(link, data_cfg, run, log)
     finally:
@@ -132,17 +132,17 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
 
 
 def start_link(work: Path, ray_env: dict[str, str]):
-    """A ``flower-superlink --simulation`` on a free port of 127.0.0.1 (a ``procs.Child``); Flower's
-    console messages are its errors only (everything is in ``work/superlink.log``)."""
+    """A ``flower-superlink --simulation`` on a free port of 127.0.0.1 (a ``procs.Child``), its
+    output and its SuperExec's in ``work/superlink.log``: warnings and errors, everything with -v."""
     from medgen.deployment.procs import Child, flower_bin, flower_env, free_port
     from medgen.progress import ENV as PROGRESS_ENV
 
     port = free_port()
-    env = flower_env(work / "flwr-home", {**ray_env, "FLWR_LOG_LEVEL": "ERROR", PROGRESS_ENV: "0"})
+    level = "INFO" if logs.verbosity() > 0 else "WARNING"
+    env = flower_env(work / "flwr-home", {**ray_env, "FLWR_LOG_LEVEL": level, PROGRESS_ENV: "0"})
     link = Child("SuperLink", [flower_bin("flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1",
                                "--port", str(port), "--isolation", "subprocess",
-                               "--disable-runtime-dependency-installation", "--log-file", str(work / "superlink.log")],
-                 work / "superlink.log", env=env, console=True)
+                               "--disable-runtime-dependency-installation"], work / "superlink.log", env=env)
     link.address = f"127.0.0.1:{port}"
     return link
 

@@ -398,3 +398,9 @@ def test_ctrl_c_stops_the_simulation_and_leaves_it_resumable(tmp_path, cache):
     status = RunDir(run_dir).status()
     assert status["status"] == "failed" and f"medgen simulate --resume {run_dir}" in status["error"], status
     assert not os.path.exists(run_dir / "checkpoints" / "round-0020.pt")
+
+
+def test_a_fraction_of_a_cpu_per_site_is_refused_before_the_run_directory(tmp_path, cache):
+    out = medgen("simulate", "--out", tmp_path / "run", "--set", "simulation.client_cpus=0.5", cache=cache)
+    assert out.returncode == 3 and "simulation.client_cpus=0.5: Flower's simulation reserves whole CPUs" in out.stderr
+    assert not (tmp_path / "run").exists()

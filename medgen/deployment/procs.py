@@ -105,20 +105,17 @@ def _alive(pid: int) -> bool:
 
 
 class Child:
-    """One child process in its own process group, output appended to ``log_file``; with
-    ``console``, output to this process' stdout / stderr instead (the child writes ``log_file``
-    itself)."""
+    """One child process in its own process group, output appended to ``log_file``."""
 
     def __init__(self, name: str, cmd: list[str], log_file: str | Path, env: dict[str, str] | None = None,
-                 cwd: str | Path | None = None, console: bool = False):
+                 cwd: str | Path | None = None):
         self.name, self.cmd, self.log_file = name, cmd, Path(log_file)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
             log.write(f"\n$ {' '.join(cmd)}\n".encode())
             log.flush()
-            out = {} if console else {"stdout": log, "stderr": subprocess.STDOUT}
-            self.proc = subprocess.Popen(cmd, **out, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, cwd=cwd, start_new_session=True)
 
     @property
     def pid(self) -> int:
