@@ -186,6 +186,9 @@ class TrainConfig(_Section):
         0.2, ge=0.0, lt=1.0, description="share of each training site's subjects kept for validation"
     )
     device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
+    amp: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="mixed precision of the training steps: bf16 (CUDA, or CPU autocast) or fp16 (CUDA only, "
+                            "with a loss scaler); none = float32. Not with privacy.enabled (medgen/models/precision.py)")
 
     @field_validator("device")
     @classmethod
@@ -198,6 +201,10 @@ class TrainConfig(_Section):
     def _one_budget(self) -> TrainConfig:
         if (self.local_steps is None) == (self.local_epochs is None):
             raise ValueError("set exactly one of local_steps and local_epochs (the other null)")
+        kind = self.device.partition(":")[0]
+        if self.amp != "none" and kind == "mps" or self.amp == "fp16" and kind == "cpu":
+            raise ValueError(f"train.amp={self.amp} is not supported on train.device={self.device} (bf16 runs on cuda "
+                             f"and cpu, fp16 on cuda only; none everywhere)")
         return self
 
 
@@ -497,6 +504,11 @@ class Config(_Section):
                              f"fedyogi, fedmedian or fedbn")
         if fed.secure_aggregation == "secaggplus":
             _check_secure_aggregation(self)
+        if self.privacy.enabled and self.train.amp != "none":
+            # fp16's GradScaler unscales .grad, not the per-sample gradients Opacus clips; bf16 per-sample
+            # gradients (8-bit mantissa) would set the clipping norms: neither is checked against Opacus
+            raise ValueError(f"train.amp={self.train.amp} with privacy.enabled: DP-SGD trains in float32 only; "
+                             f"set train.amp=none")
         central = self.privacy.central
         if central.enabled and central.adaptive and fed.fraction_train < 1.0:
             raise ValueError("privacy.central.adaptive: the clipped count needs every site each round; with "

@@ -27,7 +27,8 @@ from flwr.clientapp import ClientApp
 from medgen.client import secure, sent_log
 from medgen.client.policy import (budget, budget_delta, plan_violations, policy_summary, refusal_text, site_config,
                                   violations)
-from medgen.client.task import evaluate_local, local_steps, proximal_term, site_data, site_seed, train_local
+from medgen.client.task import (evaluate_local, local_steps, proximal_term, release_device, site_data, site_seed,
+                                train_local)
 from medgen.config import Config, SitePolicy, load_config_text, load_policy
 from medgen.data.check import counts_text, scan_headers
 from medgen.data.dataset import concat_slices
@@ -135,7 +136,11 @@ def _handler(fn):
                     raise SiteFailure(f"site {site.name}: {refusal}")
                 return _sent(site, entry, _refuse(msg, site.name, refusal), cfg)
             cfg = site_config(cfg, site.policy, site_cache(site))
-            return _sent(site, entry, fn(msg, cfg, site, round_, context), cfg)
+            try:
+                reply = fn(msg, cfg, site, round_, context)
+            finally:  # the message's model and batches are gone: give their GPU memory back
+                release_device(cfg)
+            return _sent(site, entry, reply, cfg)
         except SiteFailure:
             raise
         except Exception as e:

@@ -3,6 +3,7 @@ same functions serve the ClientApp, `medgen train` and the benchmarks."""
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 import zlib
@@ -51,6 +52,9 @@ def check_device(cfg: Config) -> None:
                           f"device(s)")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"train.device={cfg.train.device}: MPS is not available on this machine")
+    if kind == "cuda" and cfg.train.amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.amp=bf16: {torch.cuda.get_device_name(int(index or 0))} has no bfloat16; use "
+                          f"train.amp=fp16 or none")
 
 
 def local_steps(cfg: Config, n_examples: int) -> int:
@@ -88,6 +92,9 @@ def train_local(model: GenerativeModel, data: SiteSlices, cfg: Config, seed: int
     each loss term, ``num-examples``, ``steps`` and ``train-time-s``."""
     start = time.perf_counter()
     device = torch.device(cfg.train.device)
+    held = gpu_memory(device)  # what this process still held on the GPU before this round's model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model.to(device).train()
     optimizers = model.make_optimizers()
     steps = dp.steps if dp else steps or local_steps(cfg, len(data))
@@ -109,13 +116,35 @@ def train_local(model: GenerativeModel, data: SiteSlices, cfg: Config, seed: int
                 for name in model.private_networks:
                     noise_only_step(optimizers[name])
                 continue
-            losses = model.train_step(images[idx].to(device), labels[idx].to(device), optimizers, step, extra_loss)
+            with model.precision.autocast():
+                losses = model.train_step(images[idx].to(device), labels[idx].to(device), optimizers, step, extra_loss)
+            model.precision.update()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v
             taken += 1
     metrics = {k: v / max(taken, 1) for k, v in totals.items()}
     metrics.update({"num-examples": len(data), "steps": steps, "train-time-s": time.perf_counter() - start})
+    if device.type == "cuda":
+        metrics.update({f"gpu-{k}-start-mb": v for k, v in held.items()})
+        metrics["gpu-peak-mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return metrics
+
+
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """{"allocated", "reserved"}: MiB of CUDA memory this process holds in tensors / in the caching
+    allocator on ``device``; empty off CUDA."""
+    if device.type != "cuda":
+        return {}
+    return {"allocated": torch.cuda.memory_allocated(device) / 2**20,
+            "reserved": torch.cuda.memory_reserved(device) / 2**20}
+
+
+def release_device(cfg: Config) -> None:
+    """After a site's message: hand the CUDA memory the caching allocator keeps back to the driver,
+    so sites sharing a GPU do not each hold their peak between rounds (flower #1376, #5855)."""
+    if torch.device(cfg.train.device).type == "cuda":
+        gc.collect()  # the round's model, optimisers and batches, when a reference cycle holds them
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()

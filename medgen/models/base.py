@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from medgen.config import Config
+from medgen.models.precision import NONE, Precision
 
 HEALTHY, LESION = 0, 1
 
@@ -24,15 +25,18 @@ class GenerativeModel(ABC):
     ``networks`` maps names to the torch modules of the family (e.g. ``{"vae": ...}`` or
     ``{"generator": ..., "discriminator": ...}``); their parameters and buffers are what sites
     and server exchange. ``private_networks`` names the networks that see real images: those
-    get DP-SGD (a GAN's generator never sees real data).
+    get DP-SGD (a GAN's generator never sees real data). ``precision`` (``train.amp``) is how a
+    ``train_step`` calls backward and the optimiser step (:mod:`medgen.models.precision`).
     """
 
     family: str
     private_networks: tuple[str, ...]
+    precision: Precision = NONE
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.networks: dict[str, nn.Module] = {}
+        self.precision = Precision(cfg.train.amp, cfg.train.device)
 
     # ---------------------------------------------------------------- training
     @abstractmethod

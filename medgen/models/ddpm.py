@@ -290,8 +290,8 @@ class DDPM(GenerativeModel):
         x_0, recon = self._to_x0(self._net, images, DECODER_NOISE)
         terms = self._terms(self._loss(self.networks[self._name], x_0, labels, t, torch.randn_like(x_0)), recon)
         loss = terms["loss"] + extra_loss() if extra_loss is not None else terms["loss"]
-        loss.backward()
-        opt.step()
+        self.precision.backward(loss)
+        self.precision.step(opt)
         self._ema.update(self._net, self.cfg.model.ema_decay)
         return {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(loss.detach())}
 

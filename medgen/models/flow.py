@@ -170,8 +170,8 @@ class NormalisingFlow(GenerativeModel):
         opt.zero_grad(set_to_none=True)
         bpd = self._bpd(images, labels).mean()
         loss = bpd + extra_loss() if extra_loss is not None else bpd
-        loss.backward()
-        opt.step()
+        self.precision.backward(loss)
+        self.precision.step(opt)
         return {"loss": float(loss.detach()), "bpd": float(bpd.detach())}
 
     def evaluate(self, images, labels) -> dict[str, float]:

@@ -50,7 +50,7 @@ class SpectralNorm(nn.Module):
         self.register_buffer("u", F.normalize(torch.randn(layer.weight.shape[0]), dim=0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # power iteration in float32 under AMP
             w = self.layer.weight.detach().flatten(1)
             u = F.normalize(self.u, dim=0)  # averaged across sites, u may have lost its unit norm
             if self.training:
@@ -179,13 +179,13 @@ class ConditionalGAN(GenerativeModel):
         opt_d.zero_grad(set_to_none=True)
         real_logits, fake_logits = D(images, labels), D(fake.detach(), labels)
         d_loss, _ = self._losses(real_logits, fake_logits)
-        (d_loss + extra_loss() if extra_loss is not None else d_loss).backward()
-        opt_d.step()
+        self.precision.backward(d_loss + extra_loss() if extra_loss is not None else d_loss)
+        self.precision.step(opt_d)
         opt_g.zero_grad(set_to_none=True)
         with _frozen(D):
             _, g_loss = self._losses(real_logits.detach(), D(fake, labels))
-            (g_loss + extra_loss() if extra_loss is not None else g_loss).backward()
-        opt_g.step()
+            self.precision.backward(g_loss + extra_loss() if extra_loss is not None else g_loss)
+        self.precision.step(opt_g)
         self._update_ema()
         return _floats(d_loss, g_loss, real_logits, fake_logits)
 

@@ -111,8 +111,8 @@ class ConditionalVAE(GenerativeModel):
         opt.zero_grad(set_to_none=True)
         terms = self._losses(images, labels, self._beta(step))
         loss = terms["loss"] + extra_loss() if extra_loss is not None else terms["loss"]
-        loss.backward()
-        opt.step()
+        self.precision.backward(loss)
+        self.precision.step(opt)
         return {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(loss.detach())}
 
     def evaluate(self, images, labels) -> dict[str, float]:

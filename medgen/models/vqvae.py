@@ -179,8 +179,8 @@ class VQVAE(GenerativeModel):
         opt.zero_grad(set_to_none=True)
         terms, codes = self._losses(images, labels)
         loss = terms["loss"] + extra_loss() if extra_loss is not None else terms["loss"]
-        loss.backward()
-        opt.step()
+        self.precision.backward(loss)
+        self.precision.step(opt)
         every = self.cfg.model.restart_every
         if every and (step + 1) % every == 0 and self.networks["vqvae"] is self._net:
             self._restart_dead_codes(codes)
