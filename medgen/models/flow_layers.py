@@ -83,6 +83,7 @@ class InvertibleConv1x1(nn.Module):
         b, c, h, w = x.shape
         out = self.conv(with_probes(x, torch.eye(c)))
         weight = out[:, :, 0, h * w:]  # (B, C, C): W for every image
+        weight = weight.to(torch.promote_types(weight.dtype, torch.float32))  # slogdet has no bf16 / fp16
         return out[..., : h * w].reshape(b, c, h, w), h * w * torch.linalg.slogdet(weight)[1]
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
