@@ -40,6 +40,14 @@ def head(shape=(40, 48, 40), seed=0, lesion_centre=None, lesion_radius=4):
 FAST_DATA = ["data.brain_mask=threshold", "data.bias_correction=none"]
 
 
+def interruptible() -> None:
+    """``preexec_fn`` of a child that a test stops with SIGINT, as Ctrl-C would: a shell runs its
+    background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 AFFINE[:3, 3] = [-40, -48, -40]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FAST_DATA, make_plain_site
+from conftest import FAST_DATA, interruptible, make_plain_site
 
 BIN = Path(sys.executable).parent
 MEDGEN = str(BIN / "medgen")
@@ -167,7 +167,8 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_their_codes(sig, code, said):
 
     health = [BIN / "medgen-server", "health", "--insecure", "--address", f"127.0.0.1:{free_port()}",
               "--timeout", "120"]
-    proc = subprocess.Popen(health, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(health, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     try:
         deadline = time.monotonic() + 60
         while not _handles_sigterm(proc.pid):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_DATA
+from conftest import FAST_DATA, interruptible
 from medgen.server.rundir import RunDir, load_checkpoint
 
 MEDGEN = str(Path(sys.executable).parent / "medgen")
@@ -374,7 +374,7 @@ def test_ctrl_c_stops_the_simulation_and_leaves_it_resumable(tmp_path, cache):
     run_dir = tmp_path / "run"
     sets = [x for kv in TINY + [f"data.cache_dir={cache}", "federation.rounds=20"] for x in ("--set", kv)]
     proc = subprocess.Popen([MEDGEN, "simulate", "--out", str(run_dir), *sets], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoints" / "round-0001.pt").is_file():
         assert proc.poll() is None and time.monotonic() < deadline, "no round 1: " + proc.communicate()[1][-3000:]
