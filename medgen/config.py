@@ -316,8 +316,10 @@ class SimulationConfig(_Section):
                                   "CPUs / training sites when more, never more than the machine has")
     client_gpus: float = Field(0.0, ge=0.0, description="GPUs (fraction) reserved per simulated site")
     hung_grace_s: float = Field(
-        20.0, gt=0.0, description="after the last round, how long Flower's engine may take to stop before the "
-                                  "ClientApp actors that keep it waiting (a hung site) are killed")
+        20.0, gt=0.0, description="when the ServerApp ended without writing an outcome (it crashed), how "
+                                  "long Flower's engine may take to stop before the ClientApp actors that "
+                                  "keep it waiting (a hung site) are killed; with an outcome written, "
+                                  "`medgen simulate` stops the engine at once")
 
 
 class SitePolicy(_Section):

@@ -24,12 +24,12 @@ from pathlib import Path
 from medgen import logs
 from medgen._compat.ray import ray_environment
 from medgen.config import Config, ConfigError, dump_config
-from medgen.data.dataset import cache_root
 from medgen.server.errors import FederationError
 from medgen.server.rundir import RunDir, open_run
 
 LINK_TIMEOUT_S = 60.0  # how long the SuperLink may take to answer on /health
-POLL_S = 0.25  # how often the run's status is read
+POLL_S = 0.25  # how often the run directory (console, checkpoints, outcome) is read
+STATUS_POLL_S = 2.0  # how often Flower is asked about the run (each ask costs both processes CPU)
 CONSOLE_FILE = "console.log"  # under <run>/simulation/: the ServerApp's console output
 DONE_FILE = "done"  # under <run>/simulation/: written when the ServerApp has returned
 
@@ -42,6 +42,8 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 def resolve_data(cfg: Config, log=logs.info) -> Config:
     """With ``data.root`` null, make the phantom cohort for these sites (once; cached by its
     parameters) and point ``data.root`` at it. Paths become absolute: sites may run elsewhere."""
+    from medgen.data.dataset import cache_root
+
     cache = cache_root(cfg.data).resolve()
     if cfg.data.root is not None:
         return cfg.model_copy(update={"data": cfg.data.model_copy(
@@ -108,8 +110,8 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
     cpus = resolve_client_cpus(cfg).simulation.client_cpus
     if cpus != int(cpus):
         raise ConfigError(f"simulation.client_cpus={cpus:g}: Flower's simulation reserves whole CPUs per site")
-    if cfg.simulation.ray_address is None:  # the sites train on this machine
-        from medgen.client.task import check_device
+    if cfg.simulation.ray_address is None and cfg.train.device != "cpu":  # the sites train on this machine
+        from medgen.client.task import check_device  # imports torch; a CPU needs no check
 
         check_device(cfg)
     run.create(cfg)
@@ -123,7 +125,9 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
         log(f"run directory: {run.path}")
         run_on(link, data_cfg, run, log)
     finally:
-        link.stop()
+        # once the ServerApp has returned, nothing in Flower's or Ray's processes holds anything of
+        # the run: Ray's own shutdown on SIGTERM takes ~3.5 s, so what is left after 1 s gets SIGKILL
+        link.stop(timeout=1.0 if (run.path / "simulation" / DONE_FILE).is_file() else 10.0)
     status = run.status()
     if status.get("status") != "completed":
         raise FederationError(f"simulation did not complete: {status.get('error', status.get('status'))} "
@@ -200,15 +204,17 @@ def run_on(link, cfg: Config, run: RunDir, log=logs.info) -> None:
 
 
 def _follow(control, run_id: int, link, run: RunDir, grace_s: float, log):
-    """Until Flower's run has finished: print the ServerApp's console lines, yield once per
-    round checkpointed, and stop the ClientApp actors that keep Flower waiting ``grace_s`` after
-    the ServerApp is done (``stop_hung_sites``)."""
+    """Until the ServerApp has written the run's outcome, or Flower says the run has finished:
+    print the ServerApp's console lines and yield once per round checkpointed. Once the outcome
+    is written nothing is left to wait for (Flower would shut Ray down, ≈2 s): the caller stops the
+    SuperLink's tree. When the ServerApp returned without an outcome and Flower still waits
+    ``grace_s`` later, the ClientApp actors keeping it waiting are stopped (``stop_hung_sites``)."""
     from medgen.deployment.link import DeploymentError
     from medgen.deployment.server import Follower
 
     console = Follower(run.path / "simulation" / CONSOLE_FILE, lambda line: print(line, flush=True))
-    done, loop_ended = run.last_round(), None
-    while control.run_status(run_id)[0] != "finished":
+    done, loop_ended, asked = run.last_round(), None, 0.0
+    while True:
         console.poll()
         if not link.running():
             raise DeploymentError(f"the simulation SuperLink exited (code {link.proc.returncode}); its log "
@@ -218,6 +224,12 @@ def _follow(control, run_id: int, link, run: RunDir, grace_s: float, log):
             yield done
         if loop_ended is None and (run.path / "simulation" / DONE_FILE).is_file():
             loop_ended = time.monotonic()
+        if loop_ended is not None and run.status().get("status") in ("completed", "failed"):
+            break
+        if time.monotonic() - asked >= STATUS_POLL_S:
+            if control.run_status(run_id)[0] == "finished":
+                break
+            asked = time.monotonic()
         if loop_ended is not None and time.monotonic() - loop_ended > grace_s:
             stop_hung_sites(grace_s, log)
             loop_ended = float("inf")

@@ -129,13 +129,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     guard()  # Ray's processes end with this one, even on SIGKILL
 
+    started = time.time()
     if args.resume:
         if args.config:
             raise ConfigError("--resume uses the run's own config.yaml; give changes with --set, not --config")
         run = simulate(resume=args.resume, overrides=args.overrides)
     else:
         run = simulate(_load(args), out=args.out)
-    print(f"run directory: {run.path}\nreport: {_report(run.path)}")
+    report = run.path / "report" / "index.html"  # the ServerApp writes it; built here if it did not
+    fresh = report.is_file() and report.stat().st_mtime >= started
+    print(f"run directory: {run.path}\nreport: {report if fresh else _report(run.path)}")
     return 0
 
 

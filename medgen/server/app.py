@@ -53,6 +53,9 @@ def simulated(grid: Grid, context: Context) -> None:
     logs.to_run_log(run.path)
     try:
         run_federation(grid, load_config_text(str(rc["medgen-config"])), run, logs.info)
+        from medgen.evaluation.report import build_report
+
+        build_report(run.path)  # here, where torch and the evaluation code are imported already
     finally:
         (run.path / "simulation" / DONE_FILE).touch()
 

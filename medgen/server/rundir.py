@@ -21,9 +21,9 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from medgen import logs, provenance, strictjson
 from medgen.config import Config, dump_config, load_config
@@ -31,6 +31,9 @@ from medgen.data.errors import DataError
 from medgen.fileio import atomic_write
 from medgen.server.errors import FederationError
 from medgen.server.tracking import Tracker, require
+
+if TYPE_CHECKING:
+    import torch
 
 _CHECKPOINT = re.compile(r"round-(\d{4,})\.pt$")
 
@@ -115,6 +118,8 @@ class RunDir:
         path = self.checkpoints / f"round-{round_:04d}.pt"
         payload = {"round": round_, "model": model_state, "aggregator": aggregator_state,
                    "config": dump_config(cfg), "family": cfg.model.family, "provenance": provenance.collect()}
+        import torch  # here, not at the top: `medgen simulate` starts Flower before it needs torch
+
         atomic_write(path, lambda f: torch.save(payload, f))
         return path
 
@@ -185,6 +190,8 @@ def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by ``RunDir.save_checkpoint`` (tensors on the CPU); DataError naming the
     file when it is missing or not a medgen checkpoint. ``provenance`` is absent from checkpoints
     written before medgen recorded it."""
+    import torch
+
     from medgen.data.errors import DataError
 
     if not Path(path).is_file():
