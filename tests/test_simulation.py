@@ -29,12 +29,15 @@ def cache(shared_cache):
     return shared_cache
 
 
-def test_simulate_on_ray_then_resume_also_after_sigkill(tmp_path, cache):
-    """`medgen simulate` for 2 rounds on Ray (metrics, checkpoints, samples, report, held-out
-    evaluation); `--resume` with 2 more rounds, SIGKILLed once round 3 is checkpointed: Ray's GCS,
-    raylet and workers end with it; a second `--resume` finishes round 4. No round is trained twice:
-    a resume trains only the rounds after the last checkpoint. (One scenario, so that Ray starts
-    three times, not four.)"""
+def test_simulate_ctrl_c_resume_sigkill_resume(tmp_path, cache):
+    """One scenario, so that Ray starts three times, not four:
+    1. `medgen simulate`, Ctrl-C (SIGINT) once round 1 is checkpointed: it stops its SuperLink and
+       every process below it, says so in one line, exits 130, and the run says how to continue;
+    2. `--resume` with 3 rounds, SIGKILLed once round 2 is checkpointed: Ray's GCS, raylet and
+       workers end with it;
+    3. a second `--resume` (the run's own config), --quiet, finishes round 3: metrics, checkpoints,
+       samples, report, held-out evaluation. No round is trained twice: a resume trains only the
+       rounds after the last checkpoint."""
     import os
     import signal
     import time
@@ -43,30 +46,42 @@ def test_simulate_on_ray_then_resume_also_after_sigkill(tmp_path, cache):
     from medgen.watchdog import _start_time
 
     run_dir = tmp_path / "run"
-    out = medgen("simulate", "--out", run_dir, "--set", "federation.rounds=2", cache=cache)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert f"run directory: {run_dir}" in out.stdout
-    assert "round 2/2 site A: train" in out.stdout and "round 2 site C: evaluate (held-out)" in out.stdout
-    run = RunDir(run_dir)
-    records = run.records()
-    assert {(r["round"], r["site"]) for r in records if r["phase"] == "train"} == {
-        (1, "A"), (1, "B"), (1, "global"), (2, "A"), (2, "B"), (2, "global")}
-    assert all("error" not in r for r in records)
-    assert load_checkpoint(run.last_checkpoint())["round"] == 2
-    assert (run.samples / "round-0002.png").is_file() and (run_dir / "config.yaml").is_file()
-    assert (run_dir / "report" / "index.html").is_file() and (run_dir / "report" / "site-C.html").is_file()
-    heldout = [r for r in records if r["phase"] == "evaluate" and r["site"] == "C"]
-    assert "pixel-auroc" in heldout[-1] and "radfd-healthy" in heldout[-1]
+    sets = [x for kv in TINY + [f"data.cache_dir={cache}", "federation.rounds=20"] for x in ("--set", kv)]
+    proc = subprocess.Popen([MEDGEN, "simulate", "--out", str(run_dir), *sets], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "round-0001.pt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "no round 1: " + proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    below = {p: _start_time(p) for p in descendants(proc.pid)}
+    assert any(Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ray::ClientAppActor") for p in below
+               if _start_time(p))
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("medgen simulate did not stop on Ctrl-C")
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): "), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    deadline = time.monotonic() + 15  # the watchdog (medgen/watchdog.py) ends once it sees its parent gone
+    while (left := [p for p, t in below.items() if t and _start_time(p) == t]) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left]
+    status = RunDir(run_dir).status()
+    assert status["status"] == "failed" and f"medgen simulate --resume {run_dir}" in status["error"], status
+    assert not os.path.exists(run_dir / "checkpoints" / "round-0020.pt")
 
-    # resume with two more rounds; SIGKILL it once round 3 is checkpointed
-    sets = [x for kv in TINY + [f"data.cache_dir={cache}", "federation.rounds=4"] for x in ("--set", kv)]
+    # resume with 3 rounds in all; SIGKILL it once round 2 is checkpointed
+    sets = [x for kv in TINY + [f"data.cache_dir={cache}", "federation.rounds=3"] for x in ("--set", kv)]
     log = tmp_path / "resume.out"
     with log.open("w") as f:
         proc = subprocess.Popen([MEDGEN, "simulate", "--resume", str(run_dir), *sets], stdout=f,
                                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "round-0003.pt").is_file():
-        assert proc.poll() is None and time.monotonic() < deadline, "no round 3: " + log.read_text()[-3000:]
+    while not (run_dir / "checkpoints" / "round-0002.pt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "no round 2: " + log.read_text()[-3000:]
         time.sleep(0.2)
     below = descendants(proc.pid)
     assert any("raylet" in Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in below if _start_time(p))
@@ -77,21 +92,28 @@ def test_simulate_on_ray_then_resume_also_after_sigkill(tmp_path, cache):
         time.sleep(0.3)
     assert not [p for p in below if _start_time(p)], "Ray processes live on"
     text = log.read_text()
-    assert "resuming after round 2" in text and "round 3/4 site A: train" in text and "round 1/" not in text, text
+    assert "resuming after round 1" in text and "round 2/3 site A: train" in text and "round 1/" not in text, text
     assert json.loads((run_dir / "status.json").read_text())["status"] != "completed"
 
-    # the second resume (the run's own config: 4 rounds), --quiet, finishes the study; run.log has
-    # every run's lines, with times
+    # the second resume finishes the study; run.log has every run's lines, with times
     out = medgen("simulate", "--resume", run_dir, "--quiet", cache=cache)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "round 4/4" not in out.stdout and f"run directory: {run_dir}" in out.stdout
+    assert "round 3/3" not in out.stdout and f"run directory: {run_dir}" in out.stdout
+    run = RunDir(run_dir)
     run_log = (run_dir / "run.log").read_text()
-    assert "round 2/2 site A: train" in run_log and "resuming after round 3" in run_log
-    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO medgen: round 4/4 site A: train", run_log, re.M)
-    trained = [r["round"] for r in run.records() if r["phase"] == "train" and r["site"] == "A"]
-    assert trained == [1, 2, 3, 4]
-    assert load_checkpoint(run.last_checkpoint())["round"] == 4
+    assert "round 1/20 site A: train" in run_log and "resuming after round 2" in run_log
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO medgen: round 3/3 site A: train", run_log, re.M)
+    records = run.records()
+    assert all("error" not in r for r in records)
+    trained = {(r["round"], r["site"]) for r in records if r["phase"] == "train"}
+    assert trained == {(n, s) for n in (1, 2, 3) for s in ("A", "B", "global")}, trained
+    assert [r["round"] for r in records if r["phase"] == "train" and r["site"] == "A"] == [1, 2, 3]
+    assert load_checkpoint(run.last_checkpoint())["round"] == 3
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    assert (run.samples / "round-0003.png").is_file() and (run_dir / "config.yaml").is_file()
+    assert (run_dir / "report" / "index.html").is_file() and (run_dir / "report" / "site-C.html").is_file()
+    heldout = [r for r in records if r["phase"] == "evaluate" and r["site"] == "C"]
+    assert "pixel-auroc" in heldout[-1] and "radfd-healthy" in heldout[-1]
 
 
 def test_simulate_fails_loudly(tmp_path, cache):
@@ -368,45 +390,6 @@ def test_a_crash_looping_site_is_named_every_round_and_the_others_finish(tmp_pat
     while [p for p in below if _start_time(p)] and time.monotonic() < deadline:
         time.sleep(0.3)
     assert not [p for p in below if _start_time(p)], "Ray processes live on"
-
-
-def test_ctrl_c_stops_the_simulation_and_leaves_it_resumable(tmp_path, cache):
-    """Ctrl-C (SIGINT) once round 1 is checkpointed: `medgen simulate` stops its SuperLink and every
-    process below it, says so in one line, exits 130, and the run says how to continue."""
-    import os
-    import signal
-    import time
-
-    from medgen.deployment.procs import descendants
-    from medgen.watchdog import _start_time
-
-    run_dir = tmp_path / "run"
-    sets = [x for kv in TINY + [f"data.cache_dir={cache}", "federation.rounds=20"] for x in ("--set", kv)]
-    proc = subprocess.Popen([MEDGEN, "simulate", "--out", str(run_dir), *sets], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
-    deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "round-0001.pt").is_file():
-        assert proc.poll() is None and time.monotonic() < deadline, "no round 1: " + proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    below = {p: _start_time(p) for p in descendants(proc.pid)}
-    assert any(Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ray::ClientAppActor") for p in below
-               if _start_time(p))
-    proc.send_signal(signal.SIGINT)
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("medgen simulate did not stop on Ctrl-C")
-    assert proc.returncode == 130, err[-3000:]
-    assert err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): "), err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    deadline = time.monotonic() + 15  # the watchdog (medgen/watchdog.py) ends once it sees its parent gone
-    while (left := [p for p, t in below.items() if t and _start_time(p) == t]) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left]
-    status = RunDir(run_dir).status()
-    assert status["status"] == "failed" and f"medgen simulate --resume {run_dir}" in status["error"], status
-    assert not os.path.exists(run_dir / "checkpoints" / "round-0020.pt")
 
 
 def test_a_fraction_of_a_cpu_per_site_is_refused_before_the_run_directory(tmp_path, cache):
