@@ -153,10 +153,9 @@ def start_link(work: Path, ray_env: dict[str, str]):
 
 def run_on(link, cfg: Config, run: RunDir, log=logs.info) -> None:
     """The study ``cfg`` (resolved: data folder, CPUs) as a run of the simulation SuperLink ``link``,
-    followed until Flower says the run has finished (or, ``simulation.hung_grace_s`` after the
-    ServerApp is done, until its hung ClientApp actors are stopped). On Ctrl-C / SIGTERM the run is
-    stopped and marked resumable. The ServerApp (``medgen.server.app``, its ``simulated`` branch)
-    writes the outcome to ``run``."""
+    followed until the ServerApp (``medgen.server.app``, its ``simulated`` branch) has written the
+    outcome and the report to ``run``, or Flower says the run has finished (see ``_follow``). On
+    Ctrl-C / SIGTERM the run is stopped and marked resumable."""
     from medgen._compat.flwr import SimulationConfig
     from medgen.deployment.fab import build_fab
     from medgen.deployment.handshake import medgen_version
