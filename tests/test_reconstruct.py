@@ -218,6 +218,8 @@ def test_reconstruct_writes_metrics_grids_and_nifti(tmp_path, capsys, family, ta
         assert set(scores) == {"psnr", "ssim", "rmse", *regions} and scores["psnr"]["n"] == 5
         assert math.isfinite(scores["psnr"]["mean"]) and -1 <= scores["ssim"]["mean"] <= 1
     assert record["data_term"]["end"] <= record["data_term"]["start"]
+    assert len(record["slices"]) == 5 and len(record["per_slice"]["generator"]["psnr"]) == 5
+    assert np.mean(record["per_slice"]["generator"]["psnr"]) == pytest.approx(methods["generator"]["psnr"]["mean"])
     assert (out / "grid-1.png").stat().st_size > 1000 and not (out / "grid-2.png").exists()
     volume = nib.load(out / "generator.nii.gz")
     assert volume.shape == (32, 32, 5) and nib.load(out / "truth.nii.gz").shape == (32, 32, 5)

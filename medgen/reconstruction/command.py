@@ -12,7 +12,9 @@ Written to the output folder:
 - ``metrics.json`` (strict JSON): per method (``generator`` = G(w*), ``generator-consistent`` =
   G(w*) corrected to agree with the observation, each baseline) mean / std / n over slices of
   PSNR, SSIM, RMSE, RMSE inside the brain (and inside the hole, for inpainting); the data term
-  at the start and end of the optimisation; the settings and what phi is.
+  at the start and end of the optimisation; the settings and what phi is; ``per_slice``: every
+  metric of every method per slice (in the order of ``slices``: subject, axial index), for paired
+  comparisons.
 - ``grid-K.png``: up to six slices each, columns observed / generator / generator-consistent /
   first baseline / truth.
 - ``<method>.nii.gz``, ``observed.nii.gz``, ``truth.nii.gz``: the slices as (S, S, n) volumes
@@ -85,7 +87,8 @@ def reconstruct(checkpoint: str | Path, task_text: str, data_dir: str | Path, ou
     regions = {"brain": torch.from_numpy(data.brain)[:, None]}
     if isinstance(op, Mask):
         regions["hole"] = op.missing.expand_as(truth)
-    scores = {name: summary(per_slice(x, truth, regions)) for name, x in results.items()}
+    values = {name: per_slice(x, truth, regions) for name, x in results.items()}
+    scores = {name: summary(v) for name, v in values.items()}
     out.mkdir(parents=True, exist_ok=True)
     record = {
         "task": task.text, "checkpoint": str(checkpoint), "round": int(ckpt["round"]), "family": cfg.model.family,
@@ -95,6 +98,8 @@ def reconstruct(checkpoint: str | Path, task_text: str, data_dir: str | Path, ou
         "settings": vars(settings) | {"seed": cfg.seed}, "feature_network": features.__doc__.split("\n\n")[0],
         "data_term": {"start": solution.data_term[0], "end": solution.data_term[-1]},
         "seconds": seconds, "metrics": scores,
+        "slices": [{"subject": str(a), "slice_index": int(b)} for a, b in zip(data.subjects, data.slice_index)],
+        "per_slice": values,
     }
     atomic_write(out / "metrics.json", lambda f: f.write(strictjson.dumps(record, indent=2).encode()))
     first_baseline = next(iter(op.baselines(observed)))
