@@ -226,3 +226,20 @@ def test_reconstruct_writes_metrics_grids_and_nifti(tmp_path, capsys, family, ta
     truth = np.asanyarray(nib.load(out / "truth.nii.gz").dataobj)
     assert 0 <= truth.min() and truth.max() <= 1 and truth.max() > 0.5
     assert "reconstruction:" in capsys.readouterr().out
+
+
+def test_heldout_slices_are_the_validation_subjects_of_a_training_site():
+    from medgen.data.dataset import SiteSlices
+    from medgen.reconstruction.command import heldout_slices
+
+    n = 40  # 10 subjects x 4 slices
+    subjects = np.repeat([f"s{i}" for i in range(10)], 4)
+    data = SiteSlices("A", np.zeros((n, 8, 8), np.float32), np.ones((n, 8, 8), bool), np.zeros((n, 8, 8), bool),
+                      np.zeros(n, np.int64), subjects, np.tile(np.arange(4), 10))
+    _, val = data.split_subjects(0.2, seed=0)
+    chosen = heldout_slices(data, ["A", "B"], 0.2, 0, n=100)
+    assert sorted(set(chosen.subjects)) == sorted(set(val.subjects)) and len(chosen) == len(val) == 8
+    other = heldout_slices(data, ["B"], 0.2, 0, n=5)
+    assert len(other) == 5 and other.subjects[0] == "s0" and other.subjects[-1] == "s9"  # spread over the folder
+    with pytest.raises(ConfigError, match="training sites and has no validation subjects"):
+        heldout_slices(data, ["A"], 0.0, 0, n=5)
