@@ -82,7 +82,7 @@ def test_a_nifti_mask_file_is_the_hole(tmp_path):
     path = save(tmp_path / "hole.nii.gz", mask)
     op = parse_task(f"inpaint:{path}").operator(3, 16, seed=0)
     assert op.missing.shape == (1, 1, 16, 16) and torch.equal(op.missing[0, 0], torch.from_numpy(mask == 1))
-    with pytest.raises(ConfigError, match=r"--task inpaint:.*hole.nii.gz has shape \(16, 16, 1\).*\(32, 32\)"):
+    with pytest.raises(ConfigError, match=r"--task inpaint:.*hole.nii.gz has shape \(16, 16\); it must be \(32, 32\)"):
         parse_task(f"inpaint:{path}").operator(3, 32, seed=0)
     per_slice_masks = save(tmp_path / "three.nii.gz", np.stack([mask, mask * 0, mask], 2))
     assert parse_task(f"inpaint:{per_slice_masks}").operator(3, 16, seed=0).missing.shape == (3, 1, 16, 16)
@@ -92,7 +92,8 @@ def test_a_nifti_mask_file_is_the_hole(tmp_path):
     ("superres", "the factor must be an integer"), ("superres:x", "the factor must be an integer"),
     ("superres:1", "the factor must be an integer >= 2"), ("deblur:2", "unknown task"), ("inpaint", "unknown task"),
     ("inpaint:box:1.5", "the box side must be a number between 0 and 1"),
-    ("inpaint:random:lots", "the random fraction must be"), ("inpaint:no/such/mask.nii.gz", "mask file no/such/mask.nii.gz does not exist")])
+    ("inpaint:random:lots", "the random fraction must be"),
+    ("inpaint:no/such/mask.nii.gz", "mask file no/such/mask.nii.gz does not exist")])
 def test_bad_task_strings_name_the_argument(text, said):
     with pytest.raises(ConfigError, match=f"--task {text}: {said}"):
         parse_task(text)
@@ -211,7 +212,8 @@ def test_reconstruct_writes_metrics_grids_and_nifti(tmp_path, capsys, family, ta
     assert record["family"] == family and record["n_slices"] == 5 and record["task"] == task
     assert record["heldout"] == "every slice of the folder"  # site is not a training site of the run
     methods = record["metrics"]
-    baselines = ["bicubic", "nearest", "back-projection"] if task.startswith("superres") else ["diffusion", "mean-fill", "zero-filled"]
+    baselines = (["bicubic", "nearest", "back-projection"] if task.startswith("superres")
+                 else ["diffusion", "mean-fill", "zero-filled"])
     assert list(methods) == ["generator", "generator-consistent", *baselines]
     regions = ["rmse-brain"] + (["rmse-hole"] if task.startswith("inpaint") else [])
     for scores in methods.values():

@@ -225,10 +225,11 @@ def _nifti_mask(task: Task, n: int, size: int) -> torch.Tensor:
     except Exception as e:  # nibabel raises many kinds for a file that is not NIfTI
         raise ConfigError(f"--task {task.text}: {task.path} is not a readable NIfTI mask ({type(e).__name__}: {e})") \
             from None
+    shape = data.shape
     data = data.reshape(*data.shape[:2], -1) if data.ndim >= 2 else data
     if data.ndim != 3 or data.shape[:2] != (size, size) or data.shape[2] not in (1, n):
-        raise ConfigError(f"--task {task.text}: the mask {task.path} has shape {data.shape}; it must be ({size}, {size}) "
-                          f"or ({size}, {size}, {n}) (the slice grid, data.image_size = {size}, and {n} slices)")
+        raise ConfigError(f"--task {task.text}: the mask {task.path} has shape {shape}; it must be ({size}, "
+                          f"{size}) or ({size}, {size}, {n}) (the slice grid, data.image_size = {size}, and {n} slices)")
     missing = torch.from_numpy(np.moveaxis(data != 0, 2, 0).copy())[:, None]
     if not missing.any() or missing.all():
         raise ConfigError(f"--task {task.text}: the mask {task.path} marks {'no' if not missing.any() else 'every'} "
