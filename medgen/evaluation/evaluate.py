@@ -13,7 +13,7 @@ from medgen.evaluation.plan import EvaluationPlan, pooled_thresholds
 from medgen.evaluation.report import build_report
 from medgen.evaluation.samples import generate
 from medgen.evaluation.site import evaluate_site
-from medgen.models import build_model
+from medgen.models import GenerativeModel, build_model
 from medgen.server.guards import trained_classes, untrained_note
 from medgen.server.rundir import RunDir, load_checkpoint, load_weights
 
@@ -31,6 +31,27 @@ def run_plan(run_dir: Path, cfg: Config, round_: int) -> EvaluationPlan:
     return EvaluationPlan(trained_classes(summaries, cfg.sites.train), pooled_thresholds(evaluated))
 
 
+def load_trained(checkpoint: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, Config,
+                                                                                           GenerativeModel]:
+    """(checkpoint content, config, model with its weights) of a checkpoint file. The config is the
+    checkpoint's own (the model must be rebuilt exactly); ``overrides`` may change the ``data`` and
+    ``evaluation`` sections, ``train.device`` and the model's sampling and anomaly-map settings
+    (``INFERENCE_KEYS``); ConfigError naming ``--set`` for any other key, DataError naming the file
+    for a checkpoint that is missing, unreadable or does not fit its config's model."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = load_config_text(ckpt["config"])
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not (key.startswith(("data.", "evaluation.")) or key in INFERENCE_KEYS or key == "train.device"):
+            raise ConfigError(f"--set {item}: a trained checkpoint can change data.*, evaluation.*, train.device "
+                              f"and {', '.join(sorted(INFERENCE_KEYS))} only (the rest built the weights)")
+    cfg = with_overrides(cfg, overrides)
+    check_device(cfg)
+    model = build_model(cfg)
+    load_weights(model, ckpt, checkpoint)
+    return ckpt, cfg, model
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str | Path | None = None,
                         site: str | None = None, overrides: list[str] | tuple[str, ...] = (), log=logs.info) -> RunDir:
     """Score the model in ``checkpoint`` on every slice of the site folder ``data_dir``.
@@ -41,17 +62,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out: str |
     The config is the checkpoint's own (the model must be rebuilt exactly); ``overrides`` may change
     the ``data`` and ``evaluation`` sections and the model's sampling and anomaly-map settings
     (``INFERENCE_KEYS``), e.g. ``data.on_bad_file=skip``, ``model.anomaly_t=400``."""
-    ckpt = load_checkpoint(checkpoint)
-    cfg = load_config_text(ckpt["config"])
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if not (key.startswith(("data.", "evaluation.")) or key in INFERENCE_KEYS or key == "train.device"):
-            raise ConfigError(f"--set {item}: evaluating a checkpoint can change data.*, evaluation.*, train.device "
-                              f"and {', '.join(sorted(INFERENCE_KEYS))} only (the rest built the weights)")
-    cfg = with_overrides(cfg, overrides)
-    check_device(cfg)
-    model = build_model(cfg)
-    load_weights(model, ckpt, checkpoint)
+    ckpt, cfg, model = load_trained(checkpoint, overrides)
     data_dir = Path(data_dir)
     site = site or data_dir.resolve().name
     run = RunDir(out or Path("runs") / f"evaluate-{site}-{Path(checkpoint).stem}")

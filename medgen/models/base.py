@@ -8,7 +8,9 @@ int64, 0 = healthy, 1 = lesion.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,6 +19,41 @@ from medgen.config import Config
 from medgen.models.precision import NONE, Precision
 
 HEALTHY, LESION = 0, 1
+GENERATOR_PRIOR_FAMILIES = ("cevae", "gan", "vae")  # the families with a ``generator_prior`` (a test keeps it in step)
+
+
+class NoGeneratorPrior(NotImplementedError):
+    """The family has no differentiable generator to reconstruct images with (``generator_prior``)."""
+
+
+@dataclass(frozen=True)
+class GeneratorPrior:
+    """What MAP reconstruction with a trained generator needs from a family (``medgen reconstruct``).
+
+    - ``latent_shape``: the shape of one latent w (e.g. ``(latent_dim,)``).
+    - ``decode(w, labels)``: (B, *latent_shape), (B,) int64 -> images (B, 1, S, S) in [0, 1];
+      differentiable in w (the networks are in eval mode; call it under grad for w only, e.g.
+      ``torch.autograd.grad(loss, w)``, so no parameter ``.grad`` is touched).
+    - ``neg_log_prior(w)``: (B, *latent_shape) -> (B,) the latent's negative log prior density up
+      to a constant, per latent dimension (for N(0, I): ``0.5 * mean(w^2)``), so its weight does
+      not depend on the latent size.
+    - ``sample(n, generator)``: n latents drawn from the prior (on CPU, from ``generator``).
+    - ``initial(images, labels)``: optional, a starting latent (B, *latent_shape) for images
+      (B, 1, S, S) in [0, 1] (e.g. a VAE's posterior mean of a first guess); None: start from the
+      prior's mode and draws only.
+    """
+
+    latent_shape: tuple[int, ...]
+    decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    neg_log_prior: Callable[[torch.Tensor], torch.Tensor]
+    sample: Callable[[int, torch.Generator | None], torch.Tensor]
+    initial: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+
+def standard_normal_prior(latent_dim: int, decode, initial=None) -> GeneratorPrior:
+    """A :class:`GeneratorPrior` over w ~ N(0, I) of size ``latent_dim``."""
+    return GeneratorPrior((latent_dim,), decode, lambda w: 0.5 * (w ** 2).flatten(1).mean(1),
+                          lambda n, generator=None: torch.randn(n, latent_dim, generator=generator), initial)
 
 
 class GenerativeModel(ABC):
@@ -72,6 +109,14 @@ class GenerativeModel(ABC):
         scores each without knowing what they mean. The first is the configured one: its scores are
         also the headline ones (``pixel-auroc`` without a suffix) and its maps are the overlays."""
         return [{}]
+
+    # ---------------------------------------------------------------- reconstruction
+    def generator_prior(self) -> GeneratorPrior:
+        """The differentiable generator and latent prior for MAP reconstruction (super-resolution,
+        inpainting: ``medgen reconstruct``). Puts the networks in eval mode. A family opts in by
+        overriding this; the default raises :class:`NoGeneratorPrior` naming ``model.family``."""
+        raise NoGeneratorPrior(f"model.family={self.family!r} has no generator prior for reconstruction "
+                               f"(families that have one: {', '.join(GENERATOR_PRIOR_FAMILIES)})")
 
     # ---------------------------------------------------------------- weights
     def state_dict(self) -> dict[str, torch.Tensor]:

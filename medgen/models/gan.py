@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medgen.config import Config
-from medgen.models.base import HEALTHY, GenerativeModel
+from medgen.models.base import HEALTHY, GenerativeModel, GeneratorPrior, standard_normal_prior
 from medgen.models.layers import Up, group_count, label_embedding, level_channels, level_sizes, smooth_score
 
 COLLAPSE_FRACTION = 0.25  # evaluate: "collapse" when sample diversity < this fraction of the real batch's
@@ -224,6 +224,12 @@ class ConditionalGAN(GenerativeModel):
         z = torch.randn(len(labels), self.cfg.model.latent_dim, generator=generator)
         with self._eval_mode():
             return self._net("generator_ema")(z.to(self._device), labels.to(self._device))
+
+    def generator_prior(self) -> GeneratorPrior:
+        """The EMA generator G_ema(z, y) (what ``sample`` draws from), z ~ N(0, I) of size
+        ``model.latent_dim``. A GAN has no encoder: the solver starts from z = 0 and prior draws."""
+        net = self._net("generator_ema").eval()
+        return standard_normal_prior(self.cfg.model.latent_dim, lambda z, y: net(z, y.to(z.device)))
 
     def invert(self, images: torch.Tensor, steps: int | None = None, starts: int = 8, lr: float = 0.05,
                prior: float = 1e-3) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from medgen.config import Config
-from medgen.models.base import HEALTHY, GenerativeModel
+from medgen.models.base import HEALTHY, GenerativeModel, GeneratorPrior, standard_normal_prior
 from medgen.models.layers import (Down, Up, group_count, label_embedding, level_channels, level_sizes,
                                   smooth_score)
 
@@ -126,6 +126,18 @@ class ConditionalVAE(GenerativeModel):
         z = torch.randn(len(labels), self.cfg.model.latent_dim, generator=generator)
         with self._eval_mode():
             return self._net.decode(z.to(self._device), labels.to(self._device))
+
+    def generator_prior(self) -> GeneratorPrior:
+        """The decoder D(z, y), z ~ N(0, I) of size ``model.latent_dim`` (the prior the KL term
+        pulls the posterior to). The start is the encoder's posterior mean of a first guess
+        (the solver passes a baseline's reconstruction of the observation)."""
+        net = self._net.eval()
+
+        def initial(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return net.encode(images, labels.to(images.device))[0]
+
+        return standard_normal_prior(self.cfg.model.latent_dim, lambda z, y: net.decode(z, y.to(z.device)), initial)
 
     def anomaly_map(self, images, brain=None, **setting) -> torch.Tensor:
         """Pseudo-healthy reconstruction error: posterior mean with the label forced to healthy,
