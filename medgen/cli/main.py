@@ -1,4 +1,5 @@
-"""`medgen` command line: simulate, train, evaluate, report, data synth|check|split|implant, certs, config show."""
+"""`medgen` command line: simulate, train, evaluate, synthesize, report, data synth|check|split|implant, certs,
+config show."""
 
 from __future__ import annotations
 
@@ -247,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     from medgen.cli.cohort import add_parser as add_cohort_parser
 
     add_cohort_parser(data_commands)
+
+    from medgen.cli.synthesize import add_parser as add_synthesize_parser
+
+    add_synthesize_parser(commands)
 
     from medgen.cli.certs import add_parser as add_certs_parser
 
