@@ -9,7 +9,8 @@ Writes to the output folder:
 - ``samples.png``: row 1 the lesion samples, row 2 the healthy reference from the same noise,
   row 3 the lesion label without the mask, each with the mask's outline in red;
 - ``synthesis.json`` (strict JSON): the intensity test (``medgen/evaluation/synthesis.py``) with n,
-  the masks' sources, the checkpoint and the seed.
+  the masks' sources, the checkpoint and the seed (with ``--from-site`` also the contrast of the
+  site's real lesions, for scale).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from medgen import strictjson
 from medgen.config import INFERENCE_KEYS, ConfigError, load_config_text, with_overrides
 from medgen.data.lesion_masks import MaskSet, read_mask_files, read_site_masks, write_slice
-from medgen.evaluation.synthesis import mask_test, save_outlined_grid, synthesize
+from medgen.evaluation.synthesis import mask_test, real_contrast, save_outlined_grid, synthesize
 from medgen.fileio import atomic_write
 from medgen.models import build_model
 from medgen.server.rundir import load_checkpoint, load_weights
@@ -88,6 +89,9 @@ def run_synthesis(checkpoint: str | Path, out: str | Path, masks_dir: str | Path
               "test": mask_test(samples, masks.masks), "sources": masks.sources,
               "rows-of-samples.png": ["lesion (mask given)", "healthy (reference, same noise)",
                                       "lesion label without the mask"]}
+    if masks.site is not None:
+        site = masks.site
+        result["real-lesion-contrast"] = real_contrast(site.images, site.lesion, site.brain, site.labels)
     text = strictjson.dumps(result, indent=2) + "\n"
     atomic_write(out / "synthesis.json", lambda f: f.write(text.encode()))
     return Synthesis(out, len(masks.masks), result)

@@ -306,6 +306,8 @@ def test_synthesize_from_a_site_draws_deformed_lesions_inside_its_brains(tmp_pat
     assert result.n == 3 and len(list(out.glob("sample-*_mask.nii.gz"))) == 3
     assert all("deformed, placed in the brain" in s for s in result.result["sources"])
     assert result.result["masks"] == "from-site" and result.result["test"]["n"] == 3
+    real = result.result["real-lesion-contrast"]  # the site's own dark lesion on its own mask
+    assert real["n"] >= 1 and real["mean"] > 0.1
     with pytest.raises(ConfigError, match="--from-site"):
         run_synthesis(checkpoints["mask"], out, from_site=tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="data.image_size"):

@@ -41,6 +41,7 @@ class MaskSet:
 
     masks: np.ndarray
     sources: list[str]
+    site: object | None = None  # the SiteSlices the masks were drawn from (--from-site), else None
 
 
 def nifti_files(folder: Path) -> list[Path]:
@@ -217,4 +218,5 @@ def read_site_masks(folder: str | Path, cfg: DataConfig, n: int, seed: int) -> M
     if not folder.is_dir():
         raise ConfigError(f"--from-site {folder}: no such folder")
     slices = load_site(folder, cfg)  # SiteDataError naming the bad files
-    return targeted_masks(slices.lesion, slices.brain, n, seed, cfg.min_lesion_pixels, str(folder))
+    drawn = targeted_masks(slices.lesion, slices.brain, n, seed, cfg.min_lesion_pixels, str(folder))
+    return MaskSet(drawn.masks, drawn.sources, slices)

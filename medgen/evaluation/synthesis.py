@@ -12,7 +12,9 @@ reference brighter than ``BRAIN_LEVEL``) minus the mean inside the mask. The pha
 lesions are dark on T1, so a lesion drawn where the mask says gives contrast > 0, well above the
 healthy reference's (normal tissue varies either way). Also ``change-inside`` / ``change-ring``:
 mean |lesion - healthy| inside the mask and in the ring (paired, same x_T): a change confined to the
-mask has a ratio well above 1. Every number comes with n (the masks scored).
+mask has a ratio well above 1. With ``--from-site`` the site's real lesion slices give the same
+contrast on their own masks (``real-lesion-contrast``): the size of a real lesion's effect. Every
+number comes with n (the masks or slices scored).
 """
 
 from __future__ import annotations
@@ -93,6 +95,13 @@ def mask_test(samples: dict[str, np.ndarray], masks: np.ndarray) -> dict:
         "change-ring": change_ring,
         "change-ratio": ratio,
     }
+
+
+def real_contrast(images: np.ndarray, lesion: np.ndarray, brain: np.ndarray, labels: np.ndarray) -> dict:
+    """The same contrast on a site's real lesion slices (labels 1) and their own masks: what a lesion
+    looks like in the data (brain: the slices' brain masks). {mean, std, n}."""
+    keep = labels == LESION
+    return _summary([contrast(x, m, b) for x, m, b in zip(images[keep], lesion[keep], brain[keep])])
 
 
 def outline(mask: np.ndarray) -> np.ndarray:
