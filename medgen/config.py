@@ -169,8 +169,8 @@ class ModelConfig(_Section):
                              "one-step estimate of the healthy image; AnoDDPM denoises step by step)")
     anomaly_draws: int = Field(8, ge=1, le=256, description="DDPM anomaly maps: noise draws whose squared errors are averaged")
     mask_conditioning: bool = Field(
-        False, description="DDPM: also condition on the slice's lesion mask (an extra input channel of the U-Net, "
-                           "downsampled to the latent grid in latent space), so `medgen synthesize` can place lesions "
+        False, description="DDPM: also condition on the slice's lesion mask (extra U-Net input channels: the mask, "
+                           "area-averaged to the latent grid in latent space, and a mask-known flag), so `medgen synthesize` can place lesions "
                            "where a mask says (medgen/models/mask_conditioning.py)")
 
     @model_validator(mode="after")
