@@ -111,6 +111,7 @@ class PhantomConfig(_Section):
 
 
 Family = Literal["vae", "cevae", "vqvae", "gan", "ddpm", "flow"]
+MASK_CONDITIONED_FAMILIES = ("ddpm",)  # model.mask_conditioning (medgen/models/mask_conditioning.py)
 
 
 class ModelConfig(_Section):
@@ -167,6 +168,17 @@ class ModelConfig(_Section):
         1, ge=1, description="DDPM anomaly maps: DDIM steps from anomaly_t back to t = 0 (1: the network's "
                              "one-step estimate of the healthy image; AnoDDPM denoises step by step)")
     anomaly_draws: int = Field(8, ge=1, le=256, description="DDPM anomaly maps: noise draws whose squared errors are averaged")
+    mask_conditioning: bool = Field(
+        False, description="DDPM: also condition on the slice's lesion mask (extra U-Net input channels: the mask, "
+                           "area-averaged to the latent grid in latent space, and a mask-known flag), so `medgen synthesize` can place lesions "
+                           "where a mask says (medgen/models/mask_conditioning.py)")
+
+    @model_validator(mode="after")
+    def _mask_family(self) -> ModelConfig:
+        if self.mask_conditioning and self.family not in MASK_CONDITIONED_FAMILIES:
+            raise ValueError(f"model.mask_conditioning=true is implemented for model.family="
+                             f"{' / '.join(MASK_CONDITIONED_FAMILIES)} only (not {self.family})")
+        return self
 
 
 # the model keys that change how trained weights sample or score, not the weights themselves:

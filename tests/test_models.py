@@ -1,7 +1,8 @@
 """Contract tests for every model family behind ``medgen.models.GenerativeModel``.
 
 Each generic test runs for every name in FAMILIES; add a family there when it lands. A name
-``family:space`` is a family's variant (the DDPM in pixel space)."""
+``family:space`` is a family's variant (the DDPM in pixel space); ``+mask`` turns on
+``model.mask_conditioning`` (the DDPM conditioned on lesion masks, in either space)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ from medgen.models.flow import FlowNet, from_logits, gaussian_log_density, to_lo
 from medgen.models.layers import smooth_score
 from medgen.models.vae import kl_divergence
 
-FAMILIES = ["vae", "cevae", "vqvae", "gan", "ddpm", "ddpm:pixel", "flow"]
+FAMILIES = ["vae", "cevae", "vqvae", "gan", "ddpm", "ddpm:pixel", "ddpm+mask", "ddpm:pixel+mask", "flow"]
 SIZE = 32
 
 
 def variant(family: str) -> list[str]:
-    """The overrides that select a FAMILIES entry: ``ddpm:pixel`` -> model.family=ddpm, model.space=pixel."""
-    family, _, space = family.partition(":")
-    return [f"model.family={family}", *([f"model.space={space}"] if space else [])]
+    """The overrides that select a FAMILIES entry: ``ddpm:pixel`` -> model.family=ddpm, model.space=pixel;
+    ``+mask`` adds model.mask_conditioning=true (benchmarks/families.py, the same convention)."""
+    name, plus, _ = family.partition("+")
+    family, _, space = name.partition(":")
+    return [f"model.family={family}", *([f"model.space={space}"] if space else []),
+            *(["model.mask_conditioning=true"] if plus else [])]
 
 
 def make_cfg(family: str, *overrides: str, size: int = SIZE):
@@ -50,6 +54,13 @@ def batch(n: int = 8, size: int = SIZE, seed: int = 0):
     blob = ((xx - 0.3) ** 2 + (yy + 0.2) ** 2 < 0.04).float()
     images[labels == LESION] = images[labels == LESION] * (1 - 0.7 * blob)
     return images, labels, brain.expand(n, 1, size, size).bool()
+
+
+def lesion_masks(labels: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """The lesion masks (B, 1, S, S) bool of ``batch``: its dark blob on lesion items, empty on healthy ones."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    blob = (xx - 0.3) ** 2 + (yy + 0.2) ** 2 < 0.04
+    return (blob & (labels == LESION).view(-1, 1, 1)).unsqueeze(1)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -179,7 +190,8 @@ def test_private_networks_are_opacus_compatible(family, model):
     images, labels, _ = batch(6)
     for name in model.private_networks:
         model.networks[name] = GradSampleModule(model.networks[name])
-    model.train_step(images, labels, model.make_optimizers(), step=0)
+    masks = lesion_masks(labels)  # a mask-conditioned family's condition; the others ignore it
+    model.train_step(images, labels, model.make_optimizers(), step=0, masks=masks)
     for name in model.private_networks:
         for p in model.networks[name].parameters():
             if p.requires_grad:

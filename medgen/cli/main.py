@@ -1,5 +1,5 @@
-"""`medgen` command line: simulate, train, evaluate, reconstruct, report, data synth|check|split|implant, certs,
-config show."""
+"""`medgen` command line: simulate, train, evaluate, reconstruct, synthesize, report, data
+synth|check|split|implant, certs, config show."""
 
 from __future__ import annotations
 
@@ -255,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     from medgen.cli.reconstruct import add_parser as add_reconstruct_parser
 
     add_reconstruct_parser(commands)
+
+    from medgen.cli.synthesize import add_parser as add_synthesize_parser
+
+    add_synthesize_parser(commands)
 
     from medgen.cli.certs import add_parser as add_certs_parser
 

@@ -100,6 +100,7 @@ def train_local(model: GenerativeModel, data: SiteSlices, cfg: Config, seed: int
     steps = dp.steps if dp else steps or local_steps(cfg, len(data))
     images = torch.from_numpy(data.images).unsqueeze(1)
     labels = torch.from_numpy(data.labels)
+    masks = torch.from_numpy(data.lesion).unsqueeze(1)  # (N, 1, S, S) bool: a mask-conditioned model's condition
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the model's own noise (reparameterisation, diffusion time steps)
     if dp:
@@ -117,7 +118,8 @@ def train_local(model: GenerativeModel, data: SiteSlices, cfg: Config, seed: int
                     noise_only_step(optimizers[name])
                 continue
             with model.precision.autocast():
-                losses = model.train_step(images[idx].to(device), labels[idx].to(device), optimizers, step, extra_loss)
+                losses = model.train_step(images[idx].to(device), labels[idx].to(device), optimizers, step, extra_loss,
+                                          masks=masks[idx].to(device))
             model.precision.update()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -156,7 +158,8 @@ def evaluate_local(model: GenerativeModel, data: SiteSlices, cfg: Config) -> dic
     for at in range(0, len(data), 256):
         images = torch.from_numpy(data.images[at: at + 256]).unsqueeze(1).to(device)
         labels = torch.from_numpy(data.labels[at: at + 256]).to(device)
-        for k, v in model.evaluate(images, labels).items():
+        masks = torch.from_numpy(data.lesion[at: at + 256]).unsqueeze(1).to(device)
+        for k, v in model.evaluate(images, labels, masks).items():
             totals[k] = totals.get(k, 0.0) + v * len(images)
     metrics = {k: v / len(data) for k, v in totals.items()}
     metrics["num-examples"] = len(data)

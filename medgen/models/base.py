@@ -2,7 +2,8 @@
 ``medgen/models`` branches on the family.
 
 A family holds named torch networks. Images are (B, 1, S, S) float32 in [0, 1]; labels are (B,)
-int64, 0 = healthy, 1 = lesion.
+int64, 0 = healthy, 1 = lesion; lesion masks (B, 1, S, S) bool, given to every family's training
+and evaluation and used by a mask-conditioned one (``model.mask_conditioning``, the DDPM).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from medgen.config import Config
+from medgen.models.mask_conditioning import MaskConditioningError
 from medgen.models.precision import NONE, Precision
 
 HEALTHY, LESION = 0, 1
@@ -69,6 +71,7 @@ class GenerativeModel(ABC):
     family: str
     private_networks: tuple[str, ...]
     precision: Precision = NONE
+    mask_conditioned: bool = False  # samples given lesion masks (sample_masked): model.mask_conditioning
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -83,21 +86,30 @@ class GenerativeModel(ABC):
     @abstractmethod
     def train_step(self, images: torch.Tensor, labels: torch.Tensor,
                    optimizers: dict[str, torch.optim.Optimizer], step: int,
-                   extra_loss=None) -> dict[str, float]:
+                   extra_loss=None, masks: torch.Tensor | None = None) -> dict[str, float]:
         """One optimisation step on a batch; returns the loss terms as floats.
 
         ``step`` counts local steps (for warm-ups). ``extra_loss``, when given, is a callable
         returning a scalar tensor added to each network's loss before backward (FedProx's
-        proximal term)."""
+        proximal term). ``masks``: the batch's lesion masks (B, 1, S, S) bool, or None (unknown);
+        only a mask-conditioned model uses them."""
 
     @abstractmethod
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Loss terms on a batch without training (same names as ``train_step``)."""
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor,
+                 masks: torch.Tensor | None = None) -> dict[str, float]:
+        """Loss terms on a batch without training (same names as ``train_step``; ``masks`` as there)."""
 
     # ---------------------------------------------------------------- generation
     @abstractmethod
     def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One image per label: (len(labels), 1, S, S) in [0, 1]."""
+
+    def sample_masked(self, labels: torch.Tensor, masks: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """One image per label with its lesion where ``masks`` (len(labels), 1, S, S) bool says:
+        (len(labels), 1, S, S) in [0, 1]. Only a mask-conditioned model can
+        (``mask_conditioned``); the others raise MaskConditioningError."""
+        raise MaskConditioningError(self.family)
 
     @abstractmethod
     def anomaly_map(self, images: torch.Tensor, brain: torch.Tensor | None = None, **setting) -> torch.Tensor:

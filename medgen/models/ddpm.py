@@ -28,6 +28,15 @@ together, not in two stages, so a federated round stays one step type. In a CPU 
 cleaner generator: 5 x 100 federated steps give smooth brain slices, where pixel space gives
 grainy ones (measurements: README, "Model families"). ``"pixel"``: the U-Net diffuses the images.
 
+``model.mask_conditioning`` also conditions the U-Net on the slice's lesion mask: two extra input
+channels (the mask and a "mask known" flag, ``mask_conditioning.py``) on the U-Net's grid, i.e.
+area-averaged to the latents' S/4 x S/4 in latent space (the autoencoder never sees the mask).
+Masks are dropped with the labels and alone with probability ``cond_drop``, so ``sample`` (label
+only) still works and guidance's unconditional branch is "no label, no mask"; ``sample_masked``
+places lesions where masks say (`medgen synthesize`); anomaly maps denoise with the healthy label
+and an empty mask. The extra channels are part of the trained network: DP-SGD clips and noises
+their per-sample gradients like the rest, and sites average them like any weight.
+
 Networks: ``unet`` (pixel space) or ``ldm`` (latent space: autoencoder + U-Net in one module),
 trained and seeing real images, so it is the one DP-SGD wraps, and ``unet_ema`` / ``ldm_ema`` (an
 :class:`EMA` of it: exchanged, aggregated and checkpointed like any weights; sampling, evaluation
@@ -50,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medgen.config import Config
+from medgen.models import mask_conditioning as mc
 from medgen.models.autoencoder import DOWNSAMPLING, LATENT_CHANNELS, Autoencoder
 from medgen.models.base import HEALTHY, GenerativeModel
 from medgen.models.layers import smooth_score
@@ -181,8 +191,9 @@ class LatentDenoiser(nn.Module):
         super().__init__()
         self.autoencoder, self.unet = autoencoder, unet
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cond: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.unet(x, t, y, cond)
 
 
 class DDPM(GenerativeModel):
@@ -197,13 +208,16 @@ class DDPM(GenerativeModel):
             raise ValueError(f"model.anomaly_t={m.anomaly_t} is beyond model.timesteps={m.timesteps}: "
                              "anomaly maps noise to step anomaly_t of the chain")
         self.latent = m.space == "latent"
+        self.mask_conditioned = m.mask_conditioning
+        cond = mc.MASK_CHANNELS if self.mask_conditioned else 0
         if self.latent:
             side = size // DOWNSAMPLING
             net = LatentDenoiser(Autoencoder(max(4, m.width // 2), m.norm_groups),
-                                 UNet(side, 2 * m.width, m.norm_groups, m.attention, patch=1, channels=LATENT_CHANNELS))
+                                 UNet(side, 2 * m.width, m.norm_groups, m.attention, patch=1, channels=LATENT_CHANNELS,
+                                      cond_channels=cond))
             self.shape, self._name, sigma_data = (LATENT_CHANNELS, side, side), "ldm", 1.0  # standardised latents
         else:
-            net = UNet(size, m.width, m.norm_groups, m.attention)
+            net = UNet(size, m.width, m.norm_groups, m.attention, cond_channels=cond)
             self.shape, self._name, sigma_data = (1, size, size), "unet", m.sigma_data
         self.networks = {self._name: net, f"{self._name}_ema": EMA(net)}
         self.private_networks = (self._name,)
@@ -256,19 +270,39 @@ class DDPM(GenerativeModel):
         """The columns of ``self.scalings`` at steps t (B,), each (B, 1, 1, 1) float32."""
         return self.scalings.to(device)[t].view(len(t), -1, 1, 1, 1).unbind(1)
 
-    def _predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """eps_hat = c_skip x_t + c_out F(c_in x_t) of network F at steps t (B,) int64: (B, 1, S, S)."""
+    def _predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                 cond: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_hat = c_skip x_t + c_out F(c_in x_t) of network F at steps t (B,) int64: (B, 1, S, S).
+        ``cond``: the mask condition (B, 2, *grid) of a mask-conditioned model, else None."""
         c_in, c_skip, c_out, _ = self._scaling(t, x_t.device)
-        return c_skip * x_t + c_out * net(c_in * x_t, t * (1000.0 / self.T), labels)
+        return c_skip * x_t + c_out * net(c_in * x_t, t * (1000.0 / self.T), labels, *self._extra(cond))
 
-    def _loss(self, net: nn.Module, x_0, labels, t, noise) -> torch.Tensor:
+    # ---------------------------------------------------------------- mask condition
+    def _extra(self, cond: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The network's extra argument: (cond,) for a mask-conditioned model, () otherwise."""
+        return (cond,) if self.mask_conditioned else ()
+
+    def _condition(self, labels: torch.Tensor, masks: torch.Tensor | None,
+                   drop: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The mask condition (B, 2, *grid) of labels (B,) and masks (B, 1, S, S) (None: unknown), the
+        masks downsampled to the latent grid in latent space; with ``drop`` (the labels dropped, (B,)
+        bool) training's mask dropout. None for a model without mask conditioning."""
+        if not self.mask_conditioned:
+            return None
+        masks, known = mc.known_masks(labels, masks, len(labels), labels.device)
+        if drop is not None:
+            known = mc.dropped(known, drop, self.cfg.model.cond_drop)
+        return mc.condition(masks, known, self.shape[-1]).to(labels.device)
+
+    def _loss(self, net: nn.Module, x_0, labels, t, noise, cond=None) -> torch.Tensor:
         """eps-MSE of ``net`` on clean data x_0 (B, *self.shape) noised to steps t (B,) with ``noise``,
         weighted by 1 / c_out^2: the MSE of F against (eps - c_skip x_t) / c_out, written in x_0 and
         eps (at abar_T ~ 1e-9 the difference of two nearly equal float32 terms would be noise)."""
         abar = self.abar.to(x_0.device, torch.float32)[t].view(-1, 1, 1, 1)
         x_t = abar.sqrt() * x_0 + (1 - abar).sqrt() * noise
         c_in, _, c_out, k_x0 = self._scaling(t, x_0.device)
-        return F.mse_loss(net(c_in * x_t, t * (1000.0 / self.T), labels), c_out * noise - k_x0 * x_0)
+        return F.mse_loss(net(c_in * x_t, t * (1000.0 / self.T), labels, *self._extra(cond)),
+                          c_out * noise - k_x0 * x_0)
 
     def _terms(self, diffusion: torch.Tensor, recon: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """``loss`` = diffusion (+ recon: the latent space's autoencoder), and the parts of a sum."""
@@ -276,48 +310,58 @@ class DDPM(GenerativeModel):
             return {"loss": diffusion}
         return {"loss": diffusion + RECON_WEIGHT * recon, "diffusion": diffusion, "recon": recon}
 
-    def train_step(self, images, labels, optimizers, step, extra_loss=None) -> dict[str, float]:
+    def train_step(self, images, labels, optimizers, step, extra_loss=None, masks=None) -> dict[str, float]:
         """One Adam step of the eps-MSE (t uniform, labels dropped to "no label" with probability
         ``cond_drop``; in latent space plus the autoencoder's reconstruction loss), then one EMA
         update. Returns ``loss`` (+ extra_loss) and, in latent space, ``diffusion`` and ``recon``,
-        like ``evaluate``."""
+        like ``evaluate``. ``masks`` (B, 1, S, S) bool lesion masks: the condition of a
+        mask-conditioned model (dropped with the labels, and alone with probability ``cond_drop``;
+        None: unknown); ignored otherwise."""
         self.train()
         n, device = len(images), images.device
         opt = optimizers[self._name]
         opt.zero_grad(set_to_none=True)
         t = self._times(torch.rand(()), torch.randperm(n)).to(device)
-        labels = torch.where((torch.rand(n) < self.cfg.model.cond_drop).to(device), NO_LABEL, labels)
+        drop = (torch.rand(n) < self.cfg.model.cond_drop).to(device)
+        cond = self._condition(labels, masks, drop)
+        labels = torch.where(drop, NO_LABEL, labels)
         x_0, recon = self._to_x0(self._net, images, DECODER_NOISE)
-        terms = self._terms(self._loss(self.networks[self._name], x_0, labels, t, torch.randn_like(x_0)), recon)
+        terms = self._terms(self._loss(self.networks[self._name], x_0, labels, t, torch.randn_like(x_0), cond), recon)
         loss = terms["loss"] + extra_loss() if extra_loss is not None else terms["loss"]
         self.precision.backward(loss)
         self.precision.step(opt)
         self._ema.update(self._net, self.cfg.model.ema_decay)
         return {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(loss.detach())}
 
-    def evaluate(self, images, labels) -> dict[str, float]:
-        """eps-MSE of the EMA network with the true labels at stratified steps and noise drawn from a
-        fixed seed (deterministic for a given batch): ``loss``; in latent space also ``diffusion`` and
-        ``recon`` (decoded without noise)."""
+    def evaluate(self, images, labels, masks=None) -> dict[str, float]:
+        """eps-MSE of the EMA network with the true labels (and masks, when mask-conditioned) at
+        stratified steps and noise drawn from a fixed seed (deterministic for a given batch): ``loss``;
+        in latent space also ``diffusion`` and ``recon`` (decoded without noise)."""
         g = torch.Generator().manual_seed(self.cfg.seed)
         t = self._times(torch.rand((), generator=g), torch.randperm(len(images), generator=g))
         noise = torch.randn((len(images), *self.shape), generator=g)
         with self._eval_mode():
             d = self._device
             x_0, recon = self._to_x0(self._ema.net, images.to(d))
+            cond = self._condition(labels.to(d), masks)
             return {k: float(v) for k, v in self._terms(
-                self._loss(self._ema, x_0, labels.to(d), t.to(d), noise.to(d)), recon).items()}
+                self._loss(self._ema, x_0, labels.to(d), t.to(d), noise.to(d), cond), recon).items()}
 
     # ---------------------------------------------------------------- generation
-    def _eps(self, x: torch.Tensor, t: int, y: torch.Tensor, scale: float) -> torch.Tensor:
-        """EMA noise prediction at step t with guidance: eps_u + scale (eps_y - eps_u)."""
+    def _eps(self, x: torch.Tensor, t: int, y: torch.Tensor, scale: float, cond: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """EMA noise prediction at step t with guidance: eps_u + scale (eps_y - eps_u) (unconditional:
+        no label and, for a mask-conditioned model, no mask; ``cond`` the mask condition or None)."""
         tt = torch.full((len(x),), t, device=x.device)
         if scale == 1:
-            return self._predict(self._ema, x, tt, y)
+            return self._predict(self._ema, x, tt, y, cond)
         uncond = torch.full_like(y, NO_LABEL)
+        free_cond = self._condition(uncond, None)
         if scale == 0:
-            return self._predict(self._ema, x, tt, uncond)
-        cond, free = self._predict(self._ema, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, uncond])).chunk(2)
+            return self._predict(self._ema, x, tt, uncond, free_cond)
+        both = torch.cat([cond, free_cond]) if cond is not None else None
+        cond, free = self._predict(self._ema, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, uncond]),
+                                   both).chunk(2)
         return free + scale * (cond - free)
 
     def _x0(self, x: torch.Tensor, t: int, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,14 +373,15 @@ class DDPM(GenerativeModel):
         return x0, (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
 
     def _ddim(self, x: torch.Tensor, y: torch.Tensor, t_from: int, steps: int, scale: float,
-              eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+              eta: float = 0.0, generator: torch.Generator | None = None, cond: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """DDIM from step ``t_from`` to 0 in ``steps`` evenly spaced jumps t -> s. ``eta`` = 0:
         deterministic; eta = 1: each jump draws fresh noise with the DDPM posterior's variance
         sigma^2 = (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s) (Song et al., eq. 16), i.e.
         ancestral sampling on the strided chain (noise drawn on CPU from ``generator``)."""
         times = torch.linspace(t_from, 0, steps + 1).round().long().unique_consecutive().tolist()
         for t, s in zip(times, times[1:]):
-            x0, eps = self._x0(x, t, self._eps(x, t, y, scale))
+            x0, eps = self._x0(x, t, self._eps(x, t, y, scale, cond))
             a_t, a_s = float(self.abar[t]), float(self.abar[s])
             sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
             x = math.sqrt(a_s) * x0 + math.sqrt(max(0.0, 1 - a_s - sigma ** 2)) * eps
@@ -344,10 +389,10 @@ class DDPM(GenerativeModel):
                 x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
         return x
 
-    def _ancestral(self, x: torch.Tensor, y: torch.Tensor, scale: float, generator) -> torch.Tensor:
+    def _ancestral(self, x: torch.Tensor, y: torch.Tensor, scale: float, generator, cond=None) -> torch.Tensor:
         """DDPM ancestral sampling through all T steps with the posterior variance beta~_t."""
         for t in range(self.T, 0, -1):
-            x0, _ = self._x0(x, t, self._eps(x, t, y, scale))
+            x0, _ = self._x0(x, t, self._eps(x, t, y, scale, cond))
             a, a_prev = float(self.abar[t]), float(self.abar[t - 1])
             beta = 1 - a / a_prev
             x = (math.sqrt(a_prev) * beta * x0 + math.sqrt(1 - beta) * (1 - a_prev) * x) / (1 - a)
@@ -359,15 +404,32 @@ class DDPM(GenerativeModel):
     def sample(self, labels, generator=None) -> torch.Tensor:
         """x_T ~ N(0, I) (all noise drawn on CPU from ``generator``), denoised by the EMA network with
         ``model.sampler`` ("ddim": ``ddim_steps`` steps with noise ``ddim_eta``; "ddpm": ancestral, T steps)
-        and guidance ``guidance_scale`` (in latent space, then decoded): (n, 1, S, S) in [0, 1]."""
+        and guidance ``guidance_scale`` (in latent space, then decoded): (n, 1, S, S) in [0, 1]. A
+        mask-conditioned model samples from the label alone (mask unknown)."""
+        return self._sample(labels, None, generator)
+
+    def sample_masked(self, labels, masks, generator=None) -> torch.Tensor:
+        """Like ``sample``, given each slice's lesion mask (B, 1, S, S) bool too (healthy labels: the
+        mask is cleared, an empty one is meant); the same draws of x_T as ``sample`` for one
+        generator state. MaskConditioningError for a model trained without mask conditioning."""
+        if not self.mask_conditioned:
+            return super().sample_masked(labels, masks, generator)
+        size = self.cfg.data.image_size
+        if tuple(masks.shape) != (len(labels), 1, size, size):
+            raise ValueError(f"masks {tuple(masks.shape)}: expected ({len(labels)}, 1, {self.cfg.data.image_size}, "
+                             f"{self.cfg.data.image_size}) (data.image_size of the model)")
+        return self._sample(labels, masks, generator)
+
+    def _sample(self, labels, masks, generator) -> torch.Tensor:
         m = self.cfg.model
         x = torch.randn(len(labels), *self.shape, generator=generator)
         with self._eval_mode():
             x, y = x.to(self._device), labels.to(self._device)
+            cond = self._condition(y, masks)
             if m.sampler == "ddim":
-                x = self._ddim(x, y, self.T, min(m.ddim_steps, self.T), m.guidance_scale, m.ddim_eta, generator)
+                x = self._ddim(x, y, self.T, min(m.ddim_steps, self.T), m.guidance_scale, m.ddim_eta, generator, cond)
             else:
-                x = self._ancestral(x, y, m.guidance_scale, generator)
+                x = self._ancestral(x, y, m.guidance_scale, generator, cond)
             return self._to_images(x)
 
     def anomaly_map(self, images, brain=None, **setting) -> torch.Tensor:
@@ -393,12 +455,14 @@ class DDPM(GenerativeModel):
             x, a = images.to(self._device), float(self.abar[t])
             x_0, _ = self._to_x0(self._ema.net, x)
             healthy = torch.full((len(x),), HEALTHY, dtype=torch.long, device=x.device)
+            cond = self._condition(healthy, torch.zeros_like(x))  # mask-conditioned: "no lesion anywhere"
             score = torch.zeros_like(x)
             for _ in range(m.anomaly_draws):
                 noise = (simplex_noise(x_0.shape, g) if m.anomaly_noise == "simplex"
                          else torch.randn(x_0.shape, generator=g))
                 x_t = math.sqrt(a) * x_0 + math.sqrt(1 - a) * noise.to(x.device)
-                x_hat = self._to_images(self._ddim(x_t, healthy, t, min(m.anomaly_steps, t), m.guidance_scale))
+                x_hat = self._to_images(self._ddim(x_t, healthy, t, min(m.anomaly_steps, t), m.guidance_scale,
+                                                   cond=cond))
                 score = score + (x - x_hat) ** 2
             return smooth_score(score / m.anomaly_draws, None if brain is None else brain.to(x.device))
 

@@ -162,7 +162,7 @@ class NormalisingFlow(GenerativeModel):
         pixels = images[0].numel()
         return (-log_p / pixels + math.log(BINS)) / math.log(2)
 
-    def train_step(self, images, labels, optimizers, step, extra_loss=None) -> dict[str, float]:
+    def train_step(self, images, labels, optimizers, step, extra_loss=None, masks=None) -> dict[str, float]:
         """One Adam step on a batch (B, 1, S, S) in [0, 1] with labels (B,): ``bpd`` (mean bits per
         pixel) and ``loss`` = bpd (+ extra_loss)."""
         self.train()
@@ -174,7 +174,7 @@ class NormalisingFlow(GenerativeModel):
         self.precision.step(opt)
         return {"loss": float(loss.detach()), "bpd": float(bpd.detach())}
 
-    def evaluate(self, images, labels) -> dict[str, float]:
+    def evaluate(self, images, labels, masks=None) -> dict[str, float]:
         """``loss`` = ``bpd`` with u = 1/2 (deterministic)."""
         with self._eval_mode():
             bpd = float(self._bpd(images.to(self._device), labels.to(self._device)).mean())

@@ -166,7 +166,7 @@ class ConditionalGAN(GenerativeModel):
             return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean(), -fake_logits.mean()
         return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean(), F.softplus(-fake_logits).mean()
 
-    def train_step(self, images, labels, optimizers, step, extra_loss=None) -> dict[str, float]:
+    def train_step(self, images, labels, optimizers, step, extra_loss=None, masks=None) -> dict[str, float]:
         """One D step then one G step on a batch (B, 1, S, S) in [0, 1] with labels (B,); fakes use
         the batch's labels (D sees real and fake in two passes of B, so Opacus pairs real_i with
         fake_i: one per-sample gradient per real image). ``extra_loss()`` is added to both losses.
@@ -198,7 +198,7 @@ class ConditionalGAN(GenerativeModel):
             p_ema.lerp_(p, 1 - decay)
         ema.ema_updates += 1
 
-    def evaluate(self, images, labels) -> dict[str, float]:
+    def evaluate(self, images, labels, masks=None) -> dict[str, float]:
         """``train_step``'s keys for G (z from a fixed seed) against D on this batch, plus the
         collapse signal: ``diversity`` = mean pairwise RMS distance of DIVERSITY_SAMPLES EMA
         samples (fixed seed, healthy), ``diversity_ratio`` = that / the real batch's, and

@@ -4,7 +4,9 @@
 diffusion's 4 channels), time t (B,) float in [0, 1000] (the DDPM rescales its steps to that
 range, so the embedding does not depend on the number of steps), labels y (B,) int64 (0 healthy,
 1 lesion, 2 "no label" for classifier-free guidance) -> (B, C, S, S): the noise, or the scaled
-part of it that the DDPM's preconditioning leaves to the network. In latent space the U-Net runs
+part of it that the DDPM's preconditioning leaves to the network. With ``cond_channels`` > 0 a
+condition (B, cond_channels, S, S) is concatenated to x as extra input channels (the
+mask-conditioned DDPM's lesion mask, ``mask_conditioning.py``). In latent space the U-Net runs
 with ``patch`` 1 (no pixel-unshuffle: the latents are already small).
 
 Layout: one convolution at full resolution (``width`` / 2 channels), then a 2x2 pixel-unshuffle
@@ -92,15 +94,16 @@ class UNet(nn.Module):
     of the input and of the output (1 for images; 4 for the latent diffusion's latents)."""
 
     def __init__(self, image_size: int, width: int = 16, groups: int = 8, attention: bool = True, cap: int = 4,
-                 patch: int = 2, channels: int = 1):
+                 patch: int = 2, channels: int = 1, cond_channels: int = 0):
         super().__init__()
+        self.cond_channels = cond_channels
         chans = level_channels(width, len(level_sizes(image_size // patch, bottom=8)), cap)
         self.patch = patch
         self.width, emb = width, 4 * width
         self.time_mlp = nn.Sequential(nn.Linear(width, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.label = label_embedding(emb, N_LABELS)
         full = max(1, width // 2)
-        self.full_in = nn.Conv2d(channels, full, 3, padding=1)
+        self.full_in = nn.Conv2d(channels + cond_channels, full, 3, padding=1)
         self.stem = nn.Conv2d(full * patch ** 2, chans[0], 3, padding=1)
         self.down = nn.ModuleList(ResBlock(a, b, emb, groups) for a, b in zip(chans[:1] + chans[:-1], chans))
         self.downsample = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1) for c in chans[:-1])
@@ -114,8 +117,14 @@ class UNet(nn.Module):
         self.out_norm, self.out = _norm(chans[0], groups), nn.Conv2d(chans[0], full * patch ** 2, 3, padding=1)
         self.full_norm, self.full_out = _norm(full, groups), nn.Conv2d(full, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, C, S, S), t (B,) float in [0, 1000], y (B,) int64 in {0, 1, 2} -> (B, C, S, S)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cond: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x (B, C, S, S), t (B,) float in [0, 1000], y (B,) int64 in {0, 1, 2}, cond (B, cond_channels,
+        S, S) (required when cond_channels > 0, else None) -> (B, C, S, S)."""
+        if (cond is None) != (self.cond_channels == 0):
+            raise ValueError(f"UNet with cond_channels={self.cond_channels}: cond "
+                             f"{'missing' if cond is None else 'given'}")
+        x = torch.cat([x, cond.to(x.dtype)], 1) if cond is not None else x
         emb = self.time_mlp(timestep_embedding(t, self.width)) + self.label(y)
         full = self.full_in(x)
         h, skips, last = self.stem(F.pixel_unshuffle(full, self.patch)), [], len(self.down) - 1

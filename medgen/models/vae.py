@@ -102,7 +102,7 @@ class ConditionalVAE(GenerativeModel):
             return m.beta
         return m.beta * min(1.0, step / m.kl_warmup_steps)
 
-    def train_step(self, images, labels, optimizers, step, extra_loss=None) -> dict[str, float]:
+    def train_step(self, images, labels, optimizers, step, extra_loss=None, masks=None) -> dict[str, float]:
         """One Adam step on a batch (B, 1, S, S) in [0, 1] with labels (B,). Returns floats
         ``recon`` and ``kl`` (per image, summed over pixels / latents) and ``loss`` = recon +
         warmed-up beta * kl (+ extra_loss)."""
@@ -115,7 +115,7 @@ class ConditionalVAE(GenerativeModel):
         self.precision.step(opt)
         return {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(loss.detach())}
 
-    def evaluate(self, images, labels) -> dict[str, float]:
+    def evaluate(self, images, labels, masks=None) -> dict[str, float]:
         """Same keys as ``train_step`` with the full beta and z = posterior mean (deterministic)."""
         with self._eval_mode():
             return {k: float(v) for k, v in self._losses(images, labels, self.cfg.model.beta).items()}

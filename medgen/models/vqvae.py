@@ -168,7 +168,7 @@ class VQVAE(GenerativeModel):
         out["prior_bits_per_code"] = out["prior"] / (codes[0].numel() * math.log(2))
         return {**out, **usage(codes, self.cfg.model.codebook_size)}
 
-    def train_step(self, images, labels, optimizers, step, extra_loss=None) -> dict[str, float]:
+    def train_step(self, images, labels, optimizers, step, extra_loss=None, masks=None) -> dict[str, float]:
         """One Adam step on a batch (B, 1, S, S) in [0, 1] with labels (B,) for autoencoder and prior
         together. Returns floats ``recon``, ``vq`` (squared distance of the encoder's unit vectors to
         their codes: the codebook and the commitment loss, equal in value) and ``prior`` (NLL in nats),
@@ -197,7 +197,7 @@ class VQVAE(GenerativeModel):
         source = used[torch.randint(len(used), (len(dead),), device=used.device)]
         weight[dead] = weight[source] + RESTART_NOISE * weight.std() * torch.randn_like(weight[dead])
 
-    def evaluate(self, images, labels) -> dict[str, float]:
+    def evaluate(self, images, labels, masks=None) -> dict[str, float]:
         """``train_step``'s keys on a batch without training (deterministic)."""
         with self._eval_mode():
             return self._floats(*self._losses(images, labels))
