@@ -127,8 +127,8 @@ def test_dp_wraps_only_the_private_networks(tiny_cohort, family, space):
     seen = {}
     real_step = model.train_step
 
-    def spy(images, labels, optimizers, step, extra_loss=None):
-        out = real_step(images, labels, optimizers, step, extra_loss)
+    def spy(images, labels, optimizers, step, extra_loss=None, masks=None):
+        out = real_step(images, labels, optimizers, step, extra_loss, masks=masks)
         for name, net in model.networks.items():  # inside the DP block, after a full step
             seen[name] = (isinstance(net, GradSampleModule),
                           any(getattr(p, "grad_sample", None) is not None for p in net.parameters()))
