@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/medgen simulate --config examples/phantom.yaml --set data.root=$(OUT)/cohort --out $(OUT)/run
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

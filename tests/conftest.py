@@ -69,6 +69,25 @@ def make_plain_site(folder: Path, n_healthy=2, n_lesion=2) -> Path:
     return folder
 
 
+# `make test` runs two pytest-xdist workers. The tests of these modules start Ray or a SuperLink with
+# its SuperNodes and use both cores: they run one after another on one worker while the other worker
+# takes the single-threaded rest. (xdist's own `xdist_group` mark has no effect under pytest 9: it
+# renames `item._nodeid`, which pytest 9 no longer reads.)
+FEDERATION_MODULES = ("tests/test_deployment.py", "tests/test_flwr_run.py", "tests/test_secagg.py",
+                      "tests/test_simulation.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FederationApart(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "federation" if nodeid.split("::")[0] in FEDERATION_MODULES else nodeid
+
+    return FederationApart(config, log)
+
+
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     """One data cache (``data.cache_dir``) for the modules that run the tiny phantom cohort (sites
