@@ -243,7 +243,8 @@ class FederationConfig(_Section):
     samples_per_class: int = Field(8, ge=0, le=256, description="sample images written per class at evaluation")
     max_update_ratio: float | None = Field(
         10.0, gt=1.0, description="an update farther from the global model than this times the round's (lower) "
-                                  "median distance is rejected or clipped (on_large_update); null = no bound")
+                                  "median distance is rejected or clipped (on_large_update); null = no bound (the "
+                                  "default with secure_aggregation=secaggplus)")
     on_large_update: Literal["reject", "clip"] = Field(
         "reject", description="reject: leave the update out of the round; clip: scale it down to the bound")
     num_malicious: int = Field(1, ge=0, description="krum / multikrum / bulyan: the number f of bad sites tolerated")
@@ -267,6 +268,15 @@ class FederationConfig(_Section):
     @classmethod
     def _off(cls, v):
         return "off" if v is False else v  # YAML reads a bare `off` as false
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_update_bound_over_sums(cls, data):
+        # the default bound compares one site's update with the others', which a server that sees only
+        # their sum cannot do: a secure study goes without it unless max_update_ratio is set by name
+        if isinstance(data, dict) and data.get("secure_aggregation") == "secaggplus":
+            data = {"max_update_ratio": None, **data}
+        return data
 
 
 class EvaluationConfig(_Section):
@@ -552,7 +562,7 @@ def _check_secure_aggregation(cfg: Config) -> None:
                          f"the sum (not supported together yet; DP-SGD at the sites, privacy.enabled, is)")
     if fed.max_update_ratio is not None:
         raise ValueError(f"{where}: federation.max_update_ratio={fed.max_update_ratio:g} compares each site's update "
-                         f"norm with the others', and the server sees only their sum; set it to null "
+                         f"norm with the others', and the server sees only their sum; leave it unset or null "
                          f"(federation.secagg_clip bounds each coordinate of each site's update instead)")
     if n < 3:
         raise ValueError(f"{where}: {n} training sites; with two, each learns the other's update from the global "

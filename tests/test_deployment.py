@@ -545,8 +545,7 @@ def test_a_loopback_deployment_with_secure_aggregation(deployment):
     run_dir = d.tmp / "run"
     run = RunDir(run_dir)
     d.server("--out", run_dir, "--set", "sites.train=[A,B,C]", "--set", "sites.heldout=[]", "--set",
-             "federation.rounds=1", "--set", "federation.secure_aggregation=secaggplus", "--set",
-             "federation.max_update_ratio=null")
+             "federation.rounds=1", "--set", "federation.secure_aggregation=secaggplus")
     for site in "ABC":
         d.site(site, policy="require_dp: false\nrequire_secure_aggregation: true\n")
     assert d.wait("server", 300) == 0, d.output("server")[-4000:]

@@ -6,10 +6,11 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+import yaml
 from flwr.app import Array, ArrayRecord
 
 from medgen.client.policy import violations
-from medgen.config import ConfigError, SitePolicy, load_config
+from medgen.config import ConfigError, SitePolicy, dump_config, load_config
 from medgen.privacy import secagg as sa
 from medgen.server.errors import FederationError
 from medgen.server.federation import run_federation
@@ -126,8 +127,7 @@ def test_a_site_that_lies_in_the_protocol_is_caught():
 
 
 # ---------------------------------------------------------------------- config and policy
-SECURE = ["federation.secure_aggregation=secaggplus", "federation.max_update_ratio=null", "sites.train=[A,B,C]",
-          "sites.heldout=[]"]
+SECURE = ["federation.secure_aggregation=secaggplus", "sites.train=[A,B,C]", "sites.heldout=[]"]
 
 
 @pytest.mark.parametrize("setting, named", [
@@ -142,6 +142,16 @@ SECURE = ["federation.secure_aggregation=secaggplus", "federation.max_update_rat
 def test_what_secure_aggregation_cannot_go_with_is_refused(setting, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("[", r"\[")):
         load_config(None, SECURE + [setting])
+
+
+def test_a_secure_study_goes_without_the_default_update_bound():
+    """federation.max_update_ratio (default 10) needs each site's update; a secure study left at the
+    default runs without it, and the config the sites receive says so."""
+    cfg = load_config(None, SECURE)
+    assert cfg.federation.max_update_ratio is None
+    assert load_config(None, []).federation.max_update_ratio == 10.0
+    assert yaml.safe_load(dump_config(cfg))["federation"]["max_update_ratio"] is None
+    assert load_config(None, SECURE + ["federation.secure_aggregation=off"]).federation.max_update_ratio == 10.0
 
 
 def test_yaml_off_and_the_default_are_off():
@@ -282,7 +292,7 @@ def test_medgen_simulate_with_secure_aggregation_matches_the_clear_run(tmp_path,
     from test_simulation import MEDGEN
 
     sets = [*[x for x in TINY if not x.startswith("sites.")], "sites.train=[A,B,C]", "sites.heldout=[]",
-            "federation.rounds=1", "federation.max_update_ratio=null", "federation.samples_per_class=0",
+            "federation.rounds=1", "federation.samples_per_class=0",
             f"data.cache_dir={shared_cache}"]
     runs = {}
     for name, extra in (("clear", []), ("secure", ["federation.secure_aggregation=secaggplus"])):
