@@ -1,4 +1,4 @@
-"""`medgen` command line: simulate, train, evaluate, reconstruct, synthesize, report, data
+"""`medgen` command line: simulate, train, evaluate, reconstruct, synthesize, utility, report, data
 synth|check|split|implant, certs, config show."""
 
 from __future__ import annotations
@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     from medgen.cli.synthesize import add_parser as add_synthesize_parser
 
     add_synthesize_parser(commands)
+
+    from medgen.cli.utility import add_parser as add_utility_parser
+
+    add_utility_parser(commands)
 
     from medgen.cli.certs import add_parser as add_certs_parser
 

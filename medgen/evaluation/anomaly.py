@@ -84,6 +84,23 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float:
     return float(np.trapezoid(tpr, fpr))
 
 
+def auroc(labels, scores) -> float:
+    """Area under the ROC curve of ``scores`` (N,) for binary ``labels`` (N,): 0.5 = chance; NaN
+    with one class only."""
+    return _auroc(np.asarray(labels, bool), np.asarray(scores, np.float64))
+
+
+def average_precision(labels, scores) -> float:
+    """Average precision (area under the precision-recall curve, as scikit-learn's
+    ``average_precision_score``) of ``scores`` (N,) for binary ``labels`` (N,): chance = the positive
+    fraction; NaN without a positive."""
+    y, s = np.asarray(labels, bool), np.asarray(scores, np.float64)
+    if not y.any():
+        return float("nan")
+    precision, recall, _ = _pr(y, s)
+    return float(np.sum(np.diff(recall) * precision[1:]))
+
+
 def pixel_auroc(scores, lesion, brain) -> float:
     """Pixel-level area under the ROC curve in [0, 1] (0.5 = chance): the probability that a lesion
     pixel scores higher than a healthy-tissue pixel (ties count one half), over the brain pixels of
@@ -100,10 +117,7 @@ def pixel_auprc(scores, lesion, brain) -> float:
     ``average_precision_score``. Chance level is the lesion fraction of brain pixels, so unlike the
     AUROC it reflects how small lesions are. NaN when there is no lesion pixel."""
     s, y = _brain_pixels(scores, lesion, brain)
-    if not y.any():
-        return float("nan")
-    precision, recall, _ = _pr(y, s)
-    return float(np.sum(np.diff(recall) * precision[1:]))
+    return average_precision(y, s)
 
 
 def postprocess(scores, brain, median_px: int = 0, erode_px: int = 0) -> np.ndarray:
