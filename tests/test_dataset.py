@@ -6,7 +6,7 @@ import torch
 
 from conftest import AFFINE, head, make_plain_site, save
 from medgen.data import dataset
-from medgen.data.dataset import HEALTHY, LESION, SliceDataset, load_site
+from medgen.data.dataset import ENTRIES_PER_SCAN, HEALTHY, LESION, SliceDataset, load_site
 from medgen.data.errors import DataError, SiteDataError
 
 
@@ -58,15 +58,26 @@ def test_cache_reuse_and_invalidation(tmp_path, cfg, calls):
     assert calls == []
     np.testing.assert_array_equal(first.images, again.images)
 
-    # a changed file re-processes that subject only, and its stale entry is replaced
-    image, _ = head(seed=42)
-    save(site / "sub-01.nii.gz", image)
-    st = (site / "sub-01.nii.gz").stat()
-    os.utime(site / "sub-01.nii.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    load_site(site, cfg.data)
-    assert calls == ["sub-01"]
+    # a changed file re-processes that subject only; its entries stay at most ENTRIES_PER_SCAN
     cache_dir = next((tmp_path / "cache").iterdir())
-    assert len(list(cache_dir.glob("sub-01-*.npz"))) == 1
+    for seed in (42, 43):
+        calls.clear()
+        image, _ = head(seed=seed)
+        save(site / "sub-01.nii.gz", image)
+        st = (site / "sub-01.nii.gz").stat()
+        os.utime(site / "sub-01.nii.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        load_site(site, cfg.data)
+        assert calls == ["sub-01"]
+    assert len(list(cache_dir.glob("sub-01-*.npz"))) == ENTRIES_PER_SCAN == 2
+
+    # two settings used in turn: each is processed once, then both are read from the cache
+    small = cfg.data.model_copy(update={"image_size": 32})
+    calls.clear()
+    load_site(site, small)
+    assert sorted(calls) == ["sub-00", "sub-01", "sub-02"]
+    calls.clear()
+    load_site(site, cfg.data), load_site(site, small), load_site(site, cfg.data)
+    assert calls == []
 
     # a changed preprocessing setting re-processes everything; a label-only setting does not
     calls.clear()

@@ -3,12 +3,14 @@
 ``load_site`` turns a site folder into a :class:`SiteSlices`. Each scan's slices are cached
 in ``<cache>/<site>-<folder hash>/<scan id>-<key>.npz``; the key covers the preprocessing part of
 the data config and the path, size and modification time of every file of the scan, so a
-re-run reuses the cache and a changed config or file re-processes just what changed. The headers
+re-run reuses the cache and a changed config or file re-processes just what changed (the
+``ENTRIES_PER_SCAN`` most recently used entries of a scan are kept). The headers
 are checked on every run, cached or not, so that header limits (``data.max_voxels``) always apply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -33,6 +35,10 @@ from medgen.fileio import atomic_write
 from medgen.progress import track
 
 HEALTHY, LESION = 0, 1
+# Cache entries kept per scan, the most recently used first: two settings used in turn (a 64-px
+# study and a 32-px test, with and without N4) do not re-process each other's slices; a scan's
+# file that changed leaves at most this many entries behind.
+ENTRIES_PER_SCAN = 2
 # Bump when preprocessing changes in a way the config does not show, to invalidate old caches.
 PIPELINE_VERSION = 3
 _CACHE_KEYS = ("image_size", "spacing_mm", "volume_index", "percentiles", "min_brain_fraction", "lesion_labels",
@@ -281,16 +287,21 @@ def _cached_scan(scan: Scan, cfg: DataConfig, cache: Path) -> SubjectSlices:
     if target.is_file():
         try:
             with np.load(target) as z:
-                return SubjectSlices(z["images"], z["brain"], z["lesion"], z["slice_index"])
+                slices = SubjectSlices(z["images"], z["brain"], z["lesion"], z["slice_index"])
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             target.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(target)  # the most recently used entries are the ones kept
+            return slices
     slices = _preprocess(scan, cfg)
     cache.mkdir(parents=True, exist_ok=True)
-    for stale in cache.glob(f"{safe_id}-*.npz"):
-        if _is_entry_of(stale.name, safe_id):
-            stale.unlink(missing_ok=True)
     atomic_write(target, lambda f: np.savez(f, images=slices.images, brain=slices.brain, lesion=slices.lesion,
                                             slice_index=slices.slice_index))
+    entries = sorted((e for e in cache.glob(f"{safe_id}-*.npz") if _is_entry_of(e.name, safe_id) and e != target),
+                     key=lambda e: e.stat().st_mtime_ns, reverse=True)
+    for stale in entries[ENTRIES_PER_SCAN - 1:]:
+        stale.unlink(missing_ok=True)
     return slices
 
 
