@@ -319,6 +319,10 @@ class EvaluationConfig(_Section):
         0.5, gt=0.0, le=1.0, description="memorisation audit: a sample is flagged when its nearest training slice "
                                          "is closer than this times its nearest held-out slice"
     )
+    utility: bool = Field(
+        False, description="final evaluation: each site with lesion and healthy subjects also trains a small slice "
+                           "classifier on its real slices, on as many samples and on both, and sends the AUROCs on "
+                           "its other subjects (numbers only; README \"Synthetic-data utility\")")
     membership_inference: bool = Field(
         True, description="memorisation audit: also the loss-based membership-inference AUC (train vs held-out)"
     )

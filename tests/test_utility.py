@@ -105,3 +105,22 @@ def test_utility_refuses_a_lesion_class_that_never_trained_and_a_missing_folder(
     assert main(["utility", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere")]) == 3
     assert f"--data {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_site_sends_the_utility_numbers_only_when_asked_and_able(tmp_path):
+    from medgen.evaluation.site import evaluate_site
+    from medgen.evaluation.utility import site_metrics
+
+    cfg = _cfg(tmp_path, "evaluation.max_samples=4", "evaluation.membership_inference=false")
+    model = build_model(cfg)
+    data = load_site(make_plain_site(tmp_path / "E", n_healthy=4, n_lesion=4), cfg.data, "E")
+    found = site_metrics(model, data, cfg, Settings(steps=2, repeats=1))
+    assert {f"utility-{arm}-auroc" for arm in ARMS} <= set(found) and found["n-utility-seeds"] == 1
+    assert all(isinstance(v, float) for v in found.values())  # numbers only
+    assert found["n-utility-train-slices"] + found["n-utility-test-slices"] == len(data)
+    healthy = load_site(make_plain_site(tmp_path / "F", n_healthy=4, n_lesion=0), cfg.data, "F")
+    assert site_metrics(model, healthy, cfg) == {}
+    asked = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"utility": True})})
+    with_utility, _ = evaluate_site(model, data, asked)
+    without, _ = evaluate_site(model, data, cfg)
+    assert "utility-real-auroc" in with_utility and not any(k.startswith("utility-") for k in without)

@@ -12,7 +12,9 @@ Only numbers leave the site (and, with ``evaluation.share_images``, a few overla
   family's ``anomaly_sweep()`` (e.g. the DDPM's noise level t, as ``pixel-auroc@t=800``), the
   first (configured) one also without a suffix;
 - at a training site, the memorisation audit (``memorisation.py``): generated samples' nearest
-  training vs held-out slices, and a loss-based membership-inference AUC.
+  training vs held-out slices, and a loss-based membership-inference AUC;
+- with ``evaluation.utility``, the synthetic-data utility test (``utility.py``): AUROCs of a slice
+  classifier trained on the site's real slices, on samples and on both.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from medgen.config import Config
 from medgen.data.dataset import HEALTHY, LESION, SiteSlices
-from medgen.evaluation import anomaly, distances, fid, memorisation
+from medgen.evaluation import anomaly, distances, fid, memorisation, utility
 from medgen.evaluation.plan import (OUTLIER_LEVEL, OUTLIER_THRESHOLD, OUTSIDE_LESIONS, OWN_HEALTHY,
                                    THRESHOLD_PREFIX, TRAINING_SITES, EvaluationPlan)
 from medgen.evaluation.samples import CLASS_NAMES
@@ -238,6 +240,8 @@ def evaluate_site(model: GenerativeModel, data: SiteSlices, cfg: Config, train: 
             metrics.update(calibration_metrics(model, data, cfg))
     scores, curves, overlays = anomaly_metrics(model, data, cfg, plan)
     metrics.update(scores)
+    if cfg.evaluation.utility and LESION in plan.classes:
+        metrics.update(utility.site_metrics(model, data, cfg))
     heldout = data if heldout is None else heldout
     audit: dict[str, np.ndarray] = {}
     if train is not None and len(train) and len(heldout):

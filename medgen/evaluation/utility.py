@@ -12,10 +12,11 @@ split in two (``test_fraction``), lesion and healthy subjects each. Every arm tr
 initialisation, seed by seed, for the same steps with class-balanced batches; the numbers are the
 mean and standard deviation over ``repeats`` seeds, beside the references on the same test slices:
 chance (AUROC 0.5, AUPRC = the lesion-slice prevalence) and a score that needs no model (the
-slice's brain area).
+slice's brain area). With ``evaluation.utility: true`` every site runs the same test on its own
+slices in the final evaluation and sends the numbers only (:func:`site_metrics`).
 
-Written to ``utility.json`` (strict JSON) in the output folder, with n and the subjects of each
-part.
+``medgen utility`` writes ``utility.json`` (strict JSON) to the output folder, with n and the
+subjects of each part.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from medgen import logs, strictjson
 from medgen.config import ConfigError
 from medgen.data.dataset import HEALTHY, LESION, SiteSlices, load_site
 from medgen.evaluation.anomaly import auroc, average_precision
-from medgen.evaluation.evaluate import load_trained, run_plan
 from medgen.evaluation.samples import generate
 from medgen.fileio import atomic_write
 
@@ -130,9 +130,58 @@ def _summary(values: list[float]) -> dict:
             "values": v.tolist()}
 
 
+def arm_scores(model, train: SiteSlices, test: SiteSlices, settings: Settings, seed: int) -> dict:
+    """The three arms trained on ``train`` (and as many samples per class), tested on ``test``:
+    per arm and metric the values over seeds, the augmentation gain, the references, the times."""
+    real_x, real_y = torch.from_numpy(train.images)[:, None], torch.from_numpy(train.labels)
+    test_x, test_y = torch.from_numpy(test.images)[:, None], test.labels == LESION
+    start = time.perf_counter()
+    syn_x, syn_y = synthetic_like(model, train.labels, seed)
+    sampling_s = time.perf_counter() - start
+    arms = {"real": (real_x, real_y), "synthetic": (syn_x, syn_y),
+            "real+synthetic": (torch.cat([real_x, syn_x]), torch.cat([real_y, syn_y]))}
+    results = {arm: {"auroc": [], "auprc": []} for arm in ARMS}
+    start = time.perf_counter()
+    for r in range(settings.repeats):
+        for arm, (x, y) in arms.items():
+            s = scores(train_classifier(x, y, settings, seed + r), test_x)
+            results[arm]["auroc"].append(auroc(test_y, s))
+            results[arm]["auprc"].append(average_precision(test_y, s))
+    gain = [a - b for a, b in zip(results["real+synthetic"]["auroc"], results["real"]["auroc"])]
+    area = test.brain.reshape(len(test), -1).sum(1).astype(np.float64)
+    return {"metrics": {arm: {k: _summary(v) for k, v in m.items()} for arm, m in results.items()},
+            "augmentation_gain_auroc": _summary(gain),
+            "synthetic_slices": {"healthy": int((syn_y == HEALTHY).sum()), "lesion": int((syn_y == LESION).sum())},
+            "references": {"chance_auroc": 0.5, "prevalence_auprc": float(test_y.mean()),
+                           "brain_area_auroc": auroc(test_y, area)},
+            "seconds": {"sampling": sampling_s, "training_and_testing": time.perf_counter() - start}}
+
+
+def site_metrics(model, data: SiteSlices, cfg, settings: Settings = Settings()) -> dict[str, float]:
+    """``evaluation.utility`` at a site: the arms on its own slices (the split of :func:`split`) as
+    numbers only — ``utility-<arm>-auroc`` / ``-auprc`` (means over seeds), ``utility-gain-auroc``,
+    the references and n. Empty when the site cannot hold the test (no lesion or healthy subject
+    on one side)."""
+    try:
+        train, test, _ = split(data, cfg.sites.train, cfg.train.val_fraction, settings.test_fraction, cfg.seed)
+    except ConfigError:
+        return {}
+    found = arm_scores(model, train, test, settings, cfg.seed)
+    out = {f"utility-{arm}-{k}": m[k]["mean"] for arm, m in found["metrics"].items() for k in ("auroc", "auprc")}
+    refs = found["references"]
+    out.update({"utility-gain-auroc": found["augmentation_gain_auroc"]["mean"],
+                "utility-reference-brain-area-auroc": refs["brain_area_auroc"],
+                "utility-reference-prevalence": refs["prevalence_auprc"], "n-utility-seeds": float(settings.repeats),
+                "n-utility-train-slices": float(len(train)), "n-utility-test-slices": float(len(test)),
+                "n-utility-test-subjects": float(len(set(test.subjects.tolist())))})
+    return out
+
+
 def run_utility(checkpoint: str | Path, data_dir: str | Path, out: str | Path | None = None, site: str | None = None,
                 settings: Settings = Settings(), overrides=(), log=logs.info) -> Path:
-    """Train and test the three arms of the module docstring; returns the output folder."""
+    """Train and test the three arms of the module docstring on a site folder; returns the output folder."""
+    from medgen.evaluation.evaluate import load_trained, run_plan  # noqa: PLC0415  (evaluate imports site, site this)
+
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ConfigError(f"--data {data_dir}: no such folder (give a site folder of NIfTI scans with lesion masks)")
@@ -144,37 +193,15 @@ def run_utility(checkpoint: str | Path, data_dir: str | Path, out: str | Path | 
     site = site or data_dir.resolve().name
     train, test, how = split(load_site(data_dir, cfg.data, site), cfg.sites.train, cfg.train.val_fraction,
                              settings.test_fraction, cfg.seed)
-    real_x, real_y = torch.from_numpy(train.images)[:, None], torch.from_numpy(train.labels)
-    test_x, test_y = torch.from_numpy(test.images)[:, None], test.labels == LESION
     log(f"utility of {checkpoint} ({cfg.model.family}, round {ckpt['round']}) on {data_dir}: {len(train)} real "
         f"training slices, {len(test)} test slices; sampling {len(train)} synthetic slices")
-    start = time.perf_counter()
-    syn_x, syn_y = synthetic_like(model, train.labels, cfg.seed)
-    sampling_s = time.perf_counter() - start
-    arms = {"real": (real_x, real_y), "synthetic": (syn_x, syn_y),
-            "real+synthetic": (torch.cat([real_x, syn_x]), torch.cat([real_y, syn_y]))}
-    results = {arm: {"auroc": [], "auprc": []} for arm in ARMS}
-    start = time.perf_counter()
-    for r in range(settings.repeats):
-        for arm, (x, y) in arms.items():
-            s = scores(train_classifier(x, y, settings, cfg.seed + r), test_x)
-            results[arm]["auroc"].append(auroc(test_y, s))
-            results[arm]["auprc"].append(average_precision(test_y, s))
-    training_s = time.perf_counter() - start
-    metrics = {arm: {k: _summary(v) for k, v in m.items()} for arm, m in results.items()}
-    gain = [a - b for a, b in zip(results["real+synthetic"]["auroc"], results["real"]["auroc"])]
-    area = test.brain.reshape(len(test), -1).sum(1).astype(np.float64)
     record = {
         "checkpoint": str(checkpoint), "round": int(ckpt["round"]), "family": cfg.model.family, "data": str(data_dir),
         "site": site, "task": "healthy / lesion slice classification", "split": how,
         "parts": {name: {"slices": len(p), "lesion_slices": int((p.labels == LESION).sum()),
                          "subjects": sorted(set(p.subjects.tolist()))} for name, p in (("train", train), ("test", test))},
-        "synthetic_slices": {"healthy": int((syn_y == HEALTHY).sum()), "lesion": int((syn_y == LESION).sum())},
         "settings": vars(settings) | {"seed": cfg.seed, "classifier": SliceClassifier.__doc__},
-        "metrics": metrics, "augmentation_gain_auroc": _summary(gain),
-        "references": {"chance_auroc": 0.5, "prevalence_auprc": float(test_y.mean()),
-                       "brain_area_auroc": auroc(test_y, area)},
-        "seconds": {"sampling": sampling_s, "training_and_testing": training_s},
+        **arm_scores(model, train, test, settings, cfg.seed),
     }
     out = Path(out or Path("runs") / f"utility-{site}-{Path(checkpoint).stem}")
     out.mkdir(parents=True, exist_ok=True)
