@@ -158,6 +158,10 @@ def test_references_are_the_no_model_scores_on_the_same_pixels():
     assert refs["all_brain_dice"] == pytest.approx(2 * p / (1 + p))
     assert refs["brain_area_slice_auroc"] == 0.5  # every slice has the same brain area
     assert refs["outlier_pixel_auroc"] == 1.0 and refs["outlier_dice_at_threshold"] == 1.0
+    assert refs["outlier_best_dice_upper_bound"] == 1.0  # the upper bound has a no-model upper bound beside it
+    # a map that says nothing (constant) has one threshold, calling the whole brain lesion: its best
+    # Dice is the all-brain Dice 2p/(1+p), the reference the report puts beside best-dice-upper-bound
+    assert A.best_dice(np.ones_like(images), lesion, brain) == pytest.approx(2 * p / (1 + p))
     assert A.outlier_calibration(calib[:0], brain[:0], 0.99) is None
     assert "outlier_pixel_auroc" not in A.references(images, lesion, brain, labels, None)
     lesion[0, 0, 0] = True  # a lesion pixel outside the brain is not scored

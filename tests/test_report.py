@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from medgen import provenance, strictjson
-from medgen.evaluation.report import _curves, build_report, compare_runs, n_behind, site_colours, status_words
+from medgen.config import load_config
+from medgen.evaluation.report import (_curves, build_report, compare_runs, n_behind, site_colours, status_words, verdict,
+                                      with_references)
 from medgen.server.federation import run_federation
 from medgen.server.rundir import RunDir
 from test_federation import LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401  (fixture)
@@ -252,3 +254,55 @@ def test_site_page_tables_detection_by_anomaly_setting(tiny_cohort, tmp_path):
     row = cells.index("t=20")
     assert cells[row + 1] == f"{last['pixel-auroc@t=20']:.4g}" == f"{last['pixel-auroc']:.4g}"
     assert cells[cells.index("t=5") + 5] == f"{last['slice-auroc@t=5']:.4g}"
+
+
+def _lesion_site(p=0.018):
+    """A held-out site's final metrics as the issue found them on a white-matter-lesion site: the
+    best Dice equals calling the whole brain lesion, 2p/(1+p); AUPRC equals the prevalence p."""
+    return {"round": 1, "pixel-auroc": 0.74, "pixel-auprc": p, "best-dice-upper-bound": 2 * p / (1 + p),
+            "reference-prevalence": p, "reference-all-brain-dice": 2 * p / (1 + p),
+            "reference-outlier-pixel-auroc": 0.8, "reference-outlier-pixel-auprc": 0.05,
+            "reference-outlier-best-dice-upper-bound": 0.2, "n-scored-pixels": 1000, "n-scored-lesion-pixels": 18}
+
+
+def test_every_lesion_metric_has_its_references_right_under_it():
+    m, p = _lesion_site(), 0.018
+    assert 2 * p / (1 + p) == pytest.approx(0.035363, abs=1e-6)  # the issue's 0.036
+    rows = with_references(["pixel-auroc", "pixel-auprc", "best-dice-upper-bound", "loss"], [m, {"loss": 1.0}])
+    assert [r[0] for r in rows] == [
+        "pixel-auroc", "↳ chance: 0.5", "↳ reference-outlier-pixel-auroc (no model)",
+        "pixel-auprc", "↳ reference-prevalence (chance: prevalence)", "↳ reference-outlier-pixel-auprc (no model)",
+        "best-dice-upper-bound", "↳ reference-all-brain-dice (whole brain called lesion)",
+        "↳ reference-outlier-best-dice-upper-bound (no model)", "loss"]
+    values = [[c.value if hasattr(c, "value") else c for c in r[1:]] for r in rows]
+    assert values[:9] == [[0.74, ""], [0.5, ""], [0.8, ""], [p, ""], [p, ""], [0.05, ""],
+                          [2 * p / (1 + p), ""], [2 * p / (1 + p), ""], [0.2, ""]]
+    assert values[9] == ["", 1.0]  # a column without the metric has no reference either
+    assert rows[4][1].n == "n=1,000 px (18 lesion)"  # the reference stands on the same pixels
+    # a reference not computed (no healthy slice for the outlier score) is shown as missing, not left out
+    no_outlier = {k: v for k, v in m.items() if not k.startswith("reference-outlier-")}
+    assert math.isnan(with_references(["pixel-auprc"], [no_outlier])[2][1])
+    ok, text = verdict(m)
+    assert not ok and text == ("does NOT beat its reference: pixel-auroc (intensity outlier); pixel-auprc "
+                               "(chance: prevalence nor intensity outlier); best-dice-upper-bound "
+                               "(whole brain called lesion nor intensity outlier)")
+    better = {**m, "pixel-auroc": 0.9, "pixel-auprc": 0.1, "best-dice-upper-bound": 0.3}
+    assert verdict(better) == (True, "all 3 lesion metrics beat their references")
+
+
+def test_compare_page_puts_references_under_each_lesion_metric_and_flags_them(tmp_path):
+    cfg = load_config(None, [])
+    for name, metrics in (("weak", _lesion_site()), ("strong", {**_lesion_site(), "pixel-auroc": 0.9,
+                                                              "pixel-auprc": 0.1, "best-dice-upper-bound": 0.3})):
+        run = RunDir(tmp_path / name)
+        run.create(cfg)
+        run.log(1, "D", "evaluate", metrics)
+        run.set_status("completed", round=1)
+    page = compare_runs([tmp_path / "weak", tmp_path / "strong"], tmp_path / "cmp").read_text()
+    cells = Page(page).cells
+    at = cells.index("pixel-auprc")
+    assert cells[at:at + 9] == ["pixel-auprc", "0.018", "0.1", "↳ reference-prevalence (chance: prevalence)",
+                                "0.018", "0.018", "↳ reference-outlier-pixel-auprc (no model)", "0.05", "0.05"]
+    flags = cells[cells.index("lesion metrics vs their references") + 1:][:2]
+    assert flags[0].startswith("✗ does NOT beat its reference: pixel-auroc (intensity outlier)")
+    assert flags[1] == "✓ all 3 lesion metrics beat their references"

@@ -232,7 +232,8 @@ def references(images, lesion, brain, labels, outlier: tuple[float, float] | Non
     ``lesion``, ``brain`` (N, S, S), ``labels`` (N,)): ``prevalence`` (the AUPRC of a random score),
     ``all_brain_dice`` (the Dice of calling the whole brain lesion, 2p/(1+p)),
     ``brain_area_slice_auroc`` (a slice scored by its brain area alone), and the
-    :func:`intensity_outlier` score as ``outlier_*``, post-processed like the model's maps, with
+    :func:`intensity_outlier` score as ``outlier_*`` (its best Dice too: the upper bound of a model
+    is compared with the outlier score's upper bound), post-processed like the model's maps, with
     ``outlier`` = (level, threshold) from :func:`outlier_calibration` (None: left out). With the
     slices' ``subjects`` (N,), also the outlier score's :func:`per_volume` Dice and AUPRC."""
     _, les, br = _maps(images, lesion, brain)
@@ -248,7 +249,7 @@ def references(images, lesion, brain, labels, outlier: tuple[float, float] | Non
     if subjects is not None:
         volume = per_volume(maps, lesion, brain, subjects, threshold)
         report.update({k: volume[k] for k in ("volume_dice_at_threshold", "volume_pixel_auprc")})
-    out.update({f"outlier_{k}": v for k, v in report.items() if k not in ("best_dice_upper_bound", "threshold")})
+    out.update({f"outlier_{k}": v for k, v in report.items() if k != "threshold"})
     return out
 
 

@@ -46,6 +46,9 @@ SLICE_SCORES = ("slice-auroc", "brain-area-slice-auroc")
 # metric: (its reference without a model, name of that reference)
 _REFERENCES = {"pixel-auroc": (None, "chance: 0.5"), "pixel-auprc": ("reference-prevalence", "chance: prevalence"),
                "dice-at-threshold": ("reference-all-brain-dice", "whole brain called lesion"),
+               # best Dice >= the all-brain Dice by construction (its lowest threshold calls every pixel
+               # lesion): equal means no threshold does better than calling the whole brain lesion
+               "best-dice-upper-bound": ("reference-all-brain-dice", "whole brain called lesion"),
                "slice-auroc": ("reference-brain-area-slice-auroc", "slice brain area"),
                "volume-dice-at-threshold": ("reference-volume-all-brain-dice", "whole brain called lesion"),
                "volume-pixel-auprc": ("reference-volume-prevalence", "chance: prevalence")}
@@ -219,6 +222,27 @@ def _verdicts(metrics: dict) -> list[dict]:
     return out
 
 
+def with_references(keys: list[str], columns: list[dict], counts: list[dict] | None = None) -> list[list]:
+    """Rows of a table with one column per metrics record (a site, a run): each key's row, and
+    right under every lesion metric its two references in the same columns — the trivial one
+    (``reference-<...>``, or chance 0.5) and the intensity-outlier score (``reference-outlier-<key>``),
+    so that no lesion metric stands alone. ``counts``: where each column's n keys are."""
+    counts = counts or columns
+    rows = []
+    for key in keys:
+        rows.append([key] + [_num(m, key, c) for m, c in zip(columns, counts)])
+        if key not in _REFERENCES:
+            continue
+        ref_key, ref_name = _REFERENCES[key]
+        rows.append([f"↳ {ref_key} ({ref_name})" if ref_key else f"↳ {ref_name}"] +
+                    [("" if key not in m else 0.5 if ref_key is None else _num(m, ref_key, c) or float("nan"))
+                     for m, c in zip(columns, counts)])
+        outlier = f"reference-outlier-{key}"
+        rows.append([f"↳ {outlier} (no model)"] +
+                    [_num(m, outlier, c) or float("nan") if key in m else "" for m, c in zip(columns, counts)])
+    return rows
+
+
 def _reference_rows(metrics: dict) -> list[list]:
     return [[v["key"], _num(metrics, v["key"]), v["ref_name"], v["trivial"], v["outlier"], v["text"]]
             for v in _verdicts(metrics)]
@@ -385,6 +409,10 @@ def _by_setting(metrics: dict, a: dict) -> dict | None:
     if len(settings) < 2:
         return None
     rows = [[s] + [_num(metrics, f"{k}@{s}") for k in DETECTION] for s in settings]
+    # the references do not depend on the setting (same pixels, slices and no-model score)
+    rows.append(["trivial reference"] + [0.5 if _REFERENCES[k][0] is None else _num(metrics, _REFERENCES[k][0])
+                                         for k in DETECTION])
+    rows.append(["intensity outlier (no model)"] + [_num(metrics, f"reference-outlier-{k}") for k in DETECTION])
     chart = Markup("")
     if all(f"roc-fpr@{s}" in a for s in settings):
         fig, ax = plt.subplots(figsize=(4.4, 3.4))
@@ -564,7 +592,7 @@ def build_report(run_dir: str | Path) -> Path:
     columns = [s for s in sites + ["global"] if s in final]
     counts = {s: _summed_counts(final, sites) if s == "global" else final[s] for s in columns}
     metric_rows = [["round"] + [final[s].get("round", "") for s in columns]]
-    metric_rows += [[k] + [_num(final[s], k, counts[s]) for s in columns] for k in shown]
+    metric_rows += with_references(shown, [final[s] for s in columns], [counts[s] for s in columns])
     query = sorted((r for r in records if r["phase"] == "query"), key=lambda r: sites.index(r["site"])
                    if r["site"] in sites else len(sites))
     data_rows = [[r["site"], r.get("train-examples", ""), r.get("eval-examples", ""), r.get("lesion-slices", ""),
@@ -659,9 +687,12 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         sessions = provenance.read(run.path)
         columns.append((run.path.name, sessions[-1] if sessions else {}))
     colours = site_colours([s for s in all_sites if s != "global"])
-    references = ["reference-prevalence", "reference-all-brain-dice", *[f"reference-outlier-{k}" for k in _REFERENCES]]
-    keys = [k for k in [*HEADLINE, *references] if any(k in m for _, _, m in runs)]
-    rows = [[k] + [_num(m, k) for _, _, m in runs] for k in keys]
+    keys = [k for k in HEADLINE if any(k in m for _, _, m in runs)]
+    rows = with_references(keys, [m for _, _, m in runs])  # each lesion metric with its references under it
+    flags = [verdict(m) for _, _, m in runs]
+    if any(flags):
+        rows.append(["lesion metrics vs their references"] +
+                    [("✓ " if f[0] else "✗ ") + f[1] if f else "" for f in flags])
     plotted = [k for k in _LESION_CHART if k in keys]
     shown_sites = site_order(s for _, s, _ in runs)
     page = _render("compare.html", title="medgen comparison", colours={s: colours[s] for s in shown_sites},
