@@ -306,3 +306,19 @@ def test_compare_page_puts_references_under_each_lesion_metric_and_flags_them(tm
     flags = cells[cells.index("lesion metrics vs their references") + 1:][:2]
     assert flags[0].startswith("✗ does NOT beat its reference: pixel-auroc (intensity outlier)")
     assert flags[1] == "✓ all 3 lesion metrics beat their references"
+
+
+def test_evaluation_charts_and_tables_carry_the_references_of_lesion_metrics():
+    colours = site_colours(["A", "D"])
+    records = [{"round": r, "site": "D", "phase": "evaluate", "loss": 1.0 / r, "pixel-auroc": 0.6 + 0.1 * r,
+                "pixel-auprc": 0.02, "reference-prevalence": 0.01, "reference-outlier-pixel-auroc": 0.7,
+                "n-scored-pixels": 100, "n-scored-lesion-pixels": 1} for r in (1, 2)]
+    one = _curves(records[1:], ["A", "D"], "evaluate", ["loss", "pixel-auroc", "pixel-auprc"], "t", colours)
+    assert "<img" not in one and re.findall(r"<th>(.*?)</th>", one) == [
+        "site", "round", "loss", "pixel-auroc", "↳ chance", "↳ intensity outlier", "pixel-auprc",
+        "↳ reference-prevalence", "↳ intensity outlier"]
+    assert Page(one).cells == ["D", "2", "0.5", "0.8", "0.5", "0.7", "0.02", "0.01", "n/a"]  # outlier not computed
+    two = _curves(records, ["A", "D"], "evaluate", ["pixel-auroc"], "t", colours)
+    assert two.startswith("<img") and "<table" not in two
+    rgb = png_colours(Page(two).pngs[0])
+    assert has_colour(rgb, colours["D"]) and not has_colour(rgb, colours["A"])  # references in D's colour

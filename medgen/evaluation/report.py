@@ -345,11 +345,23 @@ def budget(cfg: dict, records: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- charts
 
+def _reference_series(record: dict, key: str) -> list[tuple[str, object]]:
+    """The references of lesion metric ``key`` in one record: [(label, value)] for the trivial one
+    and the intensity-outlier score (NaN where not computed); [] for a key without references."""
+    if key not in _REFERENCES:
+        return []
+    ref_key, _ = _REFERENCES[key]
+    return [(f"↳ {ref_key or 'chance'}", 0.5 if ref_key is None else record.get(ref_key, float("nan"))),
+            ("↳ intensity outlier", record.get(f"reference-outlier-{key}", float("nan")))]
+
+
 def _curves(records: list[dict], sites: list[str], phase: str, keys: list[str], title: str,
             colours: dict[str, str]) -> Markup:
     """One panel per key, one line with markers per site; the keys with at most one finite value
     per site (one round, a full evaluation at the last round only, a score never computed) as a
-    table of each site's last value instead (a lone dot is no curve, an empty panel says nothing)."""
+    table of each site's last value instead (a lone dot is no curve, an empty panel says nothing).
+    A lesion metric has its references beside it: dotted (trivial) and dashed (intensity outlier)
+    in the site's colour on a chart, the next columns in a table."""
     mine = [r for r in records if r["phase"] == phase and r["site"] in sites]
     keys = [k for k in keys if any(k in r for r in mine)]
     series = {(k, s): [(r["round"], r[k], r) for r in mine if r["site"] == s and k in r] for k in keys for s in sites}
@@ -366,6 +378,13 @@ def _curves(records: list[dict], sites: list[str], phase: str, keys: list[str], 
                 if pts := series[key, site]:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, color=colours[site],
                             label=site)
+                    refs = [_reference_series(p[2], key) for p in pts]
+                    for j, style in enumerate((":", "--")[:len(refs[0])]):
+                        ax.plot([p[0] for p in pts], [r[j][1] for r in refs], linestyle=style, linewidth=1,
+                                color=colours[site])
+            if key in _REFERENCES:  # legend entries in grey: the lines take their site's colour
+                ax.plot([], [], ":", color="grey", label="trivial reference (site's colour)")
+                ax.plot([], [], "--", color="grey", label="intensity outlier, no model (site's colour)")
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("round")
             ax.xaxis.get_major_locator().set_params(integer=True)
@@ -373,16 +392,22 @@ def _curves(records: list[dict], sites: list[str], phase: str, keys: list[str], 
         fig.suptitle(title, fontsize=10, y=1.04)
         out += _png(fig)
     if single:
-        rows = []
+        rows, header = [], ["site", "round"]
+        for k in single:
+            header += [k] + [label for label, _ in _reference_series({}, k)]
         for site in sites:
             found = {k: series[k, site][-1] for k in single if series[k, site]}  # (round, value, record)
             if found:
-                rows.append([site, next(iter(found.values()))[0]] +
-                            [Num(found[k][1], n_behind(k, found[k][2])) if k in found else "" for k in single])
+                row = [site, next(iter(found.values()))[0]]
+                for k in single:
+                    refs = [v for _, v in _reference_series(found[k][2], k)] if k in found else \
+                        [""] * len(_reference_series({}, k))
+                    row += [Num(found[k][1], n_behind(k, found[k][2])) if k in found else ""] + refs
+                rows.append(row)
         out += Markup('<p class="note">{}: {}</p>').format(
             title, "one value per site, so a table rather than a chart" if not drawn else
             "the last value of the keys with at most one value per site, as a table")
-        out += _table(rows, ["site", "round", *single])
+        out += _table(rows, header)
     return out
 
 
