@@ -16,8 +16,8 @@ from PIL import Image
 
 from medgen import provenance, strictjson
 from medgen.config import load_config
-from medgen.evaluation.report import (_curves, build_report, compare_runs, n_behind, site_colours, status_words, verdict,
-                                      with_references)
+from medgen.evaluation.report import (_curves, build_report, compare_runs, lesion_words, n_behind, site_colours,
+                                      status_words, verdict, with_references)
 from medgen.server.federation import run_federation
 from medgen.server.rundir import RunDir
 from test_federation import LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401  (fixture)
@@ -288,6 +288,11 @@ def test_every_lesion_metric_has_its_references_right_under_it():
                                "(whole brain called lesion nor intensity outlier)")
     better = {**m, "pixel-auroc": 0.9, "pixel-auprc": 0.1, "best-dice-upper-bound": 0.3}
     assert verdict(better) == (True, "all 3 lesion metrics beat their references")
+    # metrics.json says the same in words, with where the threshold came from
+    told = lesion_words({"D": {**better, "threshold-source": 2.0, "threshold": 0.25}, "A": {"loss": 1.0}})
+    assert told == {"D": {"beats-references": True, "verdict": "all 3 lesion metrics beat their references",
+                          "threshold": "0.25, fixed on the training sites' healthy validation slices (a "
+                                       "pixel-weighted mean of their quantiles)"}}
 
 
 def test_compare_page_puts_references_under_each_lesion_metric_and_flags_them(tmp_path):

@@ -281,6 +281,17 @@ def verdict(metrics: dict) -> tuple[bool, str] | None:
     return not bad, text + (f" ({', '.join(missing)}: not computed)" if missing else "")
 
 
+def lesion_words(final: dict[str, dict]) -> dict[str, dict]:
+    """For metrics.json, what the pages say of each site's lesion scores: whether they all beat their
+    references (and which do not), and where the Dice threshold came from."""
+    out = {}
+    for site, metrics in final.items():
+        found = verdict(metrics)
+        if found is not None:
+            out[site] = {"beats-references": found[0], "verdict": found[1], "threshold": threshold_words(metrics)}
+    return out
+
+
 def privacy_spent(records: list[dict]) -> dict[str, dict]:
     """The last privacy numbers of every site (DP-SGD's sample-level epsilon) and of "global" (central
     DP's site-level epsilon): {site: {"round": r, "epsilon" | "central-epsilon": e, ...}}."""
@@ -610,7 +621,7 @@ def build_report(run_dir: str | Path) -> Path:
     out.mkdir(exist_ok=True)
     (out / "metrics.json").write_text(strictjson.dumps(
         {"status": status, "status-words": status_words(status, cfg["federation"]["rounds"]), "final": final,
-         "privacy": privacy_spent(records), "budget": spent,
+         "privacy": privacy_spent(records), "budget": spent, "lesion-detection": lesion_words(final),
          "provenance": {"run": provenance.read(run.path), "report": builder}}, indent=1))
 
     shown = [k for k in HEADLINE if any(k in m for m in final.values())]
