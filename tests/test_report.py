@@ -288,6 +288,10 @@ def test_every_lesion_metric_has_its_references_right_under_it():
                                "(whole brain called lesion nor intensity outlier)")
     better = {**m, "pixel-auroc": 0.9, "pixel-auprc": 0.1, "best-dice-upper-bound": 0.3}
     assert verdict(better) == (True, "all 3 lesion metrics beat their references")
+    # an undefined metric (no threshold to cut the map at) beats nothing and says so, not "does NOT beat"
+    undefined = {**better, "dice-at-threshold": math.nan, "reference-outlier-dice-at-threshold": 0.1}
+    assert verdict(undefined) == (False, "does NOT beat its reference: dice-at-threshold (not computed)")
+    assert with_references(["dice-at-threshold"], [undefined])[1][1].value == pytest.approx(0.035363, abs=1e-6)
     # metrics.json says the same in words, with where the threshold came from
     told = lesion_words({"D": {**better, "threshold-source": 2.0, "threshold": 0.25}, "A": {"loss": 1.0}})
     assert told == {"D": {"beats-references": True, "verdict": "all 3 lesion metrics beat their references",

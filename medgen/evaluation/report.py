@@ -214,9 +214,13 @@ def _verdicts(metrics: dict) -> list[dict]:
         refs = ((ref_name, trivial), ("intensity outlier", outlier))
         missing = [name for name, ref in refs if np.isnan(ref)]
         not_beaten = [name for name, ref in refs if not np.isnan(ref) and not value > ref]
-        text = ("does NOT beat " + " nor ".join(not_beaten) if not_beaten else
-                "beats both" if not missing else "beats what was computed")
-        text += f" ({', '.join(missing)}: not computed, e.g. no healthy subject to calibrate)" if missing else ""
+        if np.isnan(value):  # undefined, e.g. no threshold: it beats nothing, and the page says why
+            text = "not computed (a Dice at a threshold needs one: see below)" if "threshold" in key else \
+                "not computed"
+        else:
+            text = ("does NOT beat " + " nor ".join(not_beaten) if not_beaten else
+                    "beats both" if not missing else "beats what was computed")
+            text += f" ({', '.join(missing)}: not computed, e.g. no healthy subject to calibrate)" if missing else ""
         out.append({"key": key, "value": value, "ref_name": ref_name, "trivial": trivial, "outlier": outlier,
                     "not_beaten": not_beaten, "missing": missing, "text": text})
     return out
@@ -274,7 +278,8 @@ def verdict(metrics: dict) -> tuple[bool, str] | None:
     found = _verdicts(metrics)
     if not found:
         return None
-    bad = [f"{v['key']} ({' nor '.join(v['not_beaten'])})" for v in found if v["not_beaten"]]
+    bad = [f"{v['key']} (not computed)" if np.isnan(v["value"]) else f"{v['key']} ({' nor '.join(v['not_beaten'])})"
+           for v in found if v["not_beaten"] or np.isnan(v["value"])]
     missing = sorted({m for v in found for m in v["missing"]})
     text = ("does NOT beat its reference: " + "; ".join(bad) if bad else
             f"all {len(found)} lesion metrics beat their references")
