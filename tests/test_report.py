@@ -301,8 +301,9 @@ def test_every_lesion_metric_has_its_references_right_under_it():
 
 def test_compare_page_puts_references_under_each_lesion_metric_and_flags_them(tmp_path):
     cfg = load_config(None, [])
-    for name, metrics in (("weak", _lesion_site()), ("strong", {**_lesion_site(), "pixel-auroc": 0.9,
-                                                              "pixel-auprc": 0.1, "best-dice-upper-bound": 0.3})):
+    strong = {**_lesion_site(), "pixel-auroc": 0.9, "pixel-auprc": 0.1, "best-dice-upper-bound": 0.3,
+              "threshold-source": 2.0, "threshold": 0.25}
+    for name, metrics in (("weak", _lesion_site()), ("strong", strong)):
         run = RunDir(tmp_path / name)
         run.create(cfg)
         run.log(1, "D", "evaluate", metrics)
@@ -315,6 +316,8 @@ def test_compare_page_puts_references_under_each_lesion_metric_and_flags_them(tm
     flags = cells[cells.index("lesion metrics vs their references") + 1:][:2]
     assert flags[0].startswith("✗ does NOT beat its reference: pixel-auroc (intensity outlier)")
     assert flags[1] == "✓ all 3 lesion metrics beat their references"
+    # where each run's threshold came from (the weak run's records name none: an empty cell)
+    assert cells[cells.index("Dice threshold fixed on") + 1].startswith("0.25, fixed on the training sites'")
 
 
 def test_evaluation_charts_and_tables_carry_the_references_of_lesion_metrics():

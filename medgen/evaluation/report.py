@@ -734,6 +734,7 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     if any(flags):
         rows.append(["lesion metrics vs their references"] +
                     [("✓ " if f[0] else "✗ ") + f[1] if f else "" for f in flags])
+        rows.append(["Dice threshold fixed on"] + [threshold_words(m) or "" for _, _, m in runs])
     plotted = [k for k in _LESION_CHART if k in keys]
     shown_sites = site_order(s for _, s, _ in runs)
     page = _render("compare.html", title="medgen comparison", colours={s: colours[s] for s in shown_sites},
