@@ -16,8 +16,8 @@ from PIL import Image
 
 from medgen import provenance, strictjson
 from medgen.config import load_config
-from medgen.evaluation.report import (_curves, build_report, compare_runs, lesion_words, n_behind, site_colours,
-                                      status_words, verdict, with_references)
+from medgen.evaluation.report import (_curves, build_report, compare_runs, lesion_words, n_behind,
+                                      outlier_blind_side, site_colours, status_words, verdict, with_references)
 from medgen.server.federation import run_federation
 from medgen.server.rundir import RunDir
 from test_federation import LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401  (fixture)
@@ -296,7 +296,18 @@ def test_every_lesion_metric_has_its_references_right_under_it():
     told = lesion_words({"D": {**better, "threshold-source": 2.0, "threshold": 0.25}, "A": {"loss": 1.0}})
     assert told == {"D": {"beats-references": True, "verdict": "all 3 lesion metrics beat their references",
                           "threshold": "0.25, fixed on the training sites' healthy validation slices (a "
-                                       "pixel-weighted mean of their quantiles)"}}
+                                       "pixel-weighted mean of their quantiles)", "outlier-note": None}}
+    # the outlier reference's threshold above what |x - median| can reach on the bright side (IXI: 0.413 > 0.411)
+    blind = {"reference-outlier-threshold": 0.4132, "reference-outlier-bright-reach": 0.4112,
+             "reference-outlier-dark-reach": 0.5888}
+    assert outlier_blind_side(blind) == (
+        "The intensity-outlier reference calls no pixel brighter than the healthy median here: |intensity - median| "
+        "reaches at most 0.411 on that side (intensities are clipped into [0, 1]), not above its threshold 0.4132. "
+        "Its Dice at the threshold counts the other side only; its AUROC, AUPRC and best Dice do not depend on the "
+        "threshold.")
+    assert outlier_blind_side({**blind, "reference-outlier-bright-reach": 0.42}) is None
+    assert outlier_blind_side({}) is None
+    assert outlier_blind_side({**blind, "reference-outlier-threshold": math.nan}) is None
 
 
 def test_compare_page_puts_references_under_each_lesion_metric_and_flags_them(tmp_path):

@@ -235,7 +235,10 @@ def references(images, lesion, brain, labels, outlier: tuple[float, float] | Non
     :func:`intensity_outlier` score as ``outlier_*`` (its best Dice too: the upper bound of a model
     is compared with the outlier score's upper bound), post-processed like the model's maps, with
     ``outlier`` = (level, threshold) from :func:`outlier_calibration` (None: left out). With the
-    slices' ``subjects`` (N,), also the outlier score's :func:`per_volume` Dice and AUPRC."""
+    slices' ``subjects`` (N,), also the outlier score's :func:`per_volume` Dice and AUPRC. With
+    ``outlier``, also its ``outlier_threshold`` and how far |x - level| reaches above and below the
+    level on these brain pixels (``outlier_bright_reach``, ``outlier_dark_reach``): a side whose reach
+    is below the threshold is one the score can never call."""
     _, les, br = _maps(images, lesion, brain)
     y = np.asarray(labels).astype(bool).ravel()
     out = {"prevalence": float((les & br).sum() / max(int(br.sum()), 1)),
@@ -244,6 +247,11 @@ def references(images, lesion, brain, labels, outlier: tuple[float, float] | Non
     if outlier is None:
         return out
     level, threshold = outlier
+    x = _arr(images, "images", np.float64)[br]
+    # how far |x - level| reaches on each side here: intensities are clipped into [0, 1], so with a
+    # threshold above 1 - level the score cannot call a single pixel brighter than the median
+    out.update({"outlier_threshold": float(threshold), "outlier_bright_reach": float(x.max(initial=level) - level),
+                "outlier_dark_reach": float(level - x.min(initial=level))})
     maps = postprocess(intensity_outlier(images, brain, level), brain, median_px, erode_px)
     report = anomaly_report(maps, lesion, brain, labels, threshold)
     if subjects is not None:

@@ -272,6 +272,26 @@ def threshold_words(metrics: dict) -> str | None:
         (f" ({_count(n)} slices)" if n is not None else "")
 
 
+def outlier_blind_side(metrics: dict) -> str | None:
+    """The note when the intensity-outlier reference cannot call one side at this site: the most
+    |intensity - median| reaches there (``reference-outlier-bright-reach`` / ``-dark-reach``, on the
+    scored brain pixels, before the median filter, which cannot raise it) is not above its
+    threshold, so no pixel brighter (darker) than the median is ever called lesion. None otherwise."""
+    threshold = metrics.get("reference-outlier-threshold", float("nan"))
+    if not math.isfinite(threshold):
+        return None
+    blind = [(side, metrics[f"reference-outlier-{key}-reach"]) for side, key in (("brighter", "bright"),
+                                                                                 ("darker", "dark"))
+             if metrics.get(f"reference-outlier-{key}-reach", math.inf) <= threshold]
+    if not blind:
+        return None
+    return (f"The intensity-outlier reference calls no pixel {' nor '.join(side for side, _ in blind)} than the "
+            f"healthy median here: |intensity - median| reaches at most "
+            f"{', '.join(f'{reach:.3g}' for _, reach in blind)} on that side (intensities are clipped into [0, 1]), "
+            f"not above its threshold {threshold:.4g}. Its Dice at the threshold counts the other side only; its "
+            "AUROC, AUPRC and best Dice do not depend on the threshold.")
+
+
 def verdict(metrics: dict) -> tuple[bool, str] | None:
     """The index page's flag for one site: (every lesion metric beats its references, in words);
     None for a site without lesion scores."""
@@ -293,7 +313,8 @@ def lesion_words(final: dict[str, dict]) -> dict[str, dict]:
     for site, metrics in final.items():
         found = verdict(metrics)
         if found is not None:
-            out[site] = {"beats-references": found[0], "verdict": found[1], "threshold": threshold_words(metrics)}
+            out[site] = {"beats-references": found[0], "verdict": found[1], "threshold": threshold_words(metrics),
+                         "outlier-note": outlier_blind_side(metrics)}
     return out
 
 
@@ -672,6 +693,7 @@ def build_report(run_dir: str | Path) -> Path:
             evaluation=_curves(records, [site], "evaluate", ["loss", "pixel-auroc"], f"site {site}: evaluation",
                                colours),
             roc=_roc_pr({site: a} if a else {}, colours), references=_reference_rows(metrics),
+            outlier_note=outlier_blind_side(metrics),
             threshold=threshold_words(metrics), warnings=metrics.get("warnings", []),
             by_setting=_by_setting(metrics, a), overlays=_overlays(a), lesion_scored="roc-fpr" in a or
             "pixel-auroc" in metrics, privacy=_privacy(records, site, metrics, a, colours),
