@@ -293,7 +293,8 @@ def test_every_lesion_metric_has_its_references_right_under_it():
     assert verdict(undefined) == (False, "does NOT beat its reference: dice-at-threshold (not computed)")
     assert with_references(["dice-at-threshold"], [undefined])[1][1].value == pytest.approx(0.035363, abs=1e-6)
     # metrics.json says the same in words, with where the threshold came from
-    told = lesion_words({"D": {**better, "threshold-source": 2.0, "threshold": 0.25}, "A": {"loss": 1.0}})
+    told = lesion_words({"D": {**better, "threshold-source": 2.0, "threshold": 0.25}, "A": {"loss": 1.0},
+                         "global": better})
     assert told == {"D": {"beats-references": True, "verdict": "all 3 lesion metrics beat their references",
                           "threshold": "0.25, fixed on the training sites' healthy validation slices (a "
                                        "pixel-weighted mean of their quantiles)", "outlier-note": None}}

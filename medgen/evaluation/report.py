@@ -308,10 +308,11 @@ def verdict(metrics: dict) -> tuple[bool, str] | None:
 
 def lesion_words(final: dict[str, dict]) -> dict[str, dict]:
     """For metrics.json, what the pages say of each site's lesion scores: whether they all beat their
-    references (and which do not), and where the Dice threshold came from."""
+    references (and which do not), and where the Dice threshold came from; sites only (the pages
+    judge no mean over sites)."""
     out = {}
     for site, metrics in final.items():
-        found = verdict(metrics)
+        found = verdict(metrics) if site != "global" else None
         if found is not None:
             out[site] = {"beats-references": found[0], "verdict": found[1], "threshold": threshold_words(metrics),
                          "outlier-note": outlier_blind_side(metrics)}
