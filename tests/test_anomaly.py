@@ -158,11 +158,35 @@ def test_references_are_the_no_model_scores_on_the_same_pixels():
     assert refs["all_brain_dice"] == pytest.approx(2 * p / (1 + p))
     assert refs["brain_area_slice_auroc"] == 0.5  # every slice has the same brain area
     assert refs["outlier_pixel_auroc"] == 1.0 and refs["outlier_dice_at_threshold"] == 1.0
+    assert refs["outlier_best_dice_upper_bound"] == 1.0  # the upper bound has a no-model upper bound beside it
+    assert refs["outlier_threshold"] == outlier[1]
+    assert refs["outlier_bright_reach"] == pytest.approx(0.95 - outlier[0], abs=1e-6)
+    assert refs["outlier_dark_reach"] == pytest.approx(outlier[0] - images[brain].min(), abs=1e-6)
+    # a map that says nothing (constant) has one threshold, calling the whole brain lesion: its best
+    # Dice is the all-brain Dice 2p/(1+p), the reference the report puts beside best-dice-upper-bound
+    assert A.best_dice(np.ones_like(images), lesion, brain) == pytest.approx(2 * p / (1 + p))
     assert A.outlier_calibration(calib[:0], brain[:0], 0.99) is None
     assert "outlier_pixel_auroc" not in A.references(images, lesion, brain, labels, None)
     lesion[0, 0, 0] = True  # a lesion pixel outside the brain is not scored
     assert A.counts(lesion, brain, labels) == {"scored_slices": 6, "scored_lesion_slices": 3,
                                                "scored_pixels": 6 * 12 * 12, "scored_lesion_pixels": 3 * 3 * 3}
+
+
+def test_outlier_reference_cannot_call_what_lies_within_its_reach():
+    """Intensities clipped into [0, 1] and a median of 0.6: |x - 0.6| is at most 0.4 on the bright
+    side. With a threshold of 0.45 (set by dark, CSF-like healthy pixels) a bright lesion is never
+    called, whatever its contrast: Dice 0 at the threshold, while the ranking (AUROC) still sees it."""
+    brain = np.ones((2, 8, 8), bool)
+    images = np.full((2, 8, 8), 0.6, np.float32)
+    images[0, :2] = 0.0  # 16 dark healthy pixels, score 0.6
+    lesion = np.zeros_like(brain)
+    lesion[1, 2:4, 2:4] = True
+    images[lesion] = 1.0  # 4 bright lesion pixels, score 0.4
+    refs = A.references(images, lesion, brain, np.array([0, 1]), (0.6, 0.45))
+    assert refs["outlier_bright_reach"] == pytest.approx(0.4) and refs["outlier_dark_reach"] == pytest.approx(0.6)
+    assert refs["outlier_dice_at_threshold"] == 0.0
+    # lesion pixels (0.4) above the 108 healthy pixels at 0, below the 16 dark ones (0.6)
+    assert refs["outlier_pixel_auroc"] == pytest.approx(108 / 124)
 
 
 def test_slice_auroc_and_curves_equal_sklearn():

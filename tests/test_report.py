@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from medgen import provenance, strictjson
-from medgen.evaluation.report import _curves, build_report, compare_runs, n_behind, site_colours, status_words
+from medgen.config import load_config
+from medgen.evaluation.report import (_curves, build_report, compare_runs, lesion_words, n_behind,
+                                      outlier_blind_side, site_colours, status_words, verdict, with_references)
 from medgen.server.federation import run_federation
 from medgen.server.rundir import RunDir
 from test_federation import LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401  (fixture)
@@ -252,3 +254,95 @@ def test_site_page_tables_detection_by_anomaly_setting(tiny_cohort, tmp_path):
     row = cells.index("t=20")
     assert cells[row + 1] == f"{last['pixel-auroc@t=20']:.4g}" == f"{last['pixel-auroc']:.4g}"
     assert cells[cells.index("t=5") + 5] == f"{last['slice-auroc@t=5']:.4g}"
+
+
+def _lesion_site(p=0.018):
+    """A held-out site's final metrics as the issue found them on a white-matter-lesion site: the
+    best Dice equals calling the whole brain lesion, 2p/(1+p); AUPRC equals the prevalence p."""
+    return {"round": 1, "pixel-auroc": 0.74, "pixel-auprc": p, "best-dice-upper-bound": 2 * p / (1 + p),
+            "reference-prevalence": p, "reference-all-brain-dice": 2 * p / (1 + p),
+            "reference-outlier-pixel-auroc": 0.8, "reference-outlier-pixel-auprc": 0.05,
+            "reference-outlier-best-dice-upper-bound": 0.2, "n-scored-pixels": 1000, "n-scored-lesion-pixels": 18}
+
+
+def test_every_lesion_metric_has_its_references_right_under_it():
+    m, p = _lesion_site(), 0.018
+    assert 2 * p / (1 + p) == pytest.approx(0.035363, abs=1e-6)  # the issue's 0.036
+    rows = with_references(["pixel-auroc", "pixel-auprc", "best-dice-upper-bound", "loss"], [m, {"loss": 1.0}])
+    assert [r[0] for r in rows] == [
+        "pixel-auroc", "↳ chance: 0.5", "↳ reference-outlier-pixel-auroc (no model)",
+        "pixel-auprc", "↳ reference-prevalence (chance: prevalence)", "↳ reference-outlier-pixel-auprc (no model)",
+        "best-dice-upper-bound", "↳ reference-all-brain-dice (whole brain called lesion)",
+        "↳ reference-outlier-best-dice-upper-bound (no model)", "loss"]
+    values = [[c.value if hasattr(c, "value") else c for c in r[1:]] for r in rows]
+    assert values[:9] == [[0.74, ""], [0.5, ""], [0.8, ""], [p, ""], [p, ""], [0.05, ""],
+                          [2 * p / (1 + p), ""], [2 * p / (1 + p), ""], [0.2, ""]]
+    assert values[9] == ["", 1.0]  # a column without the metric has no reference either
+    assert rows[4][1].n == "n=1,000 px (18 lesion)"  # the reference stands on the same pixels
+    # a reference not computed (no healthy slice for the outlier score) is shown as missing, not left out
+    no_outlier = {k: v for k, v in m.items() if not k.startswith("reference-outlier-")}
+    assert math.isnan(with_references(["pixel-auprc"], [no_outlier])[2][1])
+    ok, text = verdict(m)
+    assert not ok and text == ("does NOT beat its reference: pixel-auroc (intensity outlier); pixel-auprc "
+                               "(chance: prevalence nor intensity outlier); best-dice-upper-bound "
+                               "(whole brain called lesion nor intensity outlier)")
+    better = {**m, "pixel-auroc": 0.9, "pixel-auprc": 0.1, "best-dice-upper-bound": 0.3}
+    assert verdict(better) == (True, "all 3 lesion metrics beat their references")
+    # an undefined metric (no threshold to cut the map at) beats nothing and says so, not "does NOT beat"
+    undefined = {**better, "dice-at-threshold": math.nan, "reference-outlier-dice-at-threshold": 0.1}
+    assert verdict(undefined) == (False, "does NOT beat its reference: dice-at-threshold (not computed)")
+    assert with_references(["dice-at-threshold"], [undefined])[1][1].value == pytest.approx(0.035363, abs=1e-6)
+    # metrics.json says the same in words, with where the threshold came from
+    told = lesion_words({"D": {**better, "threshold-source": 2.0, "threshold": 0.25}, "A": {"loss": 1.0},
+                         "global": better})
+    assert told == {"D": {"beats-references": True, "verdict": "all 3 lesion metrics beat their references",
+                          "threshold": "0.25, fixed on the training sites' healthy validation slices (a "
+                                       "pixel-weighted mean of their quantiles)", "outlier-note": None}}
+    # the outlier reference's threshold above what |x - median| can reach on the bright side (IXI: 0.413 > 0.411)
+    blind = {"reference-outlier-threshold": 0.4132, "reference-outlier-bright-reach": 0.4112,
+             "reference-outlier-dark-reach": 0.5888}
+    assert outlier_blind_side(blind) == (
+        "The intensity-outlier reference calls no pixel brighter than the healthy median here: |intensity - median| "
+        "reaches at most 0.411 on that side (intensities are clipped into [0, 1]), not above its threshold 0.4132. "
+        "Its Dice at the threshold counts the other side only; its AUROC, AUPRC and best Dice do not depend on the "
+        "threshold.")
+    assert outlier_blind_side({**blind, "reference-outlier-bright-reach": 0.42}) is None
+    assert outlier_blind_side({}) is None
+    assert outlier_blind_side({**blind, "reference-outlier-threshold": math.nan}) is None
+
+
+def test_compare_page_puts_references_under_each_lesion_metric_and_flags_them(tmp_path):
+    cfg = load_config(None, [])
+    strong = {**_lesion_site(), "pixel-auroc": 0.9, "pixel-auprc": 0.1, "best-dice-upper-bound": 0.3,
+              "threshold-source": 2.0, "threshold": 0.25}
+    for name, metrics in (("weak", _lesion_site()), ("strong", strong)):
+        run = RunDir(tmp_path / name)
+        run.create(cfg)
+        run.log(1, "D", "evaluate", metrics)
+        run.set_status("completed", round=1)
+    page = compare_runs([tmp_path / "weak", tmp_path / "strong"], tmp_path / "cmp").read_text()
+    cells = Page(page).cells
+    at = cells.index("pixel-auprc")
+    assert cells[at:at + 9] == ["pixel-auprc", "0.018", "0.1", "↳ reference-prevalence (chance: prevalence)",
+                                "0.018", "0.018", "↳ reference-outlier-pixel-auprc (no model)", "0.05", "0.05"]
+    flags = cells[cells.index("lesion metrics vs their references") + 1:][:2]
+    assert flags[0].startswith("✗ does NOT beat its reference: pixel-auroc (intensity outlier)")
+    assert flags[1] == "✓ all 3 lesion metrics beat their references"
+    # where each run's threshold came from (the weak run's records name none: an empty cell)
+    assert cells[cells.index("Dice threshold fixed on") + 1].startswith("0.25, fixed on the training sites'")
+
+
+def test_evaluation_charts_and_tables_carry_the_references_of_lesion_metrics():
+    colours = site_colours(["A", "D"])
+    records = [{"round": r, "site": "D", "phase": "evaluate", "loss": 1.0 / r, "pixel-auroc": 0.6 + 0.1 * r,
+                "pixel-auprc": 0.02, "reference-prevalence": 0.01, "reference-outlier-pixel-auroc": 0.7,
+                "n-scored-pixels": 100, "n-scored-lesion-pixels": 1} for r in (1, 2)]
+    one = _curves(records[1:], ["A", "D"], "evaluate", ["loss", "pixel-auroc", "pixel-auprc"], "t", colours)
+    assert "<img" not in one and re.findall(r"<th>(.*?)</th>", one) == [
+        "site", "round", "loss", "pixel-auroc", "↳ chance", "↳ intensity outlier", "pixel-auprc",
+        "↳ reference-prevalence", "↳ intensity outlier"]
+    assert Page(one).cells == ["D", "2", "0.5", "0.8", "0.5", "0.7", "0.02", "0.01", "n/a"]  # outlier not computed
+    two = _curves(records, ["A", "D"], "evaluate", ["pixel-auroc"], "t", colours)
+    assert two.startswith("<img") and "<table" not in two
+    rgb = png_colours(Page(two).pngs[0])
+    assert has_colour(rgb, colours["D"]) and not has_colour(rgb, colours["A"])  # references in D's colour

@@ -246,9 +246,13 @@ def references(images, lesion, brain, labels, outlier: tuple[float, float] | Non
     ``lesion``, ``brain`` (N, S, S), ``labels`` (N,)): ``prevalence`` (the AUPRC of a random score),
     ``all_brain_dice`` (the Dice of calling the whole brain lesion, 2p/(1+p)),
     ``brain_area_slice_auroc`` (a slice scored by its brain area alone), and the
-    :func:`intensity_outlier` score as ``outlier_*``, post-processed like the model's maps, with
+    :func:`intensity_outlier` score as ``outlier_*`` (its best Dice too: the upper bound of a model
+    is compared with the outlier score's upper bound), post-processed like the model's maps, with
     ``outlier`` = (level, threshold) from :func:`outlier_calibration` (None: left out). With the
-    slices' ``subjects`` (N,), also the outlier score's :func:`per_volume` Dice and AUPRC."""
+    slices' ``subjects`` (N,), also the outlier score's :func:`per_volume` Dice and AUPRC. With
+    ``outlier``, also its ``outlier_threshold`` and how far |x - level| reaches above and below the
+    level on these brain pixels (``outlier_bright_reach``, ``outlier_dark_reach``): a side whose reach
+    is below the threshold is one the score can never call."""
     _, les, br = _maps(images, lesion, brain)
     y = np.asarray(labels).astype(bool).ravel()
     out = {"prevalence": float((les & br).sum() / max(int(br.sum()), 1)),
@@ -257,12 +261,17 @@ def references(images, lesion, brain, labels, outlier: tuple[float, float] | Non
     if outlier is None:
         return out
     level, threshold = outlier
+    x = _arr(images, "images", np.float64)[br]
+    # how far |x - level| reaches on each side here: intensities are clipped into [0, 1], so with a
+    # threshold above 1 - level the score cannot call a single pixel brighter than the median
+    out.update({"outlier_threshold": float(threshold), "outlier_bright_reach": float(x.max(initial=level) - level),
+                "outlier_dark_reach": float(level - x.min(initial=level))})
     maps = postprocess(intensity_outlier(images, brain, level), brain, median_px, erode_px)
     report = anomaly_report(maps, lesion, brain, labels, threshold)
     if subjects is not None:
         volume = per_volume(maps, lesion, brain, subjects, threshold)
         report.update({k: volume[k] for k in ("volume_dice_at_threshold", "volume_pixel_auprc")})
-    out.update({f"outlier_{k}": v for k, v in report.items() if k not in ("best_dice_upper_bound", "threshold")})
+    out.update({f"outlier_{k}": v for k, v in report.items() if k != "threshold"})
     return out
 
 

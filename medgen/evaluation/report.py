@@ -46,6 +46,9 @@ SLICE_SCORES = ("slice-auroc", "brain-area-slice-auroc")
 # metric: (its reference without a model, name of that reference)
 _REFERENCES = {"pixel-auroc": (None, "chance: 0.5"), "pixel-auprc": ("reference-prevalence", "chance: prevalence"),
                "dice-at-threshold": ("reference-all-brain-dice", "whole brain called lesion"),
+               # best Dice >= the all-brain Dice by construction (its lowest threshold calls every pixel
+               # lesion): equal means no threshold does better than calling the whole brain lesion
+               "best-dice-upper-bound": ("reference-all-brain-dice", "whole brain called lesion"),
                "slice-auroc": ("reference-brain-area-slice-auroc", "slice brain area"),
                "volume-dice-at-threshold": ("reference-volume-all-brain-dice", "whole brain called lesion"),
                "volume-pixel-auprc": ("reference-volume-prevalence", "chance: prevalence")}
@@ -211,12 +214,37 @@ def _verdicts(metrics: dict) -> list[dict]:
         refs = ((ref_name, trivial), ("intensity outlier", outlier))
         missing = [name for name, ref in refs if np.isnan(ref)]
         not_beaten = [name for name, ref in refs if not np.isnan(ref) and not value > ref]
-        text = ("does NOT beat " + " nor ".join(not_beaten) if not_beaten else
-                "beats both" if not missing else "beats what was computed")
-        text += f" ({', '.join(missing)}: not computed, e.g. no healthy subject to calibrate)" if missing else ""
+        if np.isnan(value):  # undefined, e.g. no threshold: it beats nothing, and the page says why
+            text = "not computed (a Dice at a threshold needs one: see below)" if "threshold" in key else \
+                "not computed"
+        else:
+            text = ("does NOT beat " + " nor ".join(not_beaten) if not_beaten else
+                    "beats both" if not missing else "beats what was computed")
+            text += f" ({', '.join(missing)}: not computed, e.g. no healthy subject to calibrate)" if missing else ""
         out.append({"key": key, "value": value, "ref_name": ref_name, "trivial": trivial, "outlier": outlier,
                     "not_beaten": not_beaten, "missing": missing, "text": text})
     return out
+
+
+def with_references(keys: list[str], columns: list[dict], counts: list[dict] | None = None) -> list[list]:
+    """Rows of a table with one column per metrics record (a site, a run): each key's row, and
+    right under every lesion metric its two references in the same columns — the trivial one
+    (``reference-<...>``, or chance 0.5) and the intensity-outlier score (``reference-outlier-<key>``),
+    so that no lesion metric stands alone. ``counts``: where each column's n keys are."""
+    counts = counts or columns
+    rows = []
+    for key in keys:
+        rows.append([key] + [_num(m, key, c) for m, c in zip(columns, counts)])
+        if key not in _REFERENCES:
+            continue
+        ref_key, ref_name = _REFERENCES[key]
+        rows.append([f"↳ {ref_key} ({ref_name})" if ref_key else f"↳ {ref_name}"] +
+                    [("" if key not in m else 0.5 if ref_key is None else _num(m, ref_key, c) or float("nan"))
+                     for m, c in zip(columns, counts)])
+        outlier = f"reference-outlier-{key}"
+        rows.append([f"↳ {outlier} (no model)"] +
+                    [_num(m, outlier, c) or float("nan") if key in m else "" for m, c in zip(columns, counts)])
+    return rows
 
 
 def _reference_rows(metrics: dict) -> list[list]:
@@ -244,17 +272,51 @@ def threshold_words(metrics: dict) -> str | None:
         (f" ({_count(n)} slices)" if n is not None else "")
 
 
+def outlier_blind_side(metrics: dict) -> str | None:
+    """The note when the intensity-outlier reference cannot call one side at this site: the most
+    |intensity - median| reaches there (``reference-outlier-bright-reach`` / ``-dark-reach``, on the
+    scored brain pixels, before the median filter, which cannot raise it) is not above its
+    threshold, so no pixel brighter (darker) than the median is ever called lesion. None otherwise."""
+    threshold = metrics.get("reference-outlier-threshold", float("nan"))
+    if not math.isfinite(threshold):
+        return None
+    blind = [(side, metrics[f"reference-outlier-{key}-reach"]) for side, key in (("brighter", "bright"),
+                                                                                 ("darker", "dark"))
+             if metrics.get(f"reference-outlier-{key}-reach", math.inf) <= threshold]
+    if not blind:
+        return None
+    return (f"The intensity-outlier reference calls no pixel {' nor '.join(side for side, _ in blind)} than the "
+            f"healthy median here: |intensity - median| reaches at most "
+            f"{', '.join(f'{reach:.3g}' for _, reach in blind)} on that side (intensities are clipped into [0, 1]), "
+            f"not above its threshold {threshold:.4g}. Its Dice at the threshold counts the other side only; its "
+            "AUROC, AUPRC and best Dice do not depend on the threshold.")
+
+
 def verdict(metrics: dict) -> tuple[bool, str] | None:
     """The index page's flag for one site: (every lesion metric beats its references, in words);
     None for a site without lesion scores."""
     found = _verdicts(metrics)
     if not found:
         return None
-    bad = [f"{v['key']} ({' nor '.join(v['not_beaten'])})" for v in found if v["not_beaten"]]
+    bad = [f"{v['key']} (not computed)" if np.isnan(v["value"]) else f"{v['key']} ({' nor '.join(v['not_beaten'])})"
+           for v in found if v["not_beaten"] or np.isnan(v["value"])]
     missing = sorted({m for v in found for m in v["missing"]})
     text = ("does NOT beat its reference: " + "; ".join(bad) if bad else
             f"all {len(found)} lesion metrics beat their references")
     return not bad, text + (f" ({', '.join(missing)}: not computed)" if missing else "")
+
+
+def lesion_words(final: dict[str, dict]) -> dict[str, dict]:
+    """For metrics.json, what the pages say of each site's lesion scores: whether they all beat their
+    references (and which do not), and where the Dice threshold came from; sites only (the pages
+    judge no mean over sites)."""
+    out = {}
+    for site, metrics in final.items():
+        found = verdict(metrics) if site != "global" else None
+        if found is not None:
+            out[site] = {"beats-references": found[0], "verdict": found[1], "threshold": threshold_words(metrics),
+                         "outlier-note": outlier_blind_side(metrics)}
+    return out
 
 
 def privacy_spent(records: list[dict]) -> dict[str, dict]:
@@ -321,11 +383,23 @@ def budget(cfg: dict, records: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- charts
 
+def _reference_series(record: dict, key: str) -> list[tuple[str, object]]:
+    """The references of lesion metric ``key`` in one record: [(label, value)] for the trivial one
+    and the intensity-outlier score (NaN where not computed); [] for a key without references."""
+    if key not in _REFERENCES:
+        return []
+    ref_key, _ = _REFERENCES[key]
+    return [(f"↳ {ref_key or 'chance'}", 0.5 if ref_key is None else record.get(ref_key, float("nan"))),
+            ("↳ intensity outlier", record.get(f"reference-outlier-{key}", float("nan")))]
+
+
 def _curves(records: list[dict], sites: list[str], phase: str, keys: list[str], title: str,
             colours: dict[str, str]) -> Markup:
     """One panel per key, one line with markers per site; the keys with at most one finite value
     per site (one round, a full evaluation at the last round only, a score never computed) as a
-    table of each site's last value instead (a lone dot is no curve, an empty panel says nothing)."""
+    table of each site's last value instead (a lone dot is no curve, an empty panel says nothing).
+    A lesion metric has its references beside it: dotted (trivial) and dashed (intensity outlier)
+    in the site's colour on a chart, the next columns in a table."""
     mine = [r for r in records if r["phase"] == phase and r["site"] in sites]
     keys = [k for k in keys if any(k in r for r in mine)]
     series = {(k, s): [(r["round"], r[k], r) for r in mine if r["site"] == s and k in r] for k in keys for s in sites}
@@ -342,6 +416,13 @@ def _curves(records: list[dict], sites: list[str], phase: str, keys: list[str], 
                 if pts := series[key, site]:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, color=colours[site],
                             label=site)
+                    refs = [_reference_series(p[2], key) for p in pts]
+                    for j, style in enumerate((":", "--")[:len(refs[0])]):
+                        ax.plot([p[0] for p in pts], [r[j][1] for r in refs], linestyle=style, linewidth=1,
+                                color=colours[site])
+            if key in _REFERENCES:  # legend entries in grey: the lines take their site's colour
+                ax.plot([], [], ":", color="grey", label="trivial reference (site's colour)")
+                ax.plot([], [], "--", color="grey", label="intensity outlier, no model (site's colour)")
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("round")
             ax.xaxis.get_major_locator().set_params(integer=True)
@@ -349,16 +430,22 @@ def _curves(records: list[dict], sites: list[str], phase: str, keys: list[str], 
         fig.suptitle(title, fontsize=10, y=1.04)
         out += _png(fig)
     if single:
-        rows = []
+        rows, header = [], ["site", "round"]
+        for k in single:
+            header += [k] + [label for label, _ in _reference_series({}, k)]
         for site in sites:
             found = {k: series[k, site][-1] for k in single if series[k, site]}  # (round, value, record)
             if found:
-                rows.append([site, next(iter(found.values()))[0]] +
-                            [Num(found[k][1], n_behind(k, found[k][2])) if k in found else "" for k in single])
+                row = [site, next(iter(found.values()))[0]]
+                for k in single:
+                    refs = [v for _, v in _reference_series(found[k][2], k)] if k in found else \
+                        [""] * len(_reference_series({}, k))
+                    row += [Num(found[k][1], n_behind(k, found[k][2])) if k in found else ""] + refs
+                rows.append(row)
         out += Markup('<p class="note">{}: {}</p>').format(
             title, "one value per site, so a table rather than a chart" if not drawn else
             "the last value of the keys with at most one value per site, as a table")
-        out += _table(rows, ["site", "round", *single])
+        out += _table(rows, header)
     return out
 
 
@@ -385,6 +472,10 @@ def _by_setting(metrics: dict, a: dict) -> dict | None:
     if len(settings) < 2:
         return None
     rows = [[s] + [_num(metrics, f"{k}@{s}") for k in DETECTION] for s in settings]
+    # the references do not depend on the setting (same pixels, slices and no-model score)
+    rows.append(["trivial reference"] + [0.5 if _REFERENCES[k][0] is None else _num(metrics, _REFERENCES[k][0])
+                                         for k in DETECTION])
+    rows.append(["intensity outlier (no model)"] + [_num(metrics, f"reference-outlier-{k}") for k in DETECTION])
     chart = Markup("")
     if all(f"roc-fpr@{s}" in a for s in settings):
         fig, ax = plt.subplots(figsize=(4.4, 3.4))
@@ -557,14 +648,14 @@ def build_report(run_dir: str | Path) -> Path:
     out.mkdir(exist_ok=True)
     (out / "metrics.json").write_text(strictjson.dumps(
         {"status": status, "status-words": status_words(status, cfg["federation"]["rounds"]), "final": final,
-         "privacy": privacy_spent(records), "budget": spent,
+         "privacy": privacy_spent(records), "budget": spent, "lesion-detection": lesion_words(final),
          "provenance": {"run": provenance.read(run.path), "report": builder}}, indent=1))
 
     shown = [k for k in HEADLINE if any(k in m for m in final.values())]
     columns = [s for s in sites + ["global"] if s in final]
     counts = {s: _summed_counts(final, sites) if s == "global" else final[s] for s in columns}
     metric_rows = [["round"] + [final[s].get("round", "") for s in columns]]
-    metric_rows += [[k] + [_num(final[s], k, counts[s]) for s in columns] for k in shown]
+    metric_rows += with_references(shown, [final[s] for s in columns], [counts[s] for s in columns])
     query = sorted((r for r in records if r["phase"] == "query"), key=lambda r: sites.index(r["site"])
                    if r["site"] in sites else len(sites))
     data_rows = [[r["site"], r.get("train-examples", ""), r.get("eval-examples", ""), r.get("lesion-slices", ""),
@@ -603,6 +694,7 @@ def build_report(run_dir: str | Path) -> Path:
             evaluation=_curves(records, [site], "evaluate", ["loss", "pixel-auroc"], f"site {site}: evaluation",
                                colours),
             roc=_roc_pr({site: a} if a else {}, colours), references=_reference_rows(metrics),
+            outlier_note=outlier_blind_side(metrics),
             threshold=threshold_words(metrics), warnings=metrics.get("warnings", []),
             by_setting=_by_setting(metrics, a), overlays=_overlays(a), lesion_scored="roc-fpr" in a or
             "pixel-auroc" in metrics, privacy=_privacy(records, site, metrics, a, colours),
@@ -659,9 +751,13 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         sessions = provenance.read(run.path)
         columns.append((run.path.name, sessions[-1] if sessions else {}))
     colours = site_colours([s for s in all_sites if s != "global"])
-    references = ["reference-prevalence", "reference-all-brain-dice", *[f"reference-outlier-{k}" for k in _REFERENCES]]
-    keys = [k for k in [*HEADLINE, *references] if any(k in m for _, _, m in runs)]
-    rows = [[k] + [_num(m, k) for _, _, m in runs] for k in keys]
+    keys = [k for k in HEADLINE if any(k in m for _, _, m in runs)]
+    rows = with_references(keys, [m for _, _, m in runs])  # each lesion metric with its references under it
+    flags = [verdict(m) for _, _, m in runs]
+    if any(flags):
+        rows.append(["lesion metrics vs their references"] +
+                    [("✓ " if f[0] else "✗ ") + f[1] if f else "" for f in flags])
+        rows.append(["Dice threshold fixed on"] + [threshold_words(m) or "" for _, _, m in runs])
     plotted = [k for k in _LESION_CHART if k in keys]
     shown_sites = site_order(s for _, s, _ in runs)
     page = _render("compare.html", title="medgen comparison", colours={s: colours[s] for s in shown_sites},
