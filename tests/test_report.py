@@ -346,3 +346,20 @@ def test_evaluation_charts_and_tables_carry_the_references_of_lesion_metrics():
     assert two.startswith("<img") and "<table" not in two
     rgb = png_colours(Page(two).pngs[0])
     assert has_colour(rgb, colours["D"]) and not has_colour(rgb, colours["A"])  # references in D's colour
+
+
+def test_site_records_show_the_failed_secure_aggregation_steps_in_round_order(tmp_path):
+    cfg = load_config(None, ["sites.train=[A,B,C]", "sites.heldout=[]"])
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    run.log(1, "A", "query", {"train-examples": 10})
+    run.log(1, "A", "train", {"loss": 2.0, "steps": 3})
+    run.log(1, "A", "secagg-unmask", {"error": "secure aggregation: malformed shares (bad length)"})
+    run.log(1, "A", "secagg-keys", {"secagg-public": 1.0})  # a step that went well: not a row
+    run.log(2, "A", "secagg-shares", {"error": "its SuperNode went offline"})
+    run.set_status("completed", round=2)
+    build_report(run.path)
+    cells = Page((run.path / "report" / "site-A.html").read_text()).cells
+    rows = [c for c in cells if c in ("train", "secagg-unmask", "secagg-shares", "secagg-keys", "query")]
+    assert rows == ["train", "secagg-unmask", "secagg-shares"]
+    assert "secure aggregation: malformed shares (bad length)" in cells and "its SuperNode went offline" in cells

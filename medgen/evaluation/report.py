@@ -42,6 +42,9 @@ AUDIT = ["memorisation-fraction", "memorisation-baseline", "memorisation-ratio-m
 CLASSES = ("healthy", "lesion")
 PIXEL_SCORES = ("pixel-auroc", "pixel-auprc", "dice-at-threshold", "best-dice-upper-bound", "prevalence",
                 "all-brain-dice")
+# a round's phases in the order they run (secure aggregation: keys, shares, the masked train, unmask)
+PHASE_ORDER = {p: i for i, p in enumerate(("query", "secagg-keys", "secagg-shares", "train", "secagg-unmask",
+                                           "evaluate"))}
 SLICE_SCORES = ("slice-auroc", "brain-area-slice-auroc")
 # metric: (its reference without a model, name of that reference)
 _REFERENCES = {"pixel-auroc": (None, "chance: 0.5"), "pixel-auprc": ("reference-prevalence", "chance: prevalence"),
@@ -682,9 +685,12 @@ def build_report(run_dir: str | Path) -> Path:
     (out / "index.html").write_text(index)
     record_keys = ["loss", *shown[1:]]
     for site in sites:
-        mine = [r for r in records if r["site"] == site and r["phase"] in ("train", "evaluate")]
+        # every train / evaluate record, and the failures of the other phases (query, the secure
+        # aggregation steps secagg-keys / -shares / -unmask), in the order of a round
+        mine = [r for r in records if r["site"] == site and (r["phase"] in ("train", "evaluate")
+                                                            or "error" in r or "refused" in r)]
         rows = [[r["round"], r["phase"]] + [_num(r, k) for k in record_keys] + [r.get("error", r.get("refused", ""))]
-                for r in sorted(mine, key=lambda r: (r["round"], r["phase"] != "train"))]
+                for r in sorted(mine, key=lambda r: (r["round"], PHASE_ORDER.get(r["phase"], len(PHASE_ORDER))))]
         metrics, a = final.get(site, {}), arrays.get(site, {})
         page = _render(
             "site.html", title=f"medgen report — site {site}", **common, site=site, heldout=site in heldout,
