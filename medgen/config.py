@@ -557,10 +557,7 @@ def _check_secure_aggregation(cfg: Config) -> None:
     where = "federation.secure_aggregation=secaggplus"
     if fed.strategy in ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"):
         raise ValueError(f"{where}: federation.strategy={fed.strategy} needs each site's update, and the server sees "
-                         f"only their sum; use fedavg, fedprox, fedadam or fedyogi")
-    if fed.strategy == "fedbn":
-        raise ValueError(f"{where}: federation.strategy=fedbn keeps each site's normalisation parameters at the "
-                         f"server (not supported with secure aggregation yet); use fedavg, fedprox, fedadam or fedyogi")
+                         f"only their sum; use fedavg, fedprox, fedadam, fedyogi or fedbn")
     if cfg.privacy.central.enabled:
         raise ValueError(f"{where}: privacy.central.enabled clips each site's update at the server, which sees only "
                          f"the sum (not supported together yet; DP-SGD at the sites, privacy.enabled, is)")

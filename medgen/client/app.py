@@ -251,9 +251,14 @@ def train(msg: Message, cfg: Config, site: Site, round_: int, context: Context) 
     model = build_model(cfg)
     global_state = msg.content["arrays"].to_torch_state_dict()
     model.load_state_dict(global_state)
+    site_norms = secagg is not None and cfg.federation.strategy == "fedbn"
+    if site_norms:
+        secure.own_norms(context, model)
     extra = proximal_term(model, global_state, cfg.federation.proximal_mu) \
         if cfg.federation.strategy == "fedprox" else None
     metrics = train_local(model, data, cfg, seed, extra_loss=extra, dp=dp)
+    if site_norms:
+        secure.keep_norms(context, model)
     if dp:
         metrics.update(ledger.spend(dp, round_))
     if secagg is not None:  # the checks of the masking step ran before any training

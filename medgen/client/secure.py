@@ -20,6 +20,7 @@ from medgen.privacy.secagg import Quantiser, SecAggError, SiteKeys, check_thresh
 
 STATE = "secagg"
 KEYS, SHARES, OPENED = "secagg-keys", "secagg-shares", "secagg-open"  # records of the messages
+NORMS = "fedbn-norms"  # the site's own normalisation parameters (fedbn), never sent
 
 
 def floating_keys(state: dict[str, torch.Tensor]) -> list[str]:
@@ -31,6 +32,21 @@ def flat_delta(local: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
     """local - reference over :func:`floating_keys`, one float64 vector."""
     return np.concatenate([(local[k].double() - reference[k].double()).numpy().ravel()
                            for k in floating_keys(reference)])
+
+
+def own_norms(context: Context, model) -> None:
+    """``federation.strategy: fedbn`` under secure aggregation: the server sees only the sum, so the
+    site keeps its own normalisation parameters (``model.norm_keys()``) in its node context between
+    rounds and trains from them instead of the global mean (as the server does for each site in the
+    clear). The first round, and a run resumed on a new node context, start from the global mean."""
+    if NORMS in context.state:
+        model.load_state_dict({**model.state_dict(), **context.state[NORMS].to_torch_state_dict()})
+
+
+def keep_norms(context: Context, model) -> None:
+    """After training: the site's normalisation parameters for its next round (see :func:`own_norms`)."""
+    state = model.state_dict()
+    context.state[NORMS] = ArrayRecord({k: state[k].detach().clone() for k in model.norm_keys()})
 
 
 def _state(context: Context, round_: int, stage: str) -> ConfigRecord:

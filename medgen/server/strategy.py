@@ -8,7 +8,8 @@
   bias keys, ``GenerativeModel.norm_keys()``): each training site gets its own back every round
   (Li et al. 2021). The global model — used by held-out sites and for sampling — carries their
   example-weighted mean. The server keeps each site's copy in its checkpoint so that a resumed run
-  restores them.
+  restores them; under secure aggregation, which shows the server only the sum, each site keeps its
+  own in its node context instead (``medgen/client/secure.py``) and the server averages everything.
 
 Robust rules, with Flower's aggregation functions (``medgen/_compat/flwr.py``), for studies where a
 site may send a bad update; f = ``federation.num_malicious``:
@@ -198,7 +199,9 @@ def make_aggregator(cfg: FederationConfig, norm_keys: list[str]) -> FedAvg:
         return FedAvg()
     if cfg.strategy in ROBUST:
         return Robust(cfg.strategy, cfg.num_malicious, cfg.trim_fraction, cfg.multikrum_keep)
-    if cfg.strategy == "fedbn":
+    if cfg.strategy == "fedbn" and cfg.secure_aggregation == "off":
         return FedBN(norm_keys)
+    if cfg.strategy == "fedbn":  # the server sees only the sum: each site keeps its own (medgen/client/secure.py)
+        return FedAvg()
     kind = FedYogi if cfg.strategy == "fedyogi" else FedAdam
     return kind(cfg.server_lr, cfg.server_betas, cfg.server_tau)
