@@ -126,11 +126,13 @@ def evaluate(run: Path, sites: Path) -> dict:
 
 
 def distances(run: Path) -> dict:
-    """The held-out site's final sample-quality numbers from the run's own evaluation: RadFD-20 / KID of
-    healthy samples against D's real healthy slices (n = evaluation.max_samples generated)."""
+    """The held-out site's final sample-quality numbers from the run's own evaluation: RadFD-20 / KID,
+    precision / recall and MS-SSIM diversity of healthy samples against D's real healthy slices, the
+    real pairs' MS-SSIM beside it, and n of each set (n = evaluation.max_samples generated)."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = [r for r in records if r.get("site") == "D" and r.get("phase") == "evaluate" and "radfd-healthy" in r]
-    keys = ("radfd-healthy", "kid-healthy", "ms-ssim-healthy")
+    keys = ("radfd-healthy", "kid-healthy", "precision-healthy", "recall-healthy", "ms-ssim-healthy",
+            "ms-ssim-real-healthy", "n-generated-healthy", "n-real-healthy")
     return {k: round(float(final[-1][k]), 4) for k in keys if final and k in final[-1]}
 
 
