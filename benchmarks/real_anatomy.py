@@ -160,7 +160,7 @@ def main() -> None:
             res["distances_at_D"] = distances(run)
             grid = sorted((run / "samples").glob("round-*.png"))
             if grid:  # the final samples (row 1 healthy, row 2 lesion), kept beside the numbers
-                name = f"{family}-{args.tag}" if args.tag else family
+                name = (f"{family}-{args.tag}" if args.tag else family).replace(":", "-")  # no ':' in file names
                 shutil.copyfile(grid[-1], ROOT / "benchmarks" / "results" / f"real_anatomy-samples-{cohort}-{name}.png")
             seconds = run / "train_seconds.txt"
             res["train_s"] = float(seconds.read_text()) if seconds.exists() else None
