@@ -126,11 +126,13 @@ def evaluate(run: Path, sites: Path) -> dict:
 
 
 def distances(run: Path) -> dict:
-    """The held-out site's final sample-quality numbers from the run's own evaluation: RadFD-20 / KID of
-    healthy samples against D's real healthy slices (n = evaluation.max_samples generated)."""
+    """The held-out site's final sample-quality numbers from the run's own evaluation: RadFD-20 / KID,
+    precision / recall and MS-SSIM diversity of healthy samples against D's real healthy slices, the
+    real pairs' MS-SSIM beside it, and n of each set (n = evaluation.max_samples generated)."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = [r for r in records if r.get("site") == "D" and r.get("phase") == "evaluate" and "radfd-healthy" in r]
-    keys = ("radfd-healthy", "kid-healthy", "ms-ssim-healthy")
+    keys = ("radfd-healthy", "kid-healthy", "precision-healthy", "recall-healthy", "ms-ssim-healthy",
+            "ms-ssim-real-healthy", "n-generated-healthy", "n-real-healthy")
     return {k: round(float(final[-1][k]), 4) for k in keys if final and k in final[-1]}
 
 
@@ -158,7 +160,7 @@ def main() -> None:
             res["distances_at_D"] = distances(run)
             grid = sorted((run / "samples").glob("round-*.png"))
             if grid:  # the final samples (row 1 healthy, row 2 lesion), kept beside the numbers
-                name = f"{family}-{args.tag}" if args.tag else family
+                name = (f"{family}-{args.tag}" if args.tag else family).replace(":", "-")  # no ':' in file names
                 shutil.copyfile(grid[-1], ROOT / "benchmarks" / "results" / f"real_anatomy-samples-{cohort}-{name}.png")
             seconds = run / "train_seconds.txt"
             res["train_s"] = float(seconds.read_text()) if seconds.exists() else None
