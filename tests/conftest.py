@@ -69,23 +69,24 @@ def make_plain_site(folder: Path, n_healthy=2, n_lesion=2) -> Path:
     return folder
 
 
-# `make test` runs two pytest-xdist workers. The tests of these modules start Ray or a SuperLink with
-# its SuperNodes and use both cores: they run one after another on one worker while the other worker
-# takes the single-threaded rest. (xdist's own `xdist_group` mark has no effect under pytest 9: it
-# renames `item._nodeid`, which pytest 9 no longer reads.)
-FEDERATION_MODULES = ("tests/test_deployment.py", "tests/test_flwr_run.py", "tests/test_secagg.py",
-                      "tests/test_simulation.py")
+# `make test` runs two pytest-xdist workers. The tests that start Ray or a SuperLink with its
+# SuperNodes use both cores and wait on processes: those of one group run one after another on one
+# worker (two deployments, or two simulations, are never up at once), the two groups side by side,
+# and the single-threaded rest fills in. (xdist's own `xdist_group` mark has no effect under pytest 9:
+# it renames `item._nodeid`, which pytest 9 no longer reads.)
+FEDERATION_GROUPS = {"tests/test_deployment.py": "deployment", "tests/test_flwr_run.py": "simulation",
+                     "tests/test_secagg.py": "simulation", "tests/test_simulation.py": "simulation"}
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
-    class FederationApart(LoadScopeScheduling):
+    class FederationGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "federation" if nodeid.split("::")[0] in FEDERATION_MODULES else nodeid
+            return FEDERATION_GROUPS.get(nodeid.split("::")[0], nodeid)
 
-    return FederationApart(config, log)
+    return FederationGroups(config, log)
 
 
 @pytest.fixture(scope="session")
