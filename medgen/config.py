@@ -370,6 +370,9 @@ class SitePolicy(_Section):
     share_images: bool = Field(
         False, description="may anomaly-map overlays and the memorisation audit's image pairs leave the site "
                            "(false: never, whatever the study asks)")
+    allow_mask_conditioning: bool = Field(
+        False, description="may the site's lesion masks be fed into the model (model.mask_conditioning: extra "
+                           "input channels, in training and evaluation; false: refuse such a study)")
     allow_families: list[Family] = Field(
         ["vae", "cevae", "vqvae", "gan", "ddpm", "flow"], description="model families the site trains")
     max_local_steps: int = Field(10_000, ge=1, description="refuse more optimiser steps per round than this")
