@@ -282,6 +282,32 @@ def test_simulated_policies_refuse_and_the_federation_goes_on(tiny_cohort, tmp_p
     assert "What left the site" in page and "require_dp" in page
 
 
+def test_a_study_every_missing_site_refused_exits_5_and_one_a_site_missed_exits_4(tiny_cohort, tmp_path):
+    """Both training sites' policies refuse the study (no DP): the run fails as refused (its status
+    says so, `medgen simulate` / `medgen-server start` exit 5) naming each refusal. A site that is
+    missing for another reason (not connected) is a failed federation: exit 4."""
+    from medgen.cli import exitcodes
+    from medgen.cli.main import exit_code
+    from medgen.server.errors import FederationError, StudyRefused
+
+    cfg = tiny_cfg(tiny_cohort, "federation.rounds=1", "sites.policies={A: {}, B: {}}")  # the safe defaults
+    run = RunDir(tmp_path / "refused")
+    run.create(cfg)
+    with pytest.raises(StudyRefused) as e:
+        run_federation(LocalGrid(3), cfg, run, log=lambda _: None)
+    assert "only 0 of 2 training sites are usable" in str(e.value) and "every other one refused" in str(e.value)
+    assert "site A refuses by its policy: require_dp" in str(e.value) and "site B refuses" in str(e.value)
+    assert run.status()["status"] == "failed" and run.status()["refused"] is True
+    assert exit_code(e.value) == exitcodes.REFUSED == 5
+    cfg = tiny_cfg(tiny_cohort, "federation.rounds=1", "federation.query_timeout_s=1", "sites.policies={A: {}}")
+    run = RunDir(tmp_path / "missing")
+    run.create(cfg)
+    with pytest.raises(FederationError) as e:
+        run_federation(LocalGrid(1), cfg, run, log=lambda _: None)  # B (and C) never connect
+    assert not isinstance(e.value, StudyRefused) and "refused" not in run.status()
+    assert exit_code(e.value) == exitcodes.FAILED == 4
+
+
 def test_policies_must_name_sites_of_the_study():
     with pytest.raises(ConfigError, match=r"policies: sites \['Z'\]"):
         load_config(None, ["sites.policies={Z: {require_dp: true}}"])
