@@ -357,6 +357,10 @@ class SitePolicy(_Section):
     require_secure_aggregation: bool = Field(
         False, description="refuse to send a clear update: serve only studies with federation.secure_aggregation "
                            "on (secaggplus)")
+    min_secagg_sites: int = Field(
+        3, ge=2, description="secaggplus: refuse to take part in, or to open shares for, a round whose secure sum "
+                             "would hold fewer sites' updates than this (in a sum of two, each site learns the "
+                             "other's update; the study's federation.secagg_threshold cannot lower it)")
     max_epsilon: float | None = Field(
         10.0, gt=0.0, description="the site's hard privacy budget over its whole lifetime (every round of every "
                                   "study in its ledger), accounted at the site's own delta; null = none")
@@ -370,6 +374,9 @@ class SitePolicy(_Section):
     share_images: bool = Field(
         False, description="may anomaly-map overlays and the memorisation audit's image pairs leave the site "
                            "(false: never, whatever the study asks)")
+    allow_mask_conditioning: bool = Field(
+        False, description="may the site's lesion masks be fed into the model (model.mask_conditioning: extra "
+                           "input channels, in training and evaluation; false: refuse such a study)")
     allow_families: list[Family] = Field(
         ["vae", "cevae", "vqvae", "gan", "ddpm", "flow"], description="model families the site trains")
     max_local_steps: int = Field(10_000, ge=1, description="refuse more optimiser steps per round than this")

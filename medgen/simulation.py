@@ -24,7 +24,7 @@ from pathlib import Path
 from medgen import logs
 from medgen._compat.ray import ray_environment
 from medgen.config import Config, ConfigError, dump_config
-from medgen.server.errors import FederationError
+from medgen.server.errors import FederationError, StudyRefused
 from medgen.server.rundir import RunDir, open_run
 
 LINK_TIMEOUT_S = 60.0  # how long the SuperLink may take to answer on /health
@@ -130,8 +130,9 @@ def simulate(cfg: Config | None = None, out: str | Path | None = None, resume: s
         link.stop(timeout=1.0 if (run.path / "simulation" / DONE_FILE).is_file() else 10.0)
     status = run.status()
     if status.get("status") != "completed":
-        raise FederationError(f"simulation did not complete: {status.get('error', status.get('status'))} "
-                              f"(run directory {run.path})")
+        error = StudyRefused if status.get("refused") else FederationError  # refused: by the sites' policies
+        raise error(f"simulation did not complete: {status.get('error', status.get('status'))} "
+                    f"(run directory {run.path})")
     return run
 
 

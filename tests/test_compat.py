@@ -139,6 +139,51 @@ def test_an_opacus_version_outside_the_tested_range_is_refused_by_name(installed
         check_version("opacus", installed, compat.MINIMUM, compat.BELOW, "medgen/_compat/opacus.py")
 
 
+@pytest.mark.parametrize("installed", ["2.56.0", "2.56.0rc1", "2.54.9", "3.0", "banana"])
+def test_a_ray_version_outside_the_tested_range_is_refused_by_name(installed):
+    from medgen._compat import ray as compat
+
+    with pytest.raises(IncompatibleVersion) as e:
+        check_version("ray", installed, compat.MINIMUM, compat.BELOW, "medgen/_compat/ray.py")
+    assert "ray>=2.55,<2.56" in str(e.value) and installed in str(e.value)
+
+
+def test_importing_the_ray_compat_module_checks_the_installed_ray(monkeypatch):
+    """The installed and the pinned ray pass; the module refuses to import with another ray
+    installed (its metadata says 2.56.0) or none, as flwr.py and opacus.py do."""
+    import importlib
+    import importlib.metadata
+
+    from medgen._compat import ray as compat
+
+    assert compat.INSTALLED == importlib.metadata.version("ray")
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().split()
+                if "==" in line and not line.startswith("#"))
+    check_version("ray", pins["ray"], compat.MINIMUM, compat.BELOW, "constraints.txt")
+    real = importlib.metadata.version
+
+    def other(version):
+        def fake(name):
+            if name != "ray":
+                return real(name)
+            if version is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return version
+        return fake
+
+    try:
+        monkeypatch.setattr(importlib.metadata, "version", other("2.56.0"))
+        with pytest.raises(IncompatibleVersion, match=r"ray 2\.56\.0 is installed.*ray>=2\.55,<2\.56"):
+            importlib.reload(compat)
+        monkeypatch.setattr(importlib.metadata, "version", other(None))
+        with pytest.raises(IncompatibleVersion, match="ray is not installed"):
+            importlib.reload(compat)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(compat)
+    assert compat.ray_environment(None)["RAY_ADDRESS"] == "local"
+
+
 @pytest.mark.parametrize("installed", ["1.41.0", "1.41", "1.41.7", "1.41.0.post1", "1.41.1rc2"])
 def test_versions_inside_the_range_pass(installed):
     assert check_version("flwr", installed, "1.41", "1.42", "test") == installed

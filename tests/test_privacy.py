@@ -1,5 +1,7 @@
 """DP-SGD at the sites: the ledger's accounting, budgets, and that private training still learns."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,8 @@ from opacus.accountants import RDPAccountant
 
 from medgen.client.task import evaluate_local, site_data, train_local
 from medgen.models import build_model
-from medgen.privacy.dp import plan, poisson_batches
+from medgen.config import load_config
+from medgen.privacy.dp import DPPlan, noise_only_step, plan, poisson_batches, private
 from medgen.privacy.ledger import BudgetExceeded, PrivacyLedger
 from medgen.server.rundir import RunDir
 from test_federation import LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401  (fixture)
@@ -142,3 +145,32 @@ def test_dp_wraps_only_the_private_networks(tiny_cohort, family, space):
         assert wrapped == private, name
         if not private:
             assert not has_grad_sample, f"{name} must not carry per-sample gradients"
+
+
+def test_each_private_network_draws_its_own_noise():
+    """A family with two private networks (here: the VAE and an identical copy of it, both private)
+    gets two independent noise streams from one round seed: one noise-only DP step moves the two
+    copies differently; the same seed draws the same noise again (a resumed round), another seed
+    other noise."""
+    dp = DPPlan(noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=1e-5, max_grad_norm=1.0, unit="slice",
+                units=100)
+
+    def noise_step(seed):
+        model = build_model(load_config(None, ["model.family=vae"]))
+        model.networks["twin"] = copy.deepcopy(model.networks["vae"])
+        model.private_networks = ("vae", "twin")
+        start = {n: [p.detach().clone() for p in model.networks[n].parameters()] for n in ("vae", "twin")}
+        optimizers = {n: torch.optim.SGD(model.networks[n].parameters(), lr=1.0) for n in ("vae", "twin")}
+        with private(model, optimizers, dp, seed) as opt:
+            for name in model.private_networks:
+                noise_only_step(opt[name])
+        return {n: torch.cat([(p.detach() - s).flatten() for p, s in zip(model.networks[n].parameters(), start[n])])
+                for n in ("vae", "twin")}
+
+    a = noise_step(seed=12345)
+    assert a["vae"].abs().sum() > 0 and a["twin"].abs().sum() > 0  # noise was added to both
+    assert not torch.allclose(a["vae"], a["twin"])  # not the same stream twice
+    assert abs(torch.corrcoef(torch.stack([a["vae"], a["twin"]]))[0, 1]) < 0.05
+    again, other = noise_step(seed=12345), noise_step(seed=54321)
+    assert torch.equal(again["vae"], a["vae"]) and torch.equal(again["twin"], a["twin"])
+    assert not torch.allclose(other["vae"], a["vae"])

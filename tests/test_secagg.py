@@ -197,14 +197,24 @@ def _federate(cfg, path, grid=None):
     return run
 
 
-def _cfg(cohort, *extra):
+def _cfg(cohort, *extra, sites="A,B,C"):
     base = [x for x in TINY if not x.startswith("sites.")] + ["federation.samples_per_class=0",
                                                               "evaluation.max_samples=4",
                                                               "evaluation.max_anomaly_slices=4",
                                                               "evaluation.membership_inference=false"]
-    cfg = load_config(None, base + ["federation.max_update_ratio=null", "sites.train=[A,B,C]", "sites.heldout=[]",
+    cfg = load_config(None, base + ["federation.max_update_ratio=null", f"sites.train=[{sites}]", "sites.heldout=[]",
                                     *extra])
     return cfg.model_copy(update={"data": cohort})
+
+
+@pytest.fixture(scope="module")
+def cohort4(shared_cache):
+    """The tiny phantom cohort with a fourth site D: a round that loses one site still sums 3."""
+    from medgen.simulation import resolve_data
+
+    sets = [x for x in TINY if not x.startswith("sites.")] + ["sites.train=[A,B,C,D]", "sites.heldout=[]",
+                                                              f"data.cache_dir={shared_cache}"]
+    return resolve_data(load_config(None, sets), log=lambda _: None).data
 
 
 def _weights(run):
@@ -270,28 +280,75 @@ def test_fedbn_under_secure_aggregation_keeps_the_site_norms_at_the_sites(tiny_c
     assert run.status()["status"] == "completed" and load_checkpoint(run.last_checkpoint())["round"] == 2
 
 
-def test_a_site_dropping_while_training_is_recovered(tiny_cohort, tmp_path):  # noqa: F811
-    """C answers the key steps, then never sends its masked vector: A and B (t = 2 of 3) still get
-    their sum unmasked — the same model as a clear run of A and B alone, within the bound."""
-    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
-               "federation.min_sites=2")
-    run = _federate(cfg, tmp_path / "run", DroppingGrid(3, fail={2: {"train"}}))
+def test_a_site_dropping_while_training_is_recovered(cohort4, tmp_path):
+    """D answers the key steps, then never sends its masked vector: A, B and C (t = 3 of 4) still
+    get their sum unmasked — the same model as a clear run of A, B and C alone, within the bound."""
+    cfg = _cfg(cohort4, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
+               "federation.min_sites=3", sites="A,B,C,D")
+    run = _federate(cfg, tmp_path / "run", DroppingGrid(4, fail={3: {"train"}}))
     rec = next(r for r in run.records() if r["site"] == "global" and r["phase"] == "train")
-    assert rec["secagg-sites"] == 2 and rec["secagg-dropped"] == 1
-    alone = _cfg(tiny_cohort, "federation.rounds=1").model_copy()
-    alone = alone.model_copy(update={"sites": alone.sites.model_copy(update={"train": ["A", "B"], "heldout": ["C"]})})
+    assert rec["secagg-sites"] == 3 and rec["secagg-dropped"] == 1
+    alone = _cfg(cohort4, "federation.rounds=1", sites="A,B,C")
+    alone = alone.model_copy(update={"sites": alone.sites.model_copy(update={"heldout": ["D"]})})
     clear = _weights(_federate(alone, tmp_path / "clear"))
     assert _max_diff(_weights(run), clear) <= sa.Quantiser(1.0, 24).bound + 1e-6
 
 
-def test_a_malformed_masked_vector_is_rejected_and_the_round_goes_on(tiny_cohort, tmp_path):  # noqa: F811
-    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
-               "federation.min_sites=2")
-    run = _federate(cfg, tmp_path / "run", DroppingGrid(3, corrupt={1}))
+def test_a_malformed_masked_vector_is_rejected_and_the_round_goes_on(cohort4, tmp_path):
+    cfg = _cfg(cohort4, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
+               "federation.min_sites=3", sites="A,B,C,D")
+    run = _federate(cfg, tmp_path / "run", DroppingGrid(4, corrupt={1}))
     bad = [r for r in run.records() if r["site"] == "B" and r["phase"] == "train"]
     assert len(bad) == 1 and "update rejected: masked vector is uint64 of shape" in bad[0]["error"]
     rec = next(r for r in run.records() if r["site"] == "global" and r["phase"] == "train")
-    assert rec["secagg-sites"] == 2 and rec["secagg-dropped"] == 1
+    assert rec["secagg-sites"] == 3 and rec["secagg-dropped"] == 1
+
+
+def test_the_server_publishes_no_sum_of_two(tiny_cohort, tmp_path):  # noqa: F811
+    """3 sites, t = 2: C drops while training, and the 2 survivors' sum (each could subtract its own
+    update from it) is not unmasked; a round that asks only 2 of the 3 sites fails before any key is
+    made. Either way the round is not aggregated."""
+    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
+               "federation.min_sites=2")
+    run = RunDir(tmp_path / "dropped")
+    run.create(cfg)
+    with pytest.raises(FederationError, match="round 1: secure aggregation: 2 sites left after training < 3: no "
+                                              "sum of fewer sites' updates is published"):
+        run_federation(DroppingGrid(3, fail={2: {"train"}}), cfg, run, log=lambda _: None)
+    assert run.last_checkpoint() is None and not any(r["phase"] == "secagg-unmask" for r in run.records())
+    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
+               "federation.min_sites=2", "federation.fraction_train=0.5")  # asks ceil(1.5) = 2 sites
+    run = RunDir(tmp_path / "sampled")
+    run.create(cfg)
+    with pytest.raises(FederationError, match="2 sites in the round .* < 3: no sum of fewer"):
+        run_federation(LocalGrid(3), cfg, run, log=lambda _: None)
+    assert not any(r["phase"].startswith("secagg") for r in run.records())
+
+
+def test_a_site_opens_no_shares_for_fewer_survivors_than_its_policy_allows(cohort4, tmp_path):
+    """A's policy: min_secagg_sites=4. D drops while training; the server (t = 3) would unmask the
+    sum of A, B and C, but A refuses to open its shares, naming the key, so the sum stays masked.
+    The study cannot lower the site's minimum: a study of 3 training sites is refused up front."""
+    from medgen.client import sent_log
+
+    policy = "sites.policies={A: {require_dp: false, min_secagg_sites: 4}}"
+    cfg = _cfg(cohort4, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
+               "federation.min_sites=3", policy, sites="A,B,C,D")
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    with pytest.raises(FederationError, match="2 sites left after unmasking < federation.secagg_threshold=3"):
+        run_federation(DroppingGrid(4, fail={3: {"train"}}), cfg, run, log=lambda _: None)
+    refused = [r for r in run.records() if r["site"] == "A" and r["phase"] == "secagg-unmask"]
+    assert len(refused) == 1 and "min_secagg_sites: survivors whose sum the shares would unmask: 3 sites < 4" \
+        in refused[0]["error"], refused
+    last = sent_log.read(run.path / "sites" / "A")[-1]
+    assert last["kind"] == "train.secagg_unmask" and last["status"] == "error" and "min_secagg_sites" in last["reason"]
+    assert run.last_checkpoint() is None
+    three = _cfg(cohort4, "federation.secure_aggregation=secaggplus", sites="A,B,C")
+    found = violations(three, SitePolicy(require_dp=False, min_secagg_sites=4), "A", ("study", "0" * 16))
+    assert found == ["min_secagg_sites: the study's secure sums hold at most 3 sites' updates (sites.train) < 4"]
+    assert violations(three, SitePolicy(require_dp=False), "A", ("study", "0" * 16)) == []
+    assert SitePolicy().min_secagg_sites == 3
 
 
 def test_fewer_survivors_than_the_threshold_fails_the_round_and_keeps_the_finished_ones(

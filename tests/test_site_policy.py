@@ -116,6 +116,32 @@ def test_families_and_studies_the_site_agreed_to():
     assert [f.split(":")[0] for f in violations(held, SitePolicy(), "D", ("s", "f"))] == ["share_images"]
 
 
+def test_lesion_masks_enter_the_model_only_if_the_site_allows_it(tiny_cohort, tmp_path):
+    """model.mask_conditioning feeds the site's lesion masks into the model (training and
+    evaluation): refused by default, at training and held-out sites alike, naming the key; a
+    deployed site refuses it before opening its data folder; allow_mask_conditioning lets it."""
+    masked = ["model.family=ddpm", "model.mask_conditioning=true"]
+    cfg = load_config(None, DP + masked)
+    assert SitePolicy().allow_mask_conditioning is False
+    for site in ("A", "D"):  # a training site, a held-out one
+        found = violations(cfg, SitePolicy(), site, ("study", "f" * 16))
+        assert [f.split(":")[0] for f in found] == ["allow_mask_conditioning"], found
+        assert "model.mask_conditioning=true" in found[0]
+        assert violations(cfg, SitePolicy(allow_mask_conditioning=True), site, ("study", "f" * 16)) == []
+    assert violations(load_config(None, DP + masked[:1]), SitePolicy(), "A", ("study", "f" * 16)) == []
+    # the real ClientApp at a deployed site: refused before reading data, in the site's log
+    cfg = tiny_cfg(tiny_cohort, *DP, *masked)
+    state = tmp_path / "state"
+    reply = client_app(_message(cfg, MessageType.QUERY, 0), _deployed(cfg, tmp_path / "no-such-folder", state,
+                                                                      SitePolicy()))
+    assert "site A refuses by its policy: allow_mask_conditioning" in str(reply.content["info"]["refused"])
+    assert not (tmp_path / "no-such-folder").exists()
+    assert "allow_mask_conditioning" in sent_log.read(state)[-1]["reason"]
+    reply = client_app(_message(cfg, MessageType.QUERY, 0), _deployed(cfg, tiny_cohort.root / "A", state,
+                                                                      SitePolicy(allow_mask_conditioning=True)))
+    assert "refused" not in reply.content["info"] and "error" not in reply.content["info"], reply.content["info"]
+
+
 # ----------------------------------------------------------------------------- a deployed site
 def test_a_deployed_site_refuses_before_reading_any_data(tiny_cohort, tmp_path):
     """DP off, ε raised, images asked for: refused with the key named; the data folder is never
@@ -254,6 +280,32 @@ def test_simulated_policies_refuse_and_the_federation_goes_on(tiny_cohort, tmp_p
 
     page = (build_report(run.path).parent / "site-A.html").read_text()
     assert "What left the site" in page and "require_dp" in page
+
+
+def test_a_study_every_missing_site_refused_exits_5_and_one_a_site_missed_exits_4(tiny_cohort, tmp_path):
+    """Both training sites' policies refuse the study (no DP): the run fails as refused (its status
+    says so, `medgen simulate` / `medgen-server start` exit 5) naming each refusal. A site that is
+    missing for another reason (not connected) is a failed federation: exit 4."""
+    from medgen.cli import exitcodes
+    from medgen.cli.main import exit_code
+    from medgen.server.errors import FederationError, StudyRefused
+
+    cfg = tiny_cfg(tiny_cohort, "federation.rounds=1", "sites.policies={A: {}, B: {}}")  # the safe defaults
+    run = RunDir(tmp_path / "refused")
+    run.create(cfg)
+    with pytest.raises(StudyRefused) as e:
+        run_federation(LocalGrid(3), cfg, run, log=lambda _: None)
+    assert "only 0 of 2 training sites are usable" in str(e.value) and "every other one refused" in str(e.value)
+    assert "site A refuses by its policy: require_dp" in str(e.value) and "site B refuses" in str(e.value)
+    assert run.status()["status"] == "failed" and run.status()["refused"] is True
+    assert exit_code(e.value) == exitcodes.REFUSED == 5
+    cfg = tiny_cfg(tiny_cohort, "federation.rounds=1", "federation.query_timeout_s=1", "sites.policies={A: {}}")
+    run = RunDir(tmp_path / "missing")
+    run.create(cfg)
+    with pytest.raises(FederationError) as e:
+        run_federation(LocalGrid(1), cfg, run, log=lambda _: None)  # B (and C) never connect
+    assert not isinstance(e.value, StudyRefused) and "refused" not in run.status()
+    assert exit_code(e.value) == exitcodes.FAILED == 4
 
 
 def test_policies_must_name_sites_of_the_study():

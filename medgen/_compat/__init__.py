@@ -1,7 +1,8 @@
 """The only place that reaches into Flower's, Opacus' or Ray's modules beyond their documented
 API: one module per library (``flwr.py``, ``opacus.py``, ``ray.py``, ``deepbet.py``), each saying
-the versions it was written against. ``flwr.py`` and ``opacus.py`` check the installed version when
-they are imported (:func:`check_version`) and refuse one outside the tested range, naming both.
+the versions it was written against. ``flwr.py``, ``opacus.py`` and ``ray.py`` check the installed
+version when they are imported (:func:`check_version`) and refuse one outside the tested range,
+naming both.
 ``tests/test_compat.py`` fails if another medgen module imports a Flower or Opacus internal."""
 
 from __future__ import annotations

@@ -1,11 +1,27 @@
 """The Ray settings medgen changes beyond ``ray.init``'s documented arguments: a local Ray of its
 own that listens on loopback only, and a Ray cluster on this machine's loopback that a driver can
-reach. Written against ray 2.55 (the version flwr 1.41 pins)."""
+reach. Written against ray 2.55 (the version flwr 1.41 pins); importing this module with another
+ray installed raises :class:`medgen._compat.IncompatibleVersion` naming both versions (the
+loopback-only listening rests on an undocumented Ray setting; ``constraints.txt`` pins the tested
+ray). The version is read from the installed package's metadata: ray itself is not imported here
+(Flower's simulation process starts it)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import ipaddress
 import socket
+
+from medgen._compat import IncompatibleVersion, check_version
+
+MINIMUM, BELOW = "2.55", "2.56"
+try:
+    INSTALLED = importlib.metadata.version("ray")
+except importlib.metadata.PackageNotFoundError:
+    raise IncompatibleVersion(f"ray is not installed; medgen's simulation needs ray>={MINIMUM},<{BELOW} "
+                              f"(pip install -c constraints.txt -e .)") from None
+check_version("ray", INSTALLED, MINIMUM, BELOW,
+              "medgen keeps a local Ray on loopback through a Ray setting: medgen/_compat/ray.py")
 
 CONNECT_TIMEOUT_S = 5.0
 

@@ -17,7 +17,8 @@ exit codes:
   {USAGE_ERROR:<3}  usage error: a flag or argument the command line does not accept
   {INPUT_ERROR:<3}  config, data, certificate or key error (the message names the key or file)
   {FAILED:<3}  the federation or the deployment failed
-  {REFUSED:<3}  refused: by the site's policy, or the server refused this site
+  {REFUSED:<3}  refused: by the site's policy (the sites' policies, for a study too few serve), or the
+       server refused this site
   {INTERRUPTED:<3}  interrupted (Ctrl-C); a run continues with --resume
   {TERMINATED:<3}  stopped by SIGTERM (systemctl stop, docker stop); a run continues with --resume
 """

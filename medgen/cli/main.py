@@ -14,7 +14,7 @@ from pathlib import Path
 from medgen.cli import exitcodes
 from medgen.config import Config, ConfigError, dump_config, load_config
 from medgen.data.errors import DataError, SiteDataError
-from medgen.server.errors import FederationError
+from medgen.server.errors import FederationError, StudyRefused
 
 
 class Parser(argparse.ArgumentParser):
@@ -285,7 +285,7 @@ def exit_code(e: Exception) -> int | None:
     from medgen.deployment.certs import CertError
     from medgen.deployment.link import DeploymentError, Refused
 
-    if isinstance(e, Refused):
+    if isinstance(e, (Refused, StudyRefused)):  # a site's policy, or the server, refused
         return exitcodes.REFUSED
     if isinstance(e, (ConfigError, DataError, SiteDataError, CertError)):
         return exitcodes.INPUT_ERROR

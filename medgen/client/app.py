@@ -227,7 +227,8 @@ def train(msg: Message, cfg: Config, site: Site, round_: int, context: Context) 
     their masked quantised difference from the global weights (``medgen/client/secure.py``)."""
     if site.name in cfg.sites.heldout:
         raise RuntimeError(f"site {site.name} is held out (sites.heldout) and must never train")
-    secagg = secure.mask_plan(msg, context, site.name, round_) if cfg.federation.secure_aggregation != "off" else None
+    secagg = secure.mask_plan(msg, context, site.name, round_, _min_sites(site)) \
+        if cfg.federation.secure_aggregation != "off" else None
     data, _ = site_data(cfg, site.name, site.folder)
     steps = local_steps(cfg, len(data))
     if site.policy is not None and steps > site.policy.max_local_steps:
@@ -268,6 +269,11 @@ def train(msg: Message, cfg: Config, site: Site, round_: int, context: Context) 
     return _reply(msg, site.name, metrics, ArrayRecord(model.state_dict()))
 
 
+def _min_sites(site: Site) -> int | None:
+    """The fewest sites' updates a secure sum may hold for this site (its policy; None: no policy)."""
+    return site.policy.min_secagg_sites if site.policy is not None else None
+
+
 def _secagg_step(step, record: str):
     """A secure-aggregation step of a training site: its reply carries the step's record."""
 
@@ -275,7 +281,7 @@ def _secagg_step(step, record: str):
         if site.name not in cfg.sites.train or cfg.federation.secure_aggregation == "off":
             raise RuntimeError(f"site {site.name}: a secure-aggregation step, but the site does not train with it")
         reply = _reply(msg, site.name, {})
-        reply.content[record] = step(msg, context, site.name, round_)
+        reply.content[record] = step(msg, context, site.name, round_, _min_sites(site))
         return reply
 
     run.__name__ = run.__qualname__ = step.__name__

@@ -3,8 +3,9 @@
 Two checks, both before a single step is taken:
 
 - :func:`violations` reads only the server's config (before any data is read): DP and secure
-  aggregation required, ε and δ budgets, noise and clipping bounds, the protected unit, image sharing, families, steps,
-  the study itself;
+  aggregation required (and how many sites a secure sum holds), ε and δ budgets, noise and
+  clipping bounds, the protected unit, image sharing, lesion masks as model input, families,
+  steps, the study itself;
 - :func:`plan_violations` reads the round's DP plan (the noise solved from the site's data).
 
 :func:`site_config` then replaces what the site owns: its slice cache, its InceptionV3 weights and
@@ -38,10 +39,16 @@ def violations(cfg: Config, policy: SitePolicy, site: str, study: tuple[str, str
         found.append(f"allow_families: model.family={cfg.model.family} is not allowed ({', '.join(p.allow_families)})")
     if cfg.evaluation.share_images and not p.share_images:
         found.append("share_images: the study sets evaluation.share_images=true; this site sends no image")
+    if cfg.model.mask_conditioning and not p.allow_mask_conditioning:
+        found.append("allow_mask_conditioning: the study sets model.mask_conditioning=true (the site's lesion masks "
+                     "as model input); this site does not allow it")
     if site not in cfg.sites.train:
         return found
     if p.require_secure_aggregation and cfg.federation.secure_aggregation == "off":
         found.append("require_secure_aggregation: the study sends clear updates (federation.secure_aggregation=off)")
+    if cfg.federation.secure_aggregation != "off" and len(cfg.sites.train) < p.min_secagg_sites:
+        found.append(f"min_secagg_sites: the study's secure sums hold at most {len(cfg.sites.train)} sites' updates "
+                     f"(sites.train) < {p.min_secagg_sites}")
     if p.require_dp and not dp.enabled:
         found.append("require_dp: the study trains without DP-SGD (privacy.enabled=false)")
     if cfg.train.local_steps is not None and cfg.train.local_steps > p.max_local_steps:

@@ -6,7 +6,9 @@ sent) with the stage reached, so that each step runs once, in order, for one rou
     keys -> shares -> mask (the training message) -> unmask
 
 Each step checks what the server asks before it answers, and raises SecAggError (the site's reply
-is an error, the server counts the site as dropped) when it could not be an honest request.
+is an error, the server counts the site as dropped) when it could not be an honest request — or
+when the sum it would go into holds fewer sites' updates than the site's policy allows
+(``min_secagg_sites``: ``min_sites``; None, a simulated site without a policy, checks nothing).
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ def _state(context: Context, round_: int, stage: str) -> ConfigRecord:
     return state
 
 
+def _enough(n: int, min_sites: int | None, what: str) -> None:
+    """SecAggError naming the policy key when a sum of ``n`` sites' updates is too small for the site."""
+    if min_sites is not None and n < min_sites:
+        raise SecAggError(f"min_secagg_sites: {what} {n} sites < {min_sites} (this site's policy): refused, a sum of "
+                          f"so few updates would let the others learn this site's")
+
+
 def _keys(state: ConfigRecord) -> SiteKeys:
     return SiteKeys(bytes(state["enc"]), bytes(state["mask"]), bytes(state["seed"]))
 
@@ -67,12 +76,13 @@ def _public(state: ConfigRecord) -> dict[str, list[bytes]]:
             for i, s in enumerate(state["sites"])}
 
 
-def keys(msg: Message, context: Context, site: str, round_: int) -> ConfigRecord:
+def keys(msg: Message, context: Context, site: str, round_: int, min_sites: int | None = None) -> ConfigRecord:
     """Step 1: fresh keys and seed for this round; the reply carries their public parts."""
     config = msg.content["config"]
     sites, threshold = [str(s) for s in config["secagg-sites"]], int(config["secagg-threshold"])
     if site not in sites or len(set(sites)) != len(sites):
         raise SecAggError(f"site {site} is not (once) in this round's site list")
+    _enough(len(sites), min_sites, "this round's secure sum would hold")
     check_threshold(threshold, len(sites))
     new = SiteKeys.new()
     context.state[STATE] = ConfigRecord({"round": round_, "stage": "keys", "sites": sites, "threshold": threshold,
@@ -80,7 +90,7 @@ def keys(msg: Message, context: Context, site: str, round_: int) -> ConfigRecord
     return ConfigRecord({"public": new.public()})
 
 
-def shares(msg: Message, context: Context, site: str, round_: int) -> ConfigRecord:
+def shares(msg: Message, context: Context, site: str, round_: int, min_sites: int | None = None) -> ConfigRecord:
     """Step 2: the shares of this site's seed and mask key, one ciphertext per other site."""
     state = _state(context, round_, "keys")
     given = msg.content[KEYS]
@@ -90,6 +100,7 @@ def shares(msg: Message, context: Context, site: str, round_: int) -> ConfigReco
     threshold = int(state["threshold"])
     if len(public) < threshold:
         raise SecAggError(f"{len(public)} sites sent keys < threshold {threshold}")
+    _enough(len(public), min_sites, "sites that sent keys:")
     out = share_keys(site, _keys(state), round_, public, threshold)
     order = list(public)
     state.update({"stage": "shares", "sites": order, "own-share": out.pop(site),
@@ -98,7 +109,7 @@ def shares(msg: Message, context: Context, site: str, round_: int) -> ConfigReco
     return ConfigRecord(out)
 
 
-def mask_plan(msg: Message, context: Context, site: str, round_: int) -> dict:
+def mask_plan(msg: Message, context: Context, site: str, round_: int, min_sites: int | None = None) -> dict:
     """Before training (step 3): check the sites the server says got every share, keep the
     ciphertexts addressed to this site; returns what :func:`masked` needs."""
     state = _state(context, round_, "shares")
@@ -108,6 +119,7 @@ def mask_plan(msg: Message, context: Context, site: str, round_: int) -> dict:
         raise SecAggError("the sites of the masking step are not a subset of the round's sites with this one")
     if len(sites) < int(state["threshold"]):
         raise SecAggError(f"{len(sites)} sites shared their keys < threshold {int(state['threshold'])}")
+    _enough(len(sites), min_sites, "sites of the masking step:")
     held = msg.content[SHARES]
     owners = sorted(str(s) for s in held)
     if owners != sorted(set(sites) - {site}):
@@ -127,8 +139,9 @@ def masked(plan: dict, cfg: Config, site: str, round_: int, local: dict[str, tor
     return ArrayRecord({"masked": Array(y)}), {"secagg-clipped-coordinates": clipped}
 
 
-def unmask(msg: Message, context: Context, site: str, round_: int) -> ConfigRecord:
-    """Step 4, answered once per round: the shares the server needs, never both of one site's."""
+def unmask(msg: Message, context: Context, site: str, round_: int, min_sites: int | None = None) -> ConfigRecord:
+    """Step 4, answered once per round: the shares the server needs, never both of one site's, and
+    none for a sum of fewer survivors than ``min_sites``."""
     state = _state(context, round_, "masked")
     config = msg.content["config"]
     survivors = [str(s) for s in config["secagg-survivors"]]
@@ -138,5 +151,6 @@ def unmask(msg: Message, context: Context, site: str, round_: int) -> ConfigReco
     held = dict(zip([str(s) for s in state["held-from"]], [bytes(b) for b in state["held"]]))
     held[site] = bytes(state["own-share"])
     state["stage"] = "opened"  # before answering: a second request for this round is refused
+    _enough(len(survivors), min_sites, "survivors whose sum the shares would unmask:")
     return ConfigRecord(open_shares(site, _keys(state), round_, public, held, survivors, dropped,
                                     int(state["threshold"])))

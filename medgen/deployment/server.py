@@ -32,7 +32,7 @@ from medgen.deployment.handshake import server_handshake
 from medgen.deployment.link import TLS, Control, DeploymentError, start_proxy, start_superlink, wait_healthy
 from medgen.deployment.procs import free_port, port_free, shielded
 from medgen.deployment.signing import hand_over, sign_study
-from medgen.server.errors import FederationError
+from medgen.server.errors import FederationError, StudyRefused
 from medgen.server.rundir import RunDir, open_run
 
 
@@ -175,8 +175,9 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=logs.info) -> RunDi
             run.set_status("failed", round=run.last_round(), error=f"Flower run {run_id} {sub_status}: {details}")
         status = run.status()
         if status.get("status") != "completed":
-            raise FederationError(f"the federation did not complete: {status.get('error', status.get('status'))} "
-                                  f"(run directory {run.path}; SuperLink log {link.log_file})")
+            error = StudyRefused if status.get("refused") else FederationError  # refused: by the sites' policies
+            raise error(f"the federation did not complete: {status.get('error', status.get('status'))} "
+                        f"(run directory {run.path}; SuperLink log {link.log_file})")
         return run
     except BaseException as e:
         follower.poll()  # what the ServerApp wrote up to now

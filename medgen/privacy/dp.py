@@ -102,6 +102,14 @@ def secret_seed(secret: bytes, seed: int, site: str, round_: int) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
+def noise_seed(seed: int, network: str) -> int:
+    """The 64-bit seed of one private network's DP noise: HMAC-SHA256 of the network's name under the
+    round's (secret) ``seed``. Each network's noise is independent of every other's and of the batch
+    sampling and model noise drawn from ``seed`` itself, and is as unknown to the server as ``seed``."""
+    digest = hmac.new(str(seed).encode(), f"dp-noise/{network}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
 def poisson_batches(data: SiteSlices, dp: DPPlan, generator: torch.Generator):
     """``dp.steps`` index batches by Poisson sampling of the protected units (see module doc).
     A batch may be empty (then :func:`noise_only_step`)."""
@@ -122,12 +130,13 @@ def private(model: GenerativeModel, optimizers: dict[str, torch.optim.Optimizer]
             wrapper=FastGradSampleModule):
     """Inside the block, the family's private networks compute per-sample gradients (``wrapper``:
     Opacus' hooks with our faster Conv2d sampler, ``grad_samplers.py``) and their optimisers clip and
-    add noise drawn from ``seed`` (pass a :func:`secret_seed`). On exit the networks are unwrapped,
+    add noise drawn from ``seed`` (pass a :func:`secret_seed`; each network draws its own stream,
+    :func:`noise_seed`). On exit the networks are unwrapped,
     so ``state_dict`` keys carry no ``_module.`` prefix."""
     inner = {}
     for name in model.private_networks:
         inner[name] = model.networks[name]
-        noise = torch.Generator(device=next(inner[name].parameters()).device).manual_seed(seed)
+        noise = torch.Generator(device=next(inner[name].parameters()).device).manual_seed(noise_seed(seed, name))
         model.networks[name] = wrapper(inner[name], loss_reduction="mean")
         optimizers[name] = DPOptimizer(optimizers[name], noise_multiplier=dp.noise_multiplier,
                                        max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size,

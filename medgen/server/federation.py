@@ -27,7 +27,7 @@ from medgen.models import build_model
 from medgen.privacy.central import CentralDP
 from medgen.progress import track
 from medgen.server.central_evaluation import SERVER_SITE, evaluate_server_data, server_data
-from medgen.server.errors import FederationError
+from medgen.server.errors import FederationError, StudyRefused
 from medgen.server.guards import shift_warnings, trained_classes, untrained_note
 from medgen.server.rundir import RunDir, load_weights
 from medgen.server.sampling import sample_sites
@@ -182,6 +182,11 @@ class Federation:
         self.discover_sites(wait=True)
         ready = [s for s in cfg.sites.train if s in self.nodes]
         if len(ready) < min_sites and start <= cfg.federation.rounds:
+            missing = [s for s in cfg.sites.train if s not in self.nodes]
+            if all(s in self.refusals for s in missing):
+                raise StudyRefused(f"only {len(ready)} of {len(cfg.sites.train)} training sites are usable "
+                                   f"(federation.min_sites={min_sites}); every other one refused the study by its "
+                                   f"policy: " + "; ".join(self.refusals[s] for s in missing))
             raise FederationError(f"only {len(ready)} of {len(cfg.sites.train)} training sites are usable "
                                   f"(federation.min_sites={min_sites}); see the site errors above")
         rounds = range(start, cfg.federation.rounds + 1)
@@ -362,7 +367,8 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, log: Callable[[str], No
         run.track(cfg, log)
         state = federation.run_rounds()
     except Exception as e:
-        run.set_status("failed", round=federation.last_round, error=f"{type(e).__name__}: {e}")
+        run.set_status("failed", round=federation.last_round, error=f"{type(e).__name__}: {e}",
+                       **({"refused": True} if isinstance(e, StudyRefused) else {}))
         log(f"FAILED: {e}")
         run.close_tracking("failed")
         raise

@@ -6,8 +6,9 @@ exchanges with the round's training sites:
 
 A site that fails, times out or sends something malformed at a step is logged and counted as
 dropped from then on; the round goes on while at least t sites (``federation.secagg_threshold``,
-null = n // 2 + 1) remain, and otherwise fails (finished rounds are kept). What the server holds
-during the round: public keys, ciphertexts it cannot open, masked vectors, and at the end the
+null = n // 2 + 1) and at least :data:`MIN_SUM_SITES` remain, and otherwise fails (finished rounds
+are kept; each site also refuses sums smaller than its policy's ``min_secagg_sites``). What the
+server holds during the round: public keys, ciphertexts it cannot open, masked vectors, and at the end the
 shares needed to remove the masks of the sum — never one site's update.
 """
 
@@ -24,6 +25,9 @@ from medgen.privacy.secagg import Quantiser, SecAggError, check_public, unmask
 from medgen.server.errors import FederationError
 from medgen.server.strategy import State, Update
 from medgen.server.validation import Rejected, read_masked
+
+
+MIN_SUM_SITES = 3  # no sum of fewer sites' updates is published: in a sum of two, each learns the other's
 
 
 def threshold(configured: int | None, n: int) -> int:
@@ -80,6 +84,9 @@ class SecureRound:
         if len(sites) < t:
             raise self._fail(f"{len(sites)} sites left after {step} < federation.secagg_threshold={t} "
                              f"({', '.join(sites) or 'none'})")
+        if len(sites) < MIN_SUM_SITES:
+            raise self._fail(f"{len(sites)} sites left after {step} < {MIN_SUM_SITES}: no sum of fewer sites' "
+                             f"updates is published (each would learn the other's) ({', '.join(sites) or 'none'})")
 
     def run(self, asked: list[str], state: State, payload) -> tuple[Update | None, dict[str, dict]]:
         """(the sum as one update of weight N, each counted site's training metrics); (None, {})
@@ -87,6 +94,9 @@ class SecureRound:
         fed, t0 = self.fed, time.perf_counter()
         sites = [s for s in asked if s in fed.nodes]
         t = threshold(self.cfg.secagg_threshold, len(sites))
+        if len(sites) < MIN_SUM_SITES:
+            raise self._fail(f"{len(sites)} sites in the round ({', '.join(sites) or 'none'}) < {MIN_SUM_SITES}: no "
+                             f"sum of fewer sites' updates is published (each would learn the other's)")
         if t > len(sites) or 2 * t <= len(sites) or t < 2:
             raise self._fail(f"{len(sites)} sites in the round, federation.secagg_threshold={t} must be a majority "
                              f"of them and at most all")
