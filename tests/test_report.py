@@ -307,6 +307,16 @@ def test_every_lesion_metric_has_its_references_right_under_it():
         "Its Dice at the threshold counts the other side only; its AUROC, AUPRC and best Dice do not depend on the "
         "threshold.")
     assert outlier_blind_side({**blind, "reference-outlier-bright-reach": 0.42}) is None
+    # the two-sided score (since 2026-12-03): reach in its units, threshold 1; blind only when a side's healthy
+    # quantile itself sits at the clip
+    two = {"reference-outlier-threshold": 1.0, "reference-outlier-bright-threshold": 0.4, "reference-outlier-dark-threshold":
+           0.3, "reference-outlier-bright-reach": 1.0, "reference-outlier-dark-reach": 2.0}
+    assert outlier_blind_side(two) == (
+        "The intensity-outlier reference calls no pixel brighter than the healthy median here: its deviation over that "
+        "side's healthy quantile reaches at most 1 (intensities are clipped into [0, 1]), not above its threshold 1: as "
+        "many healthy pixels lie that far out. Its Dice at the threshold counts the other side only; its AUROC, AUPRC "
+        "and best Dice do not depend on the threshold.")
+    assert outlier_blind_side({**two, "reference-outlier-bright-reach": 1.5}) is None
     assert outlier_blind_side({}) is None
     assert outlier_blind_side({**blind, "reference-outlier-threshold": math.nan}) is None
 

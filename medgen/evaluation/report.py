@@ -276,7 +276,10 @@ def outlier_blind_side(metrics: dict) -> str | None:
     """The note when the intensity-outlier reference cannot call one side at this site: the most
     |intensity - median| reaches there (``reference-outlier-bright-reach`` / ``-dark-reach``, on the
     scored brain pixels, before the median filter, which cannot raise it) is not above its
-    threshold, so no pixel brighter (darker) than the median is ever called lesion. None otherwise."""
+    threshold, so no pixel brighter (darker) than the median is ever called lesion. For the two-sided
+    score (``reference-outlier-bright-threshold`` present) the reach is in its units (the deviation
+    over that side's healthy quantile, threshold 1): blind only when the side's healthy quantile is
+    itself at the clip. None otherwise."""
     threshold = metrics.get("reference-outlier-threshold", float("nan"))
     if not math.isfinite(threshold):
         return None
@@ -285,6 +288,12 @@ def outlier_blind_side(metrics: dict) -> str | None:
              if metrics.get(f"reference-outlier-{key}-reach", math.inf) <= threshold]
     if not blind:
         return None
+    if "reference-outlier-bright-threshold" in metrics:  # the two-sided score (since 2026-12-03)
+        return (f"The intensity-outlier reference calls no pixel {' nor '.join(side for side, _ in blind)} than "
+                f"the healthy median here: its deviation over that side's healthy quantile reaches at most "
+                f"{', '.join(f'{reach:.3g}' for _, reach in blind)} (intensities are clipped into [0, 1]), not above "
+                f"its threshold {threshold:.4g}: as many healthy pixels lie that far out. Its Dice at the threshold "
+                "counts the other side only; its AUROC, AUPRC and best Dice do not depend on the threshold.")
     return (f"The intensity-outlier reference calls no pixel {' nor '.join(side for side, _ in blind)} than the "
             f"healthy median here: |intensity - median| reaches at most "
             f"{', '.join(f'{reach:.3g}' for _, reach in blind)} on that side (intensities are clipped into [0, 1]), "
