@@ -2,6 +2,11 @@
 the same benchmark on the phantom, with every trivial reference on the same pixels.
 
     python benchmarks/real_anatomy.py [--families vae,ddpm] [--cohorts ixi,phantom] [--out DIR]
+    python benchmarks/real_anatomy.py --references-only [--cohorts ixi,phantom]
+
+``--references-only`` trains nothing: it builds the same sites and scores the same slices of D
+with the no-model references only, the intensity outlier both two-sided (the reference since
+2026-12-03) and symmetric (|x - median|, before), into benchmarks/results/real_anatomy_outlier.json.
 
 Per cohort: three training sites (healthy) and one held-out site D; on IXI, D's subjects are
 split apart by subject (`medgen data split`) and half of them get implanted lesions (`medgen
@@ -12,9 +17,10 @@ post-processing variant is scored on the same slices, and so are the references:
 
 - chance: AUROC 0.5; AUPRC = the lesion prevalence among the scored brain pixels;
 - all-brain: the Dice of calling every brain pixel lesion; brain area as a slice score;
-- intensity outlier (no model), post-processed like each variant: |x - median healthy brain
-  intensity|, the score a threshold on the image itself would give — a model that does not
-  beat it has learnt nothing about anatomy that helps.
+- intensity outlier (no model), post-processed like each variant: each side's deviation from the
+  median healthy brain intensity over that side's healthy quantile (two-sided since 2026-12-03;
+  |x - median| before), the score a threshold on the image itself would give — a model that
+  does not beat it has learnt nothing about anatomy that helps.
 
 (``medgen.evaluation.anomaly.references``, the same numbers every report shows.)
 
@@ -38,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from families import overrides as family_overrides  # noqa: E402
 
-from medgen.config import load_config_text  # noqa: E402
+from medgen.config import load_config, load_config_text  # noqa: E402
 from medgen.data.dataset import load_site  # noqa: E402
 from medgen.evaluation import anomaly  # noqa: E402
 from medgen.evaluation.site import split_for_threshold  # noqa: E402
@@ -98,11 +104,7 @@ def evaluate(run: Path, sites: Path) -> dict:
     cfg = load_config_text(ckpt["config"])
     model = build_model(cfg)
     load_weights(model, ckpt, checkpoint)
-    data = load_site(sites / cfg.sites.heldout[0], cfg.data, cfg.sites.heldout[0])
-    calib, scored = split_for_threshold(data, cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    calib_idx = np.sort(rng.permutation(np.flatnonzero(calib))[:MAX_SLICES])
-    idx = np.sort(rng.permutation(np.flatnonzero(scored))[:MAX_SLICES])
+    data, calib_idx, idx = _d_slices(cfg, sites)
     start = time.perf_counter()
     raw_calib, raw = maps_of(model, data.images[calib_idx], data.brain[calib_idx]), \
         maps_of(model, data.images[idx], data.brain[idx])
@@ -125,6 +127,39 @@ def evaluate(run: Path, sites: Path) -> dict:
     return result
 
 
+def _d_slices(cfg, sites: Path):
+    """Site D's slices and the benchmark's (calibration, scored) indices, as :func:`evaluate` picks them."""
+    data = load_site(sites / cfg.sites.heldout[0], cfg.data, cfg.sites.heldout[0])
+    calib, scored = split_for_threshold(data, cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    calib_idx = np.sort(rng.permutation(np.flatnonzero(calib))[:MAX_SLICES])
+    return data, calib_idx, np.sort(rng.permutation(np.flatnonzero(scored))[:MAX_SLICES])
+
+
+def references_only(sites: Path) -> dict:
+    """No model: the references on the slices :func:`evaluate` scores (the config of examples/ixi.yaml
+    with ``data.root``), the intensity outlier two-sided and symmetric, per post-processing variant."""
+    cfg = load_config(str(ROOT / "examples/ixi.yaml"), [f"data.root={sites}"])
+    data, calib_idx, idx = _d_slices(cfg, sites)
+    q = cfg.evaluation.healthy_quantile
+    les, br = data.lesion[idx] & data.brain[idx], data.brain[idx]
+    level = float(np.median(data.images[calib_idx][data.brain[calib_idx]]))
+    x = data.images[idx]
+    result = {"n_scored_slices": int(len(idx)), "n_scored_lesion_slices": int((data.labels[idx] == 1).sum()),
+              "n_calibration_slices": int(len(calib_idx)), "healthy_quantile": q,
+              "lesion_pixels": int(les.sum()), "lesion_pixels_brighter_than_median": int((x[les] > level).sum()),
+              "lesion_pixels_above_0.9": int((x[les] > 0.9).sum()), "variants": {}}
+    for name, (median, erode) in VARIANTS.items():
+        outlier = anomaly.outlier_calibration(data.images[calib_idx], data.brain[calib_idx], q, median, erode)
+        row = {"calibration": [round(float(v), 4) for v in outlier]}
+        for kind, calibration in (("two-sided", outlier), ("symmetric", anomaly.Outlier(outlier.level, outlier.threshold))):
+            refs = anomaly.references(x, data.lesion[idx], br, data.labels[idx], calibration, median, erode)
+            row[kind] = {k[len("outlier_"):]: round(float(v), 4) for k, v in refs.items() if k.startswith("outlier_")}
+        result["variants"][name] = row
+    result["references"] = {k: round(float(v), 4) for k, v in refs.items() if not k.startswith("outlier_")}
+    return result
+
+
 def distances(run: Path) -> dict:
     """The held-out site's final sample-quality numbers from the run's own evaluation: RadFD-20 / KID,
     precision / recall and MS-SSIM diversity of healthy samples against D's real healthy slices, the
@@ -144,8 +179,21 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides of a training variant (needs --tag)")
     parser.add_argument("--tag", default="", help="name of the variant (its results key: FAMILY-TAG)")
+    parser.add_argument("--references-only", action="store_true",
+                        help="train nothing: the no-model references on the same slices (results/real_anatomy_outlier.json)")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.references_only:
+        found = {"date": time.strftime("%Y-%m-%d"), "config": "examples/ixi.yaml (+ data.root)", "cohorts": {}}
+        for cohort in args.cohorts.split(","):
+            if cohort == "ixi" and not IXI.is_dir():
+                print(f"skipping ixi: {IXI} is absent")
+                continue
+            found["cohorts"][cohort] = references_only(make_sites(cohort, args.out))
+        path = ROOT / "benchmarks" / "results" / "real_anatomy_outlier.json"
+        path.write_text(json.dumps(found, indent=1) + "\n")
+        print(json.dumps(found, indent=1))
+        return
     out = ROOT / "benchmarks" / "results" / "real_anatomy.json"
     results = json.loads(out.read_text()) if out.exists() else {"cohorts": {}}  # other families' rows stay
     results.update({"date": time.strftime("%Y-%m-%d"), "config": "examples/ixi.yaml (+ model.family, data.root)"})

@@ -159,9 +159,9 @@ def test_references_are_the_no_model_scores_on_the_same_pixels():
     assert refs["brain_area_slice_auroc"] == 0.5  # every slice has the same brain area
     assert refs["outlier_pixel_auroc"] == 1.0 and refs["outlier_dice_at_threshold"] == 1.0
     assert refs["outlier_best_dice_upper_bound"] == 1.0  # the upper bound has a no-model upper bound beside it
-    assert refs["outlier_threshold"] == outlier[1]
-    assert refs["outlier_bright_reach"] == pytest.approx(0.95 - outlier[0], abs=1e-6)
-    assert refs["outlier_dark_reach"] == pytest.approx(outlier[0] - images[brain].min(), abs=1e-6)
+    assert refs["outlier_threshold"] == 1.0 and refs["outlier_bright_threshold"] == outlier.bright  # two-sided
+    assert refs["outlier_bright_reach"] == pytest.approx((0.95 - outlier.level) / outlier.bright, rel=1e-5)
+    assert refs["outlier_dark_reach"] == pytest.approx((outlier.level - images[brain].min()) / outlier.dark, rel=1e-5)
     # a map that says nothing (constant) has one threshold, calling the whole brain lesion: its best
     # Dice is the all-brain Dice 2p/(1+p), the reference the report puts beside best-dice-upper-bound
     assert A.best_dice(np.ones_like(images), lesion, brain) == pytest.approx(2 * p / (1 + p))
@@ -187,6 +187,65 @@ def test_outlier_reference_cannot_call_what_lies_within_its_reach():
     assert refs["outlier_dice_at_threshold"] == 0.0
     # lesion pixels (0.4) above the 108 healthy pixels at 0, below the 16 dark ones (0.6)
     assert refs["outlier_pixel_auroc"] == pytest.approx(108 / 124)
+
+
+# 11 healthy calibration pixels (sorted): median 0.6, a long dark tail (CSF-like), a short bright one
+CALIB = np.array([0.0, 0.05, 0.1, 0.55, 0.6, 0.6, 0.6, 0.65, 0.7, 0.8, 0.85], np.float32).reshape(1, 1, 11)
+
+
+def test_two_sided_outlier_calibration_by_hand():
+    """quantile 0.8: numpy's linear quantile of 11 values at p is the value at index 10 p.
+    |x - 0.6| sorted: 0 0 0 .05 .05 .1 .2 .25 .5 .55 .6 -> index 8: 0.5 (the symmetric threshold);
+    dark max(0.6 - x, 0): seven 0, .05, .5, .55, .6 -> at (1 + 0.8) / 2 = 0.9, index 9: 0.55;
+    bright max(x - 0.6, 0): seven 0, .05, .1, .2, .25 -> index 9: 0.2."""
+    out = A.outlier_calibration(CALIB, np.ones_like(CALIB, bool), quantile=0.8)
+    assert out.two_sided and A.outlier_threshold(out) == 1.0
+    assert out == pytest.approx(A.Outlier(0.6, 0.5, 0.55, 0.2), abs=1e-6)
+    # the map: each side's deviation over its healthy quantile; 1.0 (dev 0.4) -> 2, 0.0 (dev 0.6) -> 12/11
+    m = A.outlier_map(np.array([[[1.0, 0.0, 0.6, 0.7]]], np.float32), np.ones((1, 1, 4), bool), out)
+    assert m[0, 0] == pytest.approx([2.0, 0.6 / 0.55, 0.0, 0.5], abs=1e-5)
+    # what the healthy calibration pixels themselves get called at threshold 1: 0.0 (0.6 > 0.55) and
+    # 0.85 (0.25 > 0.2): 2 of 11, within the 1 - 0.8 budget
+    calib_map = A.outlier_map(CALIB, np.ones_like(CALIB, bool), out)
+    assert int((calib_map > 1).sum()) == 2
+
+
+def _scored(kind: str):
+    """Two all-brain 4 x 4 slices at the healthy median 0.6: slice 0 healthy with a 0.7 and a 0.1
+    (within each side's healthy quantile), slice 1 with one healthy 0.85 (bright deviation 0.25 >
+    0.2: a false positive of the two-sided score) and lesion pixels at 1.0 (bright) or 0.0 (dark)."""
+    images = np.full((2, 4, 4), 0.6, np.float32)
+    images[0, 0, :2], images[0, 1, 0] = 0.7, 0.1
+    images[1, 3, 3] = 0.85
+    lesion = np.zeros(images.shape, bool)
+    if kind in ("bright", "both"):
+        lesion[1, 0, :2] = True
+        images[1, 0, :2] = 1.0
+    if kind in ("dark", "both"):
+        lesion[1, 2, :2] = True
+        images[1, 2, :2] = 0.0
+    return images, lesion, np.ones(images.shape, bool), np.array([0, 1])
+
+
+@pytest.mark.parametrize("kind, two_sided, symmetric", [
+    # bright: 2 lesion pixels + the 0.85 called -> 2*2 / (3 + 2); the symmetric score's threshold 0.5
+    # is above the 0.4 a pixel at 1.0 can reach: none called, Dice 0
+    ("bright", 0.8, 0.0),
+    # dark: 2 lesion pixels + the 0.85 -> 0.8; symmetric: |0 - 0.6| = 0.6 > 0.5, 0.25 < 0.5 -> 1.0
+    ("dark", 0.8, 1.0),
+    # both: 4 + 1 called -> 8/9; symmetric: only the 2 dark -> 2*2 / (2 + 4)
+    ("both", 8 / 9, 2 / 3)])
+def test_two_sided_outlier_calls_bright_and_dark_lesions_by_hand(kind, two_sided, symmetric):
+    images, lesion, brain, labels = _scored(kind)
+    out = A.outlier_calibration(CALIB, np.ones_like(CALIB, bool), quantile=0.8)
+    refs = A.references(images, lesion, brain, labels, out)
+    assert refs["outlier_dice_at_threshold"] == pytest.approx(two_sided)
+    assert refs["outlier_dark_threshold"] == pytest.approx(0.55) and refs["outlier_bright_threshold"] == pytest.approx(0.2)
+    old = A.references(images, lesion, brain, labels, (out.level, out.threshold))  # a record without the sides
+    assert old["outlier_dice_at_threshold"] == pytest.approx(symmetric)
+    assert old["outlier_threshold"] == pytest.approx(0.5) and "outlier_bright_threshold" not in old
+    if kind == "bright":  # reach in map units: (1.0 - 0.6) / 0.2 = 2 > 1; the symmetric score: 0.4 < 0.5
+        assert refs["outlier_bright_reach"] == pytest.approx(2.0) and old["outlier_bright_reach"] == pytest.approx(0.4)
 
 
 def test_slice_auroc_and_curves_equal_sklearn():

@@ -113,6 +113,13 @@ def test_a_site_with_only_patients_names_where_its_threshold_came_from(calibrati
     # threshold 0: every brain pixel with a positive score is called lesion
     assert 0 < metrics["dice-at-threshold"] <= metrics["reference-all-brain-dice"] + 1e-9
     assert metrics["reference-outlier-dice-at-threshold"] == 1.0  # |0.9 - 0.4| > 0.3 > |U(0.3, 0.5) - 0.4|
+    # with the per-side quantiles (since 2026-12-03) the reference is two-sided; an old record above is not
+    told = EvaluationPlan(thresholds={"": 0.0, "/outlier-level": 0.4, "/outlier": 0.3, "/outlier-dark": 0.1,
+                                      "/outlier-bright": 0.1})
+    assert EvaluationPlan.from_config(told.to_config()) == told
+    metrics, _, _ = anomaly_metrics(model, data, cfg, told)
+    assert metrics["reference-outlier-threshold"] == 1.0 and metrics["reference-outlier-bright-threshold"] == 0.1
+    assert metrics["reference-outlier-dice-at-threshold"] == 1.0  # (0.9 - 0.4) / 0.1 > 1 >= |U(0.3, 0.5) - 0.4| / 0.1
     assert metrics["volumes"] == 4 and metrics["n-scored-subjects"] == 4
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ from PIL import Image
 
 from medgen import provenance, strictjson
 from medgen.config import load_config
-from medgen.evaluation.report import (_curves, build_report, compare_runs, lesion_words, n_behind,
-                                      outlier_blind_side, site_colours, status_words, verdict, with_references)
+from medgen.evaluation.report import (_curves, _table, build_report, compare_runs, lesion_words, n_behind,
+                                      outlier_blind_side, site_colours, status_words, utility_rows, verdict,
+                                      with_references)
 from medgen.server.federation import run_federation
 from medgen.server.rundir import RunDir
 from test_federation import LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401  (fixture)
@@ -256,6 +258,26 @@ def test_site_page_tables_detection_by_anomaly_setting(tiny_cohort, tmp_path):
     assert cells[cells.index("t=5") + 5] == f"{last['slice-auroc@t=5']:.4g}"
 
 
+def test_site_page_utility_table_with_its_references_and_n():
+    """evaluation.utility: a site's utility-* numbers as a table, each arm's AUROC / AUPRC, then chance
+    (0.5; AUPRC = prevalence), the brain-area score and the gain, with n; nothing without them."""
+    m = {"utility-real-auroc": 0.8, "utility-real-auprc": 0.4, "utility-synthetic-auroc": 0.6,
+         "utility-synthetic-auprc": 0.25, "utility-real+synthetic-auroc": 0.85, "utility-real+synthetic-auprc": 0.45,
+         "utility-gain-auroc": 0.05, "utility-reference-brain-area-auroc": 0.7, "utility-reference-prevalence": 0.2,
+         "n-utility-seeds": 3.0, "n-utility-train-slices": 1200.0, "n-utility-test-slices": 300.0,
+         "n-utility-test-subjects": 6.0}
+    found = utility_rows(m)
+    assert found["n"] == "1,200 training slices, 300 test slices, 6 test subjects, 3 seeds (means over them)"
+    cells = Page(_table(found["rows"], ["classifier", "test AUROC", "test AUPRC"])).cells
+    assert cells == ["real (trained on real slices)", "0.8", "0.4", "synthetic (trained on samples only)", "0.6", "0.25",
+                     "real+synthetic (trained on both)", "0.85", "0.45",
+                     "↳ chance (AUPRC: the lesion prevalence of the test slices)", "0.5", "0.2",
+                     "↳ brain area alone as the slice score (no model)", "0.7", "—",
+                     "gain: real+synthetic − real", "0.05", "—"]
+    assert utility_rows({"pixel-auroc": 0.9, "n-scored-slices": 10}) is None
+    assert "{% if utility %}" in (Path(__file__).parents[1] / "medgen/evaluation/templates/site.html").read_text()
+
+
 def _lesion_site(p=0.018):
     """A held-out site's final metrics as the issue found them on a white-matter-lesion site: the
     best Dice equals calling the whole brain lesion, 2p/(1+p); AUPRC equals the prevalence p."""
@@ -307,6 +329,16 @@ def test_every_lesion_metric_has_its_references_right_under_it():
         "Its Dice at the threshold counts the other side only; its AUROC, AUPRC and best Dice do not depend on the "
         "threshold.")
     assert outlier_blind_side({**blind, "reference-outlier-bright-reach": 0.42}) is None
+    # the two-sided score (since 2026-12-03): reach in its units, threshold 1; blind only when a side's healthy
+    # quantile itself sits at the clip
+    two = {"reference-outlier-threshold": 1.0, "reference-outlier-bright-threshold": 0.4, "reference-outlier-dark-threshold":
+           0.3, "reference-outlier-bright-reach": 1.0, "reference-outlier-dark-reach": 2.0}
+    assert outlier_blind_side(two) == (
+        "The intensity-outlier reference calls no pixel brighter than the healthy median here: its deviation over that "
+        "side's healthy quantile reaches at most 1 (intensities are clipped into [0, 1]), not above its threshold 1: as "
+        "many healthy pixels lie that far out. Its Dice at the threshold counts the other side only; its AUROC, AUPRC "
+        "and best Dice do not depend on the threshold.")
+    assert outlier_blind_side({**two, "reference-outlier-bright-reach": 1.5}) is None
     assert outlier_blind_side({}) is None
     assert outlier_blind_side({**blind, "reference-outlier-threshold": math.nan}) is None
 

@@ -14,6 +14,8 @@ masks and is reported as an upper bound only.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -220,39 +222,91 @@ def slice_auroc(scores, brain, labels, reduce: str = "mean_top1pct") -> float:
 
 
 def intensity_outlier(images, brain, level: float) -> np.ndarray:
-    """The no-model anomaly score: |x - ``level``| inside ``brain`` (0 outside), ``level`` being the
-    median brain intensity of healthy slices — what a threshold on the image itself does (a
-    FLAIR hyperintensity threshold, a T1 hypointensity one). (N, S, S) float32 >= 0."""
+    """The symmetric no-model score |x - ``level``| inside ``brain`` (0 outside), ``level`` being the
+    median brain intensity of healthy slices. (N, S, S) float32 >= 0. The reference before
+    2026-12-03 (and for records that carry no per-side threshold): with intensities clipped into
+    [0, 1] and a median near 0.6, the bright side reaches at most ~0.4, below a threshold set by the
+    dark side, so it could call no bright pixel. :func:`outlier_map` is the two-sided one."""
     x, br = _maps(images, brain=brain)
     return np.where(br, np.abs(x - level), 0.0).astype(np.float32)
 
 
+class Outlier(NamedTuple):
+    """The calibration of the intensity-outlier reference, fixed on healthy brain pixels (numbers only):
+    ``level`` the median intensity, ``threshold`` the ``quantile`` of the symmetric score
+    :func:`intensity_outlier`, and per side the ``(1 + quantile) / 2`` quantile of the post-processed
+    darker-than-median (``dark``) and brighter-than-median (``bright``) deviation. Without ``dark`` /
+    ``bright`` (a record from before 2026-12-03) the symmetric score is used."""
+    level: float
+    threshold: float
+    dark: float | None = None
+    bright: float | None = None
+
+    @property
+    def two_sided(self) -> bool:
+        return self.dark is not None and self.bright is not None
+
+
+def outlier_sides(images, brain, level: float, median_px: int = 0, erode_px: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(dark, bright): max(``level`` - x, 0) and max(x - ``level``, 0) inside ``brain``, each
+    post-processed (:func:`postprocess`). (N, S, S) float32 >= 0 each."""
+    x, br = _maps(images, brain=brain)
+    return (postprocess(np.where(br, np.maximum(level - x, 0.0), 0.0), br, median_px, erode_px),
+            postprocess(np.where(br, np.maximum(x - level, 0.0), 0.0), br, median_px, erode_px))
+
+
+def outlier_map(images, brain, outlier: Outlier, median_px: int = 0, erode_px: int = 0) -> np.ndarray:
+    """The intensity-outlier reference's post-processed map. Two-sided (``outlier.dark`` and
+    ``bright`` set): max(dark / ``outlier.dark``, bright / ``outlier.bright``) of
+    :func:`outlier_sides`, so that a pixel is called (map > 1, :func:`outlier_threshold`) when its
+    deviation on either side exceeds that side's healthy quantile: each side gets half the healthy
+    false-positive budget, 1 - quantile in all at most, and a bright lesion is called as readily as a
+    dark one. Otherwise the symmetric :func:`intensity_outlier`, post-processed. (N, S, S) float32."""
+    if not outlier.two_sided:
+        return postprocess(intensity_outlier(images, brain, outlier.level), brain, median_px, erode_px)
+    dark, bright = outlier_sides(images, brain, outlier.level, median_px, erode_px)
+    tiny = np.finfo(np.float32).tiny  # a side whose healthy quantile is 0: any deviation there is called
+    return np.maximum(dark / max(outlier.dark, tiny), bright / max(outlier.bright, tiny)).astype(np.float32)
+
+
+def outlier_threshold(outlier: Outlier) -> float:
+    """The threshold of :func:`outlier_map`: 1 for the two-sided map, ``outlier.threshold`` otherwise."""
+    return 1.0 if outlier.two_sided else float(outlier.threshold)
+
+
 def outlier_calibration(images, brain, quantile: float, median_px: int = 0,
-                        erode_px: int = 0) -> tuple[float, float] | None:
-    """(level, threshold) of the :func:`intensity_outlier` score fixed on calibration pixels:
-    ``level`` the median of ``images`` inside ``brain`` (N, S, S), the threshold the ``quantile`` of
-    the post-processed outlier score there. None without a calibration pixel."""
+                        erode_px: int = 0) -> Outlier | None:
+    """The :class:`Outlier` calibration fixed on healthy calibration pixels ``images`` inside ``brain``
+    (N, S, S), post-processed like the model's maps: the median ``level``, the ``quantile`` of the
+    symmetric score (``threshold``) and the ``(1 + quantile) / 2`` quantile of each side's deviation
+    (``dark``, ``bright``). None without a calibration pixel."""
     x, br = _maps(images, brain=brain)
     if not br.any():
         return None
     level = float(np.median(x[br]))
     calib = postprocess(intensity_outlier(x, br, level), br, median_px, erode_px)
-    return level, threshold_from_healthy(calib, br, quantile)
+    dark, bright = outlier_sides(x, br, level, median_px, erode_px)
+    side_q = (1.0 + quantile) / 2.0
+    return Outlier(level, threshold_from_healthy(calib, br, quantile), threshold_from_healthy(dark, br, side_q),
+                   threshold_from_healthy(bright, br, side_q))
 
 
-def references(images, lesion, brain, labels, outlier: tuple[float, float] | None,
+def references(images, lesion, brain, labels, outlier: Outlier | tuple | None,
                median_px: int = 0, erode_px: int = 0, subjects=None) -> dict[str, float]:
     """The trivial references of lesion detection, on the scored slices themselves (``images``,
     ``lesion``, ``brain`` (N, S, S), ``labels`` (N,)): ``prevalence`` (the AUPRC of a random score),
     ``all_brain_dice`` (the Dice of calling the whole brain lesion, 2p/(1+p)),
-    ``brain_area_slice_auroc`` (a slice scored by its brain area alone), and the
-    :func:`intensity_outlier` score as ``outlier_*`` (its best Dice too: the upper bound of a model
-    is compared with the outlier score's upper bound), post-processed like the model's maps, with
-    ``outlier`` = (level, threshold) from :func:`outlier_calibration` (None: left out). With the
-    slices' ``subjects`` (N,), also the outlier score's :func:`per_volume` Dice and AUPRC. With
-    ``outlier``, also its ``outlier_threshold`` and how far |x - level| reaches above and below the
-    level on these brain pixels (``outlier_bright_reach``, ``outlier_dark_reach``): a side whose reach
-    is below the threshold is one the score can never call."""
+    ``brain_area_slice_auroc`` (a slice scored by its brain area alone), and the intensity-outlier
+    score (:func:`outlier_map`: two-sided with a calibration from :func:`outlier_calibration`, the
+    symmetric |x - level| with an old (level, threshold) pair) as ``outlier_*`` (its best Dice too: the
+    upper bound of a model is compared with the outlier score's upper bound), post-processed like the
+    model's maps (None: left out). With the slices' ``subjects`` (N,), also the outlier score's
+    :func:`per_volume` Dice and AUPRC. With ``outlier``, also its ``outlier_threshold`` (1 for the
+    two-sided map; ``outlier_dark_threshold`` / ``outlier_bright_threshold`` then give each side's
+    healthy quantile) and how far the map reaches on each side of the level on these brain pixels
+    before post-processing (``outlier_bright_reach``, ``outlier_dark_reach``, in the map's units; the
+    median filter cannot raise them): a side whose reach is below the threshold is one the score can
+    never call."""
     _, les, br = _maps(images, lesion, brain)
     y = np.asarray(labels).astype(bool).ravel()
     out = {"prevalence": float((les & br).sum() / max(int(br.sum()), 1)),
@@ -260,13 +314,16 @@ def references(images, lesion, brain, labels, outlier: tuple[float, float] | Non
            "brain_area_slice_auroc": _auroc(y, br.reshape(len(br), -1).sum(1).astype(np.float64))}
     if outlier is None:
         return out
-    level, threshold = outlier
+    outlier = Outlier(*outlier)
+    threshold = outlier_threshold(outlier)
     x = _arr(images, "images", np.float64)[br]
-    # how far |x - level| reaches on each side here: intensities are clipped into [0, 1], so with a
-    # threshold above 1 - level the score cannot call a single pixel brighter than the median
-    out.update({"outlier_threshold": float(threshold), "outlier_bright_reach": float(x.max(initial=level) - level),
-                "outlier_dark_reach": float(level - x.min(initial=level))})
-    maps = postprocess(intensity_outlier(images, brain, level), brain, median_px, erode_px)
+    bright, dark = float(x.max(initial=outlier.level) - outlier.level), float(outlier.level - x.min(initial=outlier.level))
+    if outlier.two_sided:  # in the map's units: each side divided by its healthy quantile
+        tiny = np.finfo(np.float32).tiny
+        bright, dark = bright / max(outlier.bright, tiny), dark / max(outlier.dark, tiny)
+        out.update({"outlier_dark_threshold": float(outlier.dark), "outlier_bright_threshold": float(outlier.bright)})
+    out.update({"outlier_threshold": threshold, "outlier_bright_reach": bright, "outlier_dark_reach": dark})
+    maps = outlier_map(images, brain, outlier, median_px, erode_px)
     report = anomaly_report(maps, lesion, brain, labels, threshold)
     if subjects is not None:
         volume = per_volume(maps, lesion, brain, subjects, threshold)

@@ -18,7 +18,9 @@ CLASSES_KEY = "trained-classes"
 CALIBRATE_KEY = "send-calibration"
 THRESHOLD_PREFIX = "calibration-threshold"  # + the anomaly setting's suffix ("", "@t=800") or an OUTLIER_* one
 OUTLIER_LEVEL, OUTLIER_THRESHOLD = "/outlier-level", "/outlier"  # the intensity-outlier reference's calibration
-_SUFFIX = re.compile(r"^((@[a-z_]+=[-+\w.]+)*|/outlier-level|/outlier)$")
+# its per-side healthy quantiles (since 2026-12-03; a record without them gets the symmetric score)
+OUTLIER_DARK, OUTLIER_BRIGHT = "/outlier-dark", "/outlier-bright"
+_SUFFIX = re.compile(r"^((@[a-z_]+=[-+\w.]+)*|/outlier-level|/outlier|/outlier-dark|/outlier-bright)$")
 
 #: ``threshold-source`` metric: which slices fixed the threshold of ``dice-at-threshold``.
 THRESHOLD_SOURCES = {

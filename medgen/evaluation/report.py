@@ -275,11 +275,41 @@ def threshold_words(metrics: dict) -> str | None:
         (f" ({_count(n)} slices)" if n is not None else "")
 
 
+UTILITY_ARMS = (("real", "trained on real slices"), ("synthetic", "trained on samples only"),
+                ("real+synthetic", "trained on both"))
+
+
+def utility_rows(metrics: dict) -> dict | None:
+    """The site page's synthetic-data utility table (``evaluation.utility``, ``utility.site_metrics``):
+    per arm its test AUROC and AUPRC, then the references on the same test slices (chance AUROC 0.5
+    with AUPRC = the lesion prevalence, a slice's brain area as its score) and the gain of adding the
+    samples; ``n`` in words. None when the site sent no ``utility-*`` number."""
+    if not any(k.startswith("utility-") for k in metrics):
+        return None
+    nan = float("nan")
+    rows = [[f"{arm} ({words})", metrics.get(f"utility-{arm}-auroc", nan), metrics.get(f"utility-{arm}-auprc", nan)]
+            for arm, words in UTILITY_ARMS]
+    rows += [["↳ chance (AUPRC: the lesion prevalence of the test slices)", 0.5,
+              metrics.get("utility-reference-prevalence", nan)],
+             ["↳ brain area alone as the slice score (no model)", metrics.get("utility-reference-brain-area-auroc", nan),
+              "—"],
+             ["gain: real+synthetic − real", metrics.get("utility-gain-auroc", nan), "—"]]
+    n = [f"{_count(metrics[k])} {words}" for k, words in (("n-utility-train-slices", "training slices"),
+                                                          ("n-utility-test-slices", "test slices"),
+                                                          ("n-utility-test-subjects", "test subjects"),
+                                                          ("n-utility-seeds", "seeds (means over them)"))
+         if k in metrics]
+    return {"rows": rows, "n": ", ".join(n)}
+
+
 def outlier_blind_side(metrics: dict) -> str | None:
     """The note when the intensity-outlier reference cannot call one side at this site: the most
     |intensity - median| reaches there (``reference-outlier-bright-reach`` / ``-dark-reach``, on the
     scored brain pixels, before the median filter, which cannot raise it) is not above its
-    threshold, so no pixel brighter (darker) than the median is ever called lesion. None otherwise."""
+    threshold, so no pixel brighter (darker) than the median is ever called lesion. For the two-sided
+    score (``reference-outlier-bright-threshold`` present) the reach is in its units (the deviation
+    over that side's healthy quantile, threshold 1): blind only when the side's healthy quantile is
+    itself at the clip. None otherwise."""
     threshold = metrics.get("reference-outlier-threshold", float("nan"))
     if not math.isfinite(threshold):
         return None
@@ -288,6 +318,12 @@ def outlier_blind_side(metrics: dict) -> str | None:
              if metrics.get(f"reference-outlier-{key}-reach", math.inf) <= threshold]
     if not blind:
         return None
+    if "reference-outlier-bright-threshold" in metrics:  # the two-sided score (since 2026-12-03)
+        return (f"The intensity-outlier reference calls no pixel {' nor '.join(side for side, _ in blind)} than "
+                f"the healthy median here: its deviation over that side's healthy quantile reaches at most "
+                f"{', '.join(f'{reach:.3g}' for _, reach in blind)} (intensities are clipped into [0, 1]), not above "
+                f"its threshold {threshold:.4g}: as many healthy pixels lie that far out. Its Dice at the threshold "
+                "counts the other side only; its AUROC, AUPRC and best Dice do not depend on the threshold.")
     return (f"The intensity-outlier reference calls no pixel {' nor '.join(side for side, _ in blind)} than the "
             f"healthy median here: |intensity - median| reaches at most "
             f"{', '.join(f'{reach:.3g}' for _, reach in blind)} on that side (intensities are clipped into [0, 1]), "
@@ -700,7 +736,7 @@ def build_report(run_dir: str | Path) -> Path:
             evaluation=_curves(records, [site], "evaluate", ["loss", "pixel-auroc"], f"site {site}: evaluation",
                                colours),
             roc=_roc_pr({site: a} if a else {}, colours), references=_reference_rows(metrics),
-            outlier_note=outlier_blind_side(metrics),
+            outlier_note=outlier_blind_side(metrics), utility=utility_rows(metrics),
             threshold=threshold_words(metrics), warnings=metrics.get("warnings", []),
             by_setting=_by_setting(metrics, a), overlays=_overlays(a), lesion_scored="roc-fpr" in a or
             "pixel-auroc" in metrics, privacy=_privacy(records, site, metrics, a, colours),

@@ -25,7 +25,7 @@ import torch
 from medgen.config import Config
 from medgen.data.dataset import HEALTHY, LESION, SiteSlices
 from medgen.evaluation import anomaly, distances, fid, memorisation, utility
-from medgen.evaluation.plan import (OUTLIER_LEVEL, OUTLIER_THRESHOLD, OUTSIDE_LESIONS, OWN_HEALTHY,
+from medgen.evaluation.plan import (OUTLIER_BRIGHT, OUTLIER_DARK, OUTLIER_LEVEL, OUTLIER_THRESHOLD, OUTSIDE_LESIONS, OWN_HEALTHY,
                                    THRESHOLD_PREFIX, TRAINING_SITES, EvaluationPlan)
 from medgen.evaluation.samples import CLASS_NAMES
 from medgen.models import GenerativeModel
@@ -119,7 +119,7 @@ def calibration_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config) -
     """A training site's share of the federation's threshold, from its healthy subjects' validation
     slices (no model trained on them): per anomaly setting the ``evaluation.healthy_quantile`` of
     their brain pixels' scores (``calibration-threshold<setting>``), the intensity-outlier
-    reference's level and threshold, and the number of pixels (``calibration-pixels``). Numbers
+    reference's level, threshold and per-side quantiles, and the number of pixels (``calibration-pixels``). Numbers
     only; empty without a healthy subject."""
     ev = cfg.evaluation
     idx = _pick(np.isin(data.subjects, _healthy_subjects(data)), ev.max_anomaly_slices, cfg.seed)
@@ -130,9 +130,10 @@ def calibration_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config) -
     for setting in model.anomaly_sweep():
         maps = _maps(model, data, idx, setting, cfg)
         out[THRESHOLD_PREFIX + _suffix(setting)] = anomaly.threshold_from_healthy(maps, brain, ev.healthy_quantile)
-    level, threshold = anomaly.outlier_calibration(data.images[idx], brain, ev.healthy_quantile,
-                                                   ev.median_filter_px, ev.erode_brain_px)
-    out.update({THRESHOLD_PREFIX + OUTLIER_LEVEL: level, THRESHOLD_PREFIX + OUTLIER_THRESHOLD: threshold})
+    outlier = anomaly.outlier_calibration(data.images[idx], brain, ev.healthy_quantile,
+                                          ev.median_filter_px, ev.erode_brain_px)
+    out.update({THRESHOLD_PREFIX + key: value for key, value in zip(
+        (OUTLIER_LEVEL, OUTLIER_THRESHOLD, OUTLIER_DARK, OUTLIER_BRIGHT), outlier)})
     return out
 
 
@@ -198,7 +199,9 @@ def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config, plan:
                                               ev.median_filter_px, ev.erode_brain_px)
     else:
         found = (plan.thresholds.get(OUTLIER_LEVEL), plan.thresholds.get(OUTLIER_THRESHOLD))
-        outlier = found if None not in found else None
+        sides = (plan.thresholds.get(OUTLIER_DARK), plan.thresholds.get(OUTLIER_BRIGHT))
+        # the per-side quantiles make it two-sided; a record without them keeps the symmetric score
+        outlier = None if None in found else anomaly.Outlier(*found, *(sides if None not in sides else (None, None)))
     refs = anomaly.references(data.images[scored_idx], lesion, brain, data.labels[scored_idx], outlier,
                               ev.median_filter_px, ev.erode_brain_px, data.subjects[scored_idx])
     refs.update({k: volume[k] for k in ("volume_prevalence", "volume_all_brain_dice")})  # the same for every map
