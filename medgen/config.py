@@ -6,6 +6,7 @@ against the schema below. Every error names the full key path and what is allowe
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -575,6 +576,11 @@ def _check_secure_aggregation(cfg: Config) -> None:
     if n < 3:
         raise ValueError(f"{where}: {n} training sites; with two, each learns the other's update from the global "
                          f"model (it knows its own): use at least 3")
+    asked = max(1, math.ceil(fed.fraction_train * n)) if fed.fraction_train < 1.0 else n
+    if asked < 3 <= n and not cfg.privacy.central.enabled:
+        raise ValueError(f"{where}: federation.fraction_train={fed.fraction_train:g} asks {asked} of the {n} training "
+                         f"sites a round, and no sum of fewer than 3 sites' updates is published: raise it to at "
+                         f"least 3/{n} = {3 / n:.3g}")
     if fed.secagg_threshold is not None and fed.secagg_threshold > n:
         raise ValueError(f"federation.secagg_threshold={fed.secagg_threshold} is more than the {n} training sites")
     if fed.secagg_threshold is not None and 2 * fed.secagg_threshold <= n:

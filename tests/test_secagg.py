@@ -143,6 +143,13 @@ def test_what_secure_aggregation_cannot_go_with_is_refused(setting, named):
         load_config(None, SECURE + [setting])
 
 
+def test_a_secure_study_that_would_ask_fewer_than_three_sites_a_round_is_refused_at_load():
+    four = SECURE + ["sites.train=[A,B,C,D]"]
+    with pytest.raises(ConfigError, match=r"federation\.fraction_train=0\.5 asks 2 of the 4 .* at least 3/4 = 0\.75"):
+        load_config(None, four + ["federation.fraction_train=0.5"])
+    assert load_config(None, four + ["federation.fraction_train=0.75"]).federation.fraction_train == 0.75
+
+
 def test_a_secure_study_goes_without_the_default_update_bound():
     """federation.max_update_ratio (default 10) needs each site's update; a secure study left at the
     default runs without it, and the config the sites receive says so."""
