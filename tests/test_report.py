@@ -18,8 +18,8 @@ from PIL import Image
 from medgen import provenance, strictjson
 from medgen.config import load_config
 from medgen.evaluation.report import (_curves, _table, build_report, compare_runs, lesion_words, n_behind,
-                                      outlier_blind_side, site_colours, status_words, utility_rows, verdict,
-                                      with_references)
+                                      outlier_blind_side, site_colours, status_words, threshold_words, utility_rows,
+                                      verdict, with_references)
 from medgen.server.federation import run_federation
 from medgen.server.rundir import RunDir
 from test_federation import LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401  (fixture)
@@ -422,6 +422,20 @@ def test_site_records_table_puts_the_references_beside_each_lesion_metric(tmp_pa
     # the n behind each metric, in small type beside it
     assert '<td>0.018<span class="n"> n=1,000 px (18 lesion)</span></td>' in records
     assert '<td>0.74<span class="n"> n=40 slices (12 lesion)</span></td>' in records
+    assert "↳: right after each lesion metric" in page
     # a training site's train record has no lesion metric, hence no reference either
     train = (run.path / "report" / "site-A.html").read_text().split("<h2>Records</h2>", 1)[1].split("</table>")[0]
     assert Page(train).cells == ["1", "train", "2"] and train.count("<td") == len(header)  # the rest empty
+    assert "↳: right after each lesion metric" not in (run.path / "report" / "site-A.html").read_text()
+
+
+def test_a_site_without_a_threshold_is_told_why_in_words():
+    """Source 0 (no threshold): not "no healthy slices" — a training site with one healthy
+    validation subject has healthy slices (it sends their quantile), but cannot hold half apart and
+    is not given the pooled threshold, which goes to held-out sites only."""
+    assert threshold_words({"threshold-source": 0.0, "threshold": math.nan}) == (
+        "none: fewer than two healthy subjects here to hold half of them apart, and no threshold from the training "
+        "sites (the server passes theirs to held-out sites only)")
+    assert threshold_words({"threshold-source": 1.0, "threshold": 0.1068, "n-calibration-slices": 112.0}) == (
+        "0.1068, fixed on the site's own healthy subjects (half of them; those slices are not scored) (112 slices)")
+    assert threshold_words({"loss": 1.0}) is None

@@ -223,7 +223,8 @@ def _verdicts(metrics: dict) -> list[dict]:
         else:
             text = ("does NOT beat " + " nor ".join(not_beaten) if not_beaten else
                     "beats both" if not missing else "beats what was computed")
-            text += f" ({', '.join(missing)}: not computed, e.g. no healthy subject to calibrate)" if missing else ""
+            text += (f" ({', '.join(missing)}: not computed, no healthy slices held apart to calibrate it: "
+                     "see the threshold below)") if missing else ""
         out.append({"key": key, "value": value, "ref_name": ref_name, "trivial": trivial, "outlier": outlier,
                     "not_beaten": not_beaten, "missing": missing, "text": text})
     return out
