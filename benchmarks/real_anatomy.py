@@ -184,13 +184,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.references_only:
-        found = {"date": time.strftime("%Y-%m-%d"), "config": "examples/ixi.yaml (+ data.root)", "cohorts": {}}
+        path = ROOT / "benchmarks" / "results" / "real_anatomy_outlier.json"
+        # the cohorts not measured this time keep their entry; each entry carries its own date
+        found = json.loads(path.read_text()) if path.exists() else {"cohorts": {}}
+        for entry in found["cohorts"].values():
+            entry.setdefault("date", found.get("date"))
+        found.pop("date", None)
+        found["config"] = "examples/ixi.yaml (+ data.root)"
         for cohort in args.cohorts.split(","):
             if cohort == "ixi" and not IXI.is_dir():
                 print(f"skipping ixi: {IXI} is absent")
                 continue
-            found["cohorts"][cohort] = references_only(make_sites(cohort, args.out))
-        path = ROOT / "benchmarks" / "results" / "real_anatomy_outlier.json"
+            found["cohorts"][cohort] = {"date": time.strftime("%Y-%m-%d"),
+                                        **references_only(make_sites(cohort, args.out))}
         path.write_text(json.dumps(found, indent=1) + "\n")
         print(json.dumps(found, indent=1))
         return

@@ -8,7 +8,10 @@ each scored like the configured map (median 5, threshold on healthy calibration 
 - ``KL gradient``: |d KL(q(z|x) || p(z)) / dx| (Zimmerer et al., 2019), Gaussian-smoothed;
 - ``reconstruction x KL gradient``: their combined score;
 - ``reconstruction x intensity outlier``: the reconstruction error where the intensity is also
-  unusual (|x - median healthy brain intensity|);
+  unusual: the report's two-sided intensity-outlier map (``anomaly.outlier_map``, each side's
+  deviation from the median healthy brain intensity over that side's healthy quantile, fixed on
+  the calibration slices by ``anomaly.outlier_calibration``; before 2026-12-04 the one-sided
+  |x - median|), unfiltered here: the product is post-processed like every score;
 - ``reconstruction, z per position``: the error standardised by the healthy calibration
   slices' mean and spread at each pixel position (slices are cropped to the brain, so positions
   roughly correspond).
@@ -67,8 +70,10 @@ def main() -> None:
     net = model._net.eval()
     recon = {i: maps_of(model, data.images[ix], data.brain[ix]) for i, ix in (("c", ci), ("s", si))}
     grad = {i: kl_gradient(net, data.images[ix]) * data.brain[ix] for i, ix in (("c", ci), ("s", si))}
-    level = float(np.median(data.images[ci][data.brain[ci]]))
-    outlier = {i: anomaly.intensity_outlier(data.images[ix], data.brain[ix], level) for i, ix in (("c", ci), ("s", si))}
+    q = cfg.evaluation.healthy_quantile
+    # the site evaluation's no-model reference, two-sided, calibrated on the same healthy slices
+    calibration = anomaly.outlier_calibration(data.images[ci], data.brain[ci], q)
+    outlier = {i: anomaly.outlier_map(data.images[ix], data.brain[ix], calibration) for i, ix in (("c", ci), ("s", si))}
     mean, spread = recon["c"].mean(0), recon["c"].std(0) + 1e-3
     scores = {
         "reconstruction": recon,
@@ -77,9 +82,9 @@ def main() -> None:
         "reconstruction x intensity outlier": {i: recon[i] * outlier[i] for i in "cs"},
         "reconstruction, z per position": {i: np.clip((recon[i] - mean) / spread, 0, None) for i in "cs"},
     }
-    q = cfg.evaluation.healthy_quantile
     results = {"run": str(run.relative_to(ROOT) if run.is_absolute() else run), "n_scored_slices": int(len(si)),
-               "post-processing": "median 5", "scores": {}}
+               "post-processing": "median 5",
+               "intensity outlier": "two-sided (anomaly.outlier_map)", "scores": {}}
     for name, maps in scores.items():
         post = [anomaly.postprocess(maps[i], data.brain[ix], 5, 0) for i, ix in (("c", ci), ("s", si))]
         results["scores"][name] = score(*post, data, ci, si, q)

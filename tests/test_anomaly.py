@@ -172,6 +172,19 @@ def test_references_are_the_no_model_scores_on_the_same_pixels():
                                                "scored_pixels": 6 * 12 * 12, "scored_lesion_pixels": 3 * 3 * 3}
 
 
+def test_brain_area_slice_auroc_by_hand():
+    """The no-model slice score is the slice's brain area: areas 10, 20, 30, 40 pixels, slices 2
+    and 4 with lesion. Of the 4 (lesion, healthy) pairs, 20 > 10, 40 > 10, 40 > 30 are ranked right
+    and 20 < 30 wrong: AUROC 3/4; prevalence 2 / 100 and all-brain Dice 2p/(1+p) = 0.04/1.02."""
+    brain = np.zeros((4, 8, 8), bool)
+    for i, area in enumerate((10, 20, 30, 40)):
+        brain[i].flat[:area] = True
+    lesion = np.zeros_like(brain)
+    lesion[1].flat[0] = lesion[3].flat[0] = True
+    refs = A.references(np.full(brain.shape, 0.5, np.float32), lesion, brain, np.array([0, 1, 0, 1]), None)
+    assert refs == pytest.approx({"prevalence": 0.02, "all_brain_dice": 0.04 / 1.02, "brain_area_slice_auroc": 0.75})
+
+
 def test_outlier_reference_cannot_call_what_lies_within_its_reach():
     """Intensities clipped into [0, 1] and a median of 0.6: |x - 0.6| is at most 0.4 on the bright
     side. With a threshold of 0.45 (set by dark, CSF-like healthy pixels) a bright lesion is never

@@ -18,8 +18,8 @@ from PIL import Image
 from medgen import provenance, strictjson
 from medgen.config import load_config
 from medgen.evaluation.report import (_curves, _table, build_report, compare_runs, lesion_words, n_behind,
-                                      outlier_blind_side, site_colours, status_words, utility_rows, verdict,
-                                      with_references)
+                                      outlier_blind_side, site_colours, status_words, threshold_words, utility_rows,
+                                      verdict, with_references)
 from medgen.server.federation import run_federation
 from medgen.server.rundir import RunDir
 from test_federation import LocalGrid, tiny_cfg, tiny_cohort  # noqa: F401  (fixture)
@@ -395,3 +395,47 @@ def test_site_records_show_the_failed_secure_aggregation_steps_in_round_order(tm
     rows = [c for c in cells if c in ("train", "secagg-unmask", "secagg-shares", "secagg-keys", "query")]
     assert rows == ["train", "secagg-unmask", "secagg-shares"]
     assert "secure aggregation: malformed shares (bad length)" in cells and "its SuperNode went offline" in cells
+
+
+def test_site_records_table_puts_the_references_beside_each_lesion_metric(tmp_path):
+    """The per-round Records table of a site page: each lesion metric followed by its trivial
+    reference and the intensity-outlier score of the same record (p = 0.018: random AUPRC 0.018,
+    all-brain Dice 2p/(1+p) = 0.036/1.018 = 0.03536, chance AUROC 0.5, brain-area AUROC 0.93)."""
+    cfg = load_config(None, ["sites.train=[A]", "sites.heldout=[D]"])
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    run.log(1, "A", "train", {"loss": 2.0, "steps": 3})
+    run.log(1, "D", "evaluate", {**_lesion_site(), "loss": 1.5, "slice-auroc": 0.74,
+                                 "reference-brain-area-slice-auroc": 0.93, "reference-outlier-slice-auroc": 0.61,
+                                 "n-scored-slices": 40, "n-scored-lesion-slices": 12})
+    run.set_status("completed", round=1)
+    build_report(run.path)
+    page = (run.path / "report" / "site-D.html").read_text()
+    records = page.split("<h2>Records</h2>", 1)[1].split("</table>", 1)[0]
+    header = re.findall(r"<th>(.*?)</th>", records)
+    assert header == ["round", "phase", "loss", "pixel-auroc", "↳ chance", "↳ intensity outlier",
+                      "pixel-auprc", "↳ reference-prevalence", "↳ intensity outlier",
+                      "best-dice-upper-bound", "↳ reference-all-brain-dice", "↳ intensity outlier",
+                      "slice-auroc", "↳ reference-brain-area-slice-auroc", "↳ intensity outlier", "error"]
+    assert Page(records).cells == ["1", "evaluate", "1.5", "0.74", "0.5", "0.8", "0.018", "0.018", "0.05",
+                                   "0.03536", "0.03536", "0.2", "0.74", "0.93", "0.61"]  # no error
+    # the n behind each metric, in small type beside it
+    assert '<td>0.018<span class="n"> n=1,000 px (18 lesion)</span></td>' in records
+    assert '<td>0.74<span class="n"> n=40 slices (12 lesion)</span></td>' in records
+    assert "↳: right after each lesion metric" in page
+    # a training site's train record has no lesion metric, hence no reference either
+    train = (run.path / "report" / "site-A.html").read_text().split("<h2>Records</h2>", 1)[1].split("</table>")[0]
+    assert Page(train).cells == ["1", "train", "2"] and train.count("<td") == len(header)  # the rest empty
+    assert "↳: right after each lesion metric" not in (run.path / "report" / "site-A.html").read_text()
+
+
+def test_a_site_without_a_threshold_is_told_why_in_words():
+    """Source 0 (no threshold): not "no healthy slices" — a training site with one healthy
+    validation subject has healthy slices (it sends their quantile), but cannot hold half apart and
+    is not given the pooled threshold, which goes to held-out sites only."""
+    assert threshold_words({"threshold-source": 0.0, "threshold": math.nan}) == (
+        "none: fewer than two healthy subjects here to hold half of them apart, and no threshold from the training "
+        "sites (the server passes theirs to held-out sites only)")
+    assert threshold_words({"threshold-source": 1.0, "threshold": 0.1068, "n-calibration-slices": 112.0}) == (
+        "0.1068, fixed on the site's own healthy subjects (half of them; those slices are not scored) (112 slices)")
+    assert threshold_words({"loss": 1.0}) is None

@@ -223,7 +223,8 @@ def _verdicts(metrics: dict) -> list[dict]:
         else:
             text = ("does NOT beat " + " nor ".join(not_beaten) if not_beaten else
                     "beats both" if not missing else "beats what was computed")
-            text += f" ({', '.join(missing)}: not computed, e.g. no healthy subject to calibrate)" if missing else ""
+            text += (f" ({', '.join(missing)}: not computed, no healthy slices held apart to calibrate it: "
+                     "see the threshold below)") if missing else ""
         out.append({"key": key, "value": value, "ref_name": ref_name, "trivial": trivial, "outlier": outlier,
                     "not_beaten": not_beaten, "missing": missing, "text": text})
     return out
@@ -432,6 +433,22 @@ def _reference_series(record: dict, key: str) -> list[tuple[str, object]]:
             ("↳ intensity outlier", record.get(f"reference-outlier-{key}", float("nan")))]
 
 
+def reference_header(keys: list[str]) -> list[str]:
+    """Column names of a table with one row per record: each key, and right after each lesion
+    metric its two references ("↳ chance" or "↳ reference-<...>", then "↳ intensity outlier")."""
+    return [h for k in keys for h in (k, *(label for label, _ in _reference_series({}, k)))]
+
+
+def reference_cells(record: dict, key: str) -> list:
+    """The cells under :func:`reference_header` for one key of one record: its value with its n,
+    then its references on the same pixels and slices (NaN, shown n/a, where not computed); all
+    empty where the record lacks the key."""
+    refs = _reference_series(record, key)
+    if key not in record:
+        return [""] * (1 + len(refs))
+    return [Num(record[key], n_behind(key, record)), *(v for _, v in refs)]
+
+
 def _curves(records: list[dict], sites: list[str], phase: str, keys: list[str], title: str,
             colours: dict[str, str]) -> Markup:
     """One panel per key, one line with markers per site; the keys with at most one finite value
@@ -469,18 +486,12 @@ def _curves(records: list[dict], sites: list[str], phase: str, keys: list[str], 
         fig.suptitle(title, fontsize=10, y=1.04)
         out += _png(fig)
     if single:
-        rows, header = [], ["site", "round"]
-        for k in single:
-            header += [k] + [label for label, _ in _reference_series({}, k)]
+        rows, header = [], ["site", "round", *reference_header(single)]
         for site in sites:
             found = {k: series[k, site][-1] for k in single if series[k, site]}  # (round, value, record)
             if found:
-                row = [site, next(iter(found.values()))[0]]
-                for k in single:
-                    refs = [v for _, v in _reference_series(found[k][2], k)] if k in found else \
-                        [""] * len(_reference_series({}, k))
-                    row += [Num(found[k][1], n_behind(k, found[k][2])) if k in found else ""] + refs
-                rows.append(row)
+                rows.append([site, next(iter(found.values()))[0]] +
+                            [c for k in single for c in reference_cells(found[k][2] if k in found else {}, k)])
         out += Markup('<p class="note">{}: {}</p>').format(
             title, "one value per site, so a table rather than a chart" if not drawn else
             "the last value of the keys with at most one value per site, as a table")
@@ -725,12 +736,14 @@ def build_report(run_dir: str | Path) -> Path:
         # aggregation steps secagg-keys / -shares / -unmask), in the order of a round
         mine = [r for r in records if r["site"] == site and (r["phase"] in ("train", "evaluate")
                                                             or "error" in r or "refused" in r)]
-        rows = [[r["round"], r["phase"]] + [_num(r, k) for k in record_keys] + [r.get("error", r.get("refused", ""))]
+        # each lesion metric with its references in the next columns, as in the evaluation tables
+        rows = [[r["round"], r["phase"]] + [c for k in record_keys for c in reference_cells(r, k)] +
+                [r.get("error", r.get("refused", ""))]
                 for r in sorted(mine, key=lambda r: (r["round"], PHASE_ORDER.get(r["phase"], len(PHASE_ORDER))))]
         metrics, a = final.get(site, {}), arrays.get(site, {})
         page = _render(
             "site.html", title=f"medgen report — site {site}", **common, site=site, heldout=site in heldout,
-            picture=Markup(_site_picture(run, site)), record_header=["round", "phase", *record_keys, "error"],
+            picture=Markup(_site_picture(run, site)), record_header=["round", "phase", *reference_header(record_keys), "error"],
             record_rows=rows,
             training=_curves(records, [site], "train", ["loss", "epsilon"], f"site {site}: training", colours),
             evaluation=_curves(records, [site], "evaluate", ["loss", "pixel-auroc"], f"site {site}: evaluation",
