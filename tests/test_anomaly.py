@@ -132,6 +132,13 @@ def test_curves_and_undefined_cases():
         assert 2 <= len(curve) <= 200 and np.isfinite(curve).all()
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(recall) >= 0) and recall[-1] == 1
+    # a rare lesion: the first half of recall lies in the first ~1 % of thresholds; evenly by index, the
+    # curve drawn would jump from recall 0 to past 0.5 in one segment
+    rng = np.random.default_rng(9)
+    rare = rng.random((4, 128, 128)) < 0.005
+    recall, precision = A.pr_curve(rng.random(rare.shape) + 0.9 * rare, rare, np.ones_like(rare), max_points=50)
+    assert len(recall) <= 50 and recall[0] == 0 and recall[-1] == 1
+    assert np.hypot(np.diff(recall), np.diff(precision)).max() < 0.1
     none = np.zeros_like(lesion)
     report = A.anomaly_report(scores, none, brain, np.zeros(20), 0.5)
     assert all(np.isnan(report[k]) for k in report if k != "threshold")

@@ -364,18 +364,23 @@ def counts(lesion, brain, labels) -> dict[str, int]:
             "scored_lesion_pixels": int((les & br).sum())}
 
 
-def _downsample(*curves: np.ndarray, max_points: int) -> tuple[np.ndarray, ...]:
-    n = len(curves[0])
+def _downsample(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` of the polyline (x, y), both in [0, 1], spaced evenly along its length
+    (first and last kept). Evenly by index would not do: a PR curve's first quarter of recall can sit
+    in its first 0.5 % of thresholds, and would be drawn as one straight segment."""
+    n = len(x)
     if n <= max_points:
-        return curves
-    keep = np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
-    return tuple(c[keep] for c in curves)
+        return x, y
+    length = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(x), np.diff(y)))])
+    keep = np.searchsorted(length, np.linspace(0.0, length[-1], max_points - 1), side="left")
+    keep = np.unique(np.clip(np.concatenate([[0], keep, [n - 1]]), 0, n - 1))
+    return x[keep], y[keep]
 
 
 def roc_curve(scores, lesion, brain, max_points: int = MAX_CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-level ROC curve over brain pixels for plots: (false positive rate, true positive rate),
-    each (≤ ``max_points``,) from (0, 0) to (1, 1), points kept evenly along the exact curve
-    (first and last always). Empty arrays when a class is missing."""
+    each (≤ ``max_points``,) from (0, 0) to (1, 1), points kept evenly along the exact curve's
+    length (first and last always). Empty arrays when a class is missing."""
     s, y = _brain_pixels(scores, lesion, brain)
     if len(y) == 0 or y.all() or not y.any():
         return np.zeros(0), np.zeros(0)
