@@ -12,8 +12,8 @@ from medgen.config import load_config
 from medgen.data.dataset import HEALTHY, LESION, SiteSlices
 from medgen.evaluation import anomaly
 from medgen.evaluation.evaluate import evaluate_checkpoint
-from medgen.evaluation.plan import THRESHOLD_PREFIX, TRAINING_SITES, EvaluationPlan, pooled_thresholds
-from medgen.evaluation.site import anomaly_metrics
+from medgen.evaluation.plan import OWN_HEALTHY, THRESHOLD_PREFIX, TRAINING_SITES, EvaluationPlan, pooled_thresholds
+from medgen.evaluation.site import anomaly_metrics, split_for_threshold
 from medgen.models import build_model
 from medgen.server.guards import contrast_key, js_divergence, shift_warnings, trained_classes
 from medgen.server.rundir import RunDir
@@ -121,6 +121,20 @@ def test_a_site_with_only_patients_names_where_its_threshold_came_from(calibrati
     assert metrics["reference-outlier-threshold"] == 1.0 and metrics["reference-outlier-bright-threshold"] == 0.1
     assert metrics["reference-outlier-dice-at-threshold"] == 1.0  # (0.9 - 0.4) / 0.1 > 1 >= |U(0.3, 0.5) - 0.4| / 0.1
     assert metrics["volumes"] == 4 and metrics["n-scored-subjects"] == 4
+
+
+def test_one_healthy_subject_fixes_the_threshold_and_is_not_scored():
+    """The phantom demo's training sites: validation subjects are one healthy subject and patients."""
+    cfg = load_config(None, ["model.width=8", "model.latent_dim=8", "data.image_size=16", "evaluation.median_filter_px=0"])
+    model = build_model(cfg).eval()
+    p = _patients_only()
+    data = SiteSlices("P", p.images, p.brain, p.lesion, p.labels, np.repeat(["p0", "p1", "h0", "p3"], 2), p.slice_index)
+    data.lesion[4:6], data.labels[4:6] = False, HEALTHY  # h0: no lesion slice
+    calib, scored = split_for_threshold(data, cfg.seed)
+    assert calib.tolist() == [False] * 4 + [True] * 2 + [False] * 2 and (scored == ~calib).all()
+    metrics, _, _ = anomaly_metrics(model, data, cfg)
+    assert metrics["threshold-source"] == OWN_HEALTHY and np.isfinite(metrics["dice-at-threshold"])
+    assert metrics["n-calibration-slices"] == 2 and metrics["n-scored-slices"] == 6 and metrics["n-scored-subjects"] == 3
 
 
 # ------------------------------------------------------------------------------------ a federation

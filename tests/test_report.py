@@ -17,6 +17,7 @@ from PIL import Image
 
 from medgen import provenance, strictjson
 from medgen.config import load_config
+from medgen.evaluation.plan import OWN_HEALTHY
 from medgen.evaluation.report import (_curves, _table, build_report, compare_runs, lesion_words, n_behind,
                                       outlier_blind_side, site_colours, status_words, threshold_words, utility_rows,
                                       verdict, with_references)
@@ -90,8 +91,9 @@ def test_report_sections_and_numbers(tiny_cohort, tmp_path):
     # every lesion metric beside its no-model references, computed at the site on the same pixels
     row = site_c.cells.index("pixel-auprc")
     assert site_c.cells[row + 2:row + 4] == ["chance: prevalence", f"{last_c['reference-prevalence']:.4g}"]
-    assert site_c.cells[row + 4] == "n/a"  # no healthy subject to calibrate the outlier score on
-    assert math.isnan(last_c.get("reference-outlier-pixel-auprc", math.nan))
+    # C's one healthy subject calibrates the outlier score too (and is not scored)
+    assert last_c["threshold-source"] == OWN_HEALTHY
+    assert site_c.cells[row + 4] == f"{last_c['reference-outlier-pixel-auprc']:.4g}"
     assert site_c.cells[row + 5].startswith(("beats", "does NOT beat"))
     final = json.loads((run.path / "report" / "metrics.json").read_text())["final"]
     last = [r for r in run.records() if r["phase"] == "evaluate" and r["site"] == "C"][-1]
@@ -118,13 +120,10 @@ def check_format_provenance_layout(run, index, compare, last_c):
     """The 1-round run of test_report_sections_and_numbers: strict JSON, provenance, n beside every
     score, tables that scroll, one colour per site, status in words, budget, verdicts."""
     report = run.path / "report"
-    # strict JSON everywhere; the site without a healthy subject has no Dice at a threshold: null, read as NaN
-    assert math.isnan(last_c["dice-at-threshold"])
+    # strict JSON everywhere (NaN -> null: test_strict_json_in_the_run_directory)
     metrics = strictjson.loads((report / "metrics.json").read_text())
-    assert metrics["final"]["C"]["dice-at-threshold"] is None
     lines = (run.path / "metrics.jsonl").read_text().splitlines()
     assert [strictjson.loads(line)["site"] for line in lines] == [r["site"] for r in run.records()]
-    assert any('"dice-at-threshold": null' in line for line in lines)
     for path in [run.path / "status.json", run.path / "provenance.json", compare.parent / "compare.json",
                  *(run.path / "sites").glob("*/sent-messages.jsonl")]:
         for line in [path.read_text()] if path.suffix == ".json" else path.read_text().splitlines():
@@ -430,12 +429,12 @@ def test_site_records_table_puts_the_references_beside_each_lesion_metric(tmp_pa
 
 
 def test_a_site_without_a_threshold_is_told_why_in_words():
-    """Source 0 (no threshold): not "no healthy slices" — a training site with one healthy
-    validation subject has healthy slices (it sends their quantile), but cannot hold half apart and
-    is not given the pooled threshold, which goes to held-out sites only."""
+    """Source 0 (no threshold): a training site whose validation subjects are all patients is not
+    given the pooled threshold, which goes to held-out sites only."""
     assert threshold_words({"threshold-source": 0.0, "threshold": math.nan}) == (
-        "none: fewer than two healthy subjects here to hold half of them apart, and no threshold from the training "
-        "sites (the server passes theirs to held-out sites only)")
+        "none: no healthy subject here to hold apart, and no threshold from the training sites (the server passes "
+        "theirs to held-out sites only)")
     assert threshold_words({"threshold-source": 1.0, "threshold": 0.1068, "n-calibration-slices": 112.0}) == (
-        "0.1068, fixed on the site's own healthy subjects (half of them; those slices are not scored) (112 slices)")
+        "0.1068, fixed on the site's own healthy subjects (half of them, at least one; those slices are not scored) "
+        "(112 slices)")
     assert threshold_words({"loss": 1.0}) is None

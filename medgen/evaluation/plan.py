@@ -24,11 +24,11 @@ _SUFFIX = re.compile(r"^((@[a-z_]+=[-+\w.]+)*|/outlier-level|/outlier|/outlier-d
 
 #: ``threshold-source`` metric: which slices fixed the threshold of ``dice-at-threshold``.
 THRESHOLD_SOURCES = {
-    # e.g. a training site whose validation subjects hold one healthy subject: it scores them before the
-    # server pools the training sites' quantiles, which go to the held-out sites only
-    0: "fewer than two healthy subjects here to hold half of them apart, and no threshold from the training "
-       "sites (the server passes theirs to held-out sites only)",
-    1: "the site's own healthy subjects (half of them; those slices are not scored)",
+    # e.g. a training site whose validation subjects are all patients: it scores them before the server
+    # pools the training sites' quantiles, which go to the held-out sites only
+    0: "no healthy subject here to hold apart, and no threshold from the training sites (the server passes "
+       "theirs to held-out sites only)",
+    1: "the site's own healthy subjects (half of them, at least one; those slices are not scored)",
     2: "the training sites' healthy validation slices (a pixel-weighted mean of their quantiles)",
     3: "the site's own slices outside the lesion masks (evaluation.calibration=outside-lesions: looks at the masks)",
 }

@@ -85,12 +85,12 @@ def _healthy_subjects(data: SiteSlices) -> list[str]:
 
 
 def split_for_threshold(data: SiteSlices, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean (N,) masks: slices of half of the healthy subjects (subjects with no lesion slice),
-    which fix the threshold, and the slices scored (every other subject). Chosen by subject
-    without looking at any mask."""
+    """Boolean (N,) masks: slices of half of the healthy subjects (subjects with no lesion slice; at
+    least one when there is one), which fix the threshold, and the slices scored (every other
+    subject). Chosen by subject without looking at any mask."""
     healthy = _healthy_subjects(data)
     rng = np.random.default_rng(seed)
-    calib = [healthy[i] for i in rng.permutation(len(healthy))[: len(healthy) // 2]]
+    calib = [healthy[i] for i in rng.permutation(len(healthy))[: max(1, len(healthy) // 2)]] if healthy else []
     in_calib = np.isin(data.subjects, calib)
     return in_calib, ~in_calib
 
@@ -151,7 +151,7 @@ def anomaly_metrics(model: GenerativeModel, data: SiteSlices, cfg: Config, plan:
     """(metrics, curves, overlays) for every anomaly setting; empty when the site has no lesion.
 
     The threshold of ``dice-at-threshold`` comes from ``evaluation.calibration`` (``auto``: the
-    site's own healthy subjects when it has two or more, else the training sites' threshold in
+    site's own healthy subjects when it has one or more, else the training sites' threshold in
     ``plan``); ``threshold-source`` names which (:data:`~medgen.evaluation.plan.THRESHOLD_SOURCES`).
     Slices held apart for it are not scored."""
     if not data.lesion.any():

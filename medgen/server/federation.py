@@ -304,8 +304,8 @@ class Federation:
         record_evaluation(self.run, cfg, round_, results, state, self.log, artefacts, classes)
 
     def _needs_pooled_threshold(self) -> bool:
-        """Whether some held-out site that holds lesions has fewer than two healthy subjects (half of
-        them fix its own threshold) and may take the training sites' (evaluation.calibration)."""
+        """Whether some held-out site that holds lesions has no healthy subject (half of them, at least
+        one, fix its own threshold) and may take the training sites' (evaluation.calibration)."""
         if self.cfg.evaluation.calibration not in ("auto", "training-sites"):
             return False
         if self.cfg.evaluation.server_data is not None:
@@ -313,7 +313,7 @@ class Federation:
         for site in self.cfg.sites.heldout:
             s = self.summaries.get(site, {})
             if site in self.nodes and s.get("lesion-slices", 0) > 0 and (
-                    self.cfg.evaluation.calibration == "training-sites" or s.get("healthy-subjects", 0) < 2):
+                    self.cfg.evaluation.calibration == "training-sites" or s.get("healthy-subjects", 0) < 1):
                 return True
         return False
 
