@@ -47,8 +47,10 @@ The guarantee: the released sums (and every global model) are (epsilon, delta + 
 level, with the same epsilon as the clear mechanism for the same z, rounds and q (q = 1: with
 secure aggregation the server draws the sample and knows it, so sampling amplification is refused),
 against the server and outsiders, as long as at least t of the sites in each sum are honest (follow
-the protocol and keep their noise secret); sites that collude with the server can subtract their
-own noise. p bounds the chance that the quantiser clips a coordinate of a site's noised delta:
+the protocol and keep their noise secret; the protected site is one of them); sites that collude
+with the server can subtract their own noise. Neighbours are zero-out ones: a site's update
+replaced by zero while it stays in the round (the server sees who sends anyway), so the sum's
+sensitivity is C and its noise, which includes the site's own share, does not depend on its data. p bounds the chance that the quantiser clips a coordinate of a site's noised delta:
 ``federation.secagg_clip`` must be at least C + :data:`CLIP_SIGMAS` per-site noise stds (config
 error otherwise), so p <= rounds x sites x coordinates x 2 Phi(-10) ~ 1.5e-23 per coordinate. The
 noise is added before quantisation; the rounding to the 2^bits grid (at most step / 2 per coordinate
