@@ -566,11 +566,10 @@ def test_a_site_policy_sets_the_least_noise_it_adds():
     assert SitePolicy().min_central_noise_multiplier == 0.0
 
 
-def test_a_secure_round_with_central_dp_sends_clipped_noised_deltas(tiny_cohort, tmp_path, monkeypatch):  # noqa: F811
-    """One round, 3 sites (t = 2), the real ClientApp: what each site quantises is its delta clipped
-    to norm C plus noise of std z C / sqrt(2) (weight 1); the new global model is the global model
-    plus the mean of those within the quantisation bound (and float32 rounding); the round is
-    accounted as the clear mechanism's; no site sends its clipped-coordinate count."""
+@pytest.fixture
+def recorded(monkeypatch):
+    """What each site's ClientApp computes under distributed central DP, in the order the sites
+    run: its delta, the noise it drew, the vector it quantised (weight 1) and the global weights."""
     from medgen.client import secure
     from medgen.privacy import central
 
@@ -595,6 +594,24 @@ def test_a_secure_round_with_central_dp_sends_clipped_noised_deltas(tiny_cohort,
     monkeypatch.setattr(secure, "flat_delta", record_flat)
     monkeypatch.setattr(central, "gaussian", record_noise)
     monkeypatch.setattr(secure, "Quantiser", Recording)
+    return seen
+
+
+def _moved(run, reference):
+    from medgen.client.secure import floating_keys
+
+    new = _weights(run)
+    return np.concatenate([(new[k].double() - reference[k].double()).numpy().ravel() for k in floating_keys(reference)])
+
+
+def test_a_secure_round_with_central_dp_sends_clipped_noised_deltas(tiny_cohort, tmp_path, recorded):  # noqa: F811
+    """One round, 3 sites (t = 2), the real ClientApp: what each site quantises is its delta clipped
+    to norm C plus noise of std z C / sqrt(2) (weight 1); the new global model is the global model
+    plus the mean of those within the quantisation bound (and float32 rounding); the round is
+    accounted as the clear mechanism's; no site sends its clipped-coordinate count."""
+    from medgen.privacy import central
+
+    seen = recorded
     cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
                "privacy.central.enabled=true", *CENTRAL)
     run = _federate(cfg, tmp_path / "run")
@@ -605,10 +622,7 @@ def test_a_secure_round_with_central_dp_sends_clipped_noised_deltas(tiny_cohort,
         np.testing.assert_allclose(encoded - noise, delta * C / np.linalg.norm(delta), rtol=1e-6, atol=1e-15)
         assert noise.std() == pytest.approx(Z * C / np.sqrt(2), rel=0.05)
     mean = sum(seen["encoded"]) / 3
-    reference = seen["reference"][0]
-    new = _weights(run)
-    moved = np.concatenate([(new[k].double() - reference[k].double()).numpy().ravel()
-                            for k in secure.floating_keys(reference)])
+    moved = _moved(run, seen["reference"][0])
     bound = sa.Quantiser(cfg.federation.secagg_clip, cfg.federation.secagg_bits).bound
     assert np.abs(moved - mean).max() <= bound + 1e-6
     rec = next(r for r in run.records() if r["site"] == "global" and r["phase"] == "train")
@@ -618,6 +632,25 @@ def test_a_secure_round_with_central_dp_sends_clipped_noised_deltas(tiny_cohort,
     train = [r for r in run.records() if r["phase"] == "train" and r["site"] in "ABC"]
     assert len(train) == 3 and not any("secagg-clipped-coordinates" in r for r in train)
     assert all(r["central-site-noise-std"] == pytest.approx(Z * C / np.sqrt(2)) for r in train)
+
+
+def test_a_site_dropping_under_central_dp_leaves_more_noise_per_survivor_not_less(cohort4, tmp_path, recorded):
+    """4 sites, t = 3: each adds z C / sqrt(3); D never sends its masked vector. The other three's sum
+    is still unmasked and is the mean of their clipped, noised deltas (D's noise is not in it, and is
+    not needed: 3 >= t shares make std z C); the record says 3 sites, 1 dropped."""
+    from medgen.privacy import central
+
+    cfg = _cfg(cohort4, "federation.rounds=1", "federation.secure_aggregation=secaggplus", "federation.min_sites=3",
+               "privacy.central.enabled=true", *CENTRAL, sites="A,B,C,D")
+    run = _federate(cfg, tmp_path / "run", DroppingGrid(4, fail={3: {"train"}}))
+    assert len(recorded["encoded"]) == 3  # D's train message never reached it
+    assert all(n.std() == pytest.approx(Z * C / np.sqrt(3), rel=0.05) for n in recorded["noise"])
+    bound = sa.Quantiser(cfg.federation.secagg_clip, cfg.federation.secagg_bits).bound
+    assert np.abs(_moved(run, recorded["reference"][0]) - sum(recorded["encoded"]) / 3).max() <= bound + 1e-6
+    rec = next(r for r in run.records() if r["site"] == "global" and r["phase"] == "train")
+    assert rec["secagg-sites"] == 3 and rec["secagg-dropped"] == 1 and rec["secagg-threshold"] == 3
+    assert rec["central-noise-std"] == pytest.approx(Z * C / 3)  # sqrt(3) shares of z C / sqrt(3), over 3
+    assert rec["central-epsilon"] == pytest.approx(central.epsilon([(Z, 1.0, 1)], 1e-5))
 
 
 def test_medgen_simulate_with_secure_aggregation_and_central_dp(tmp_path, shared_cache):
