@@ -369,6 +369,10 @@ class SitePolicy(_Section):
         None, gt=0.0, lt=1.0, description="the delta at which the site accounts its budget; null = 1/(10 n) for its "
                                           "n training subjects (the server's privacy.delta never lowers epsilon here)")
     min_noise_multiplier: float = Field(0.5, ge=0.0, description="refuse DP-SGD with less noise than this")
+    min_central_noise_multiplier: float = Field(
+        0.0, ge=0.0, description="privacy.central with secaggplus (the site adds its share of the noise itself): "
+                                 "refuse a study whose central noise multiplier (fixed, or solved from "
+                                 "privacy.central.target_epsilon) is below this; 0 = no minimum")
     max_grad_norm: float = Field(10.0, gt=0.0, description="refuse a per-sample clipping norm above this")
     privacy_unit: Literal["slice", "subject"] = Field(
         "subject", description="the weakest protected unit accepted: subject refuses privacy.unit=slice")
@@ -428,10 +432,13 @@ class SitesConfig(_Section):
 
 
 class CentralDPConfig(_Section):
-    """Central (server-side) DP with Flower's semantics: each site's update clipped, Gaussian noise on
-    the mean; a site-level guarantee (see README, "Central DP")."""
+    """Central DP with Flower's semantics: each site's update clipped, Gaussian noise on the mean; a
+    site-level guarantee (see README, "Central DP"). At the server, or under secaggplus at the sites
+    (each clips its own update and adds noise z C / sqrt(t); README, "Central DP under secure
+    aggregation")."""
 
-    enabled: bool = Field(False, description="clip every site's update at the server and noise their mean")
+    enabled: bool = Field(False, description="clip every site's update and noise their mean: at the server, or "
+                                             "with federation.secure_aggregation=secaggplus at the sites")
     noise_multiplier: float | None = Field(
         None, gt=0.0, description="noise std / clipping norm (per site); null = solved from target_epsilon"
     )
@@ -538,8 +545,6 @@ class Config(_Section):
             raise ValueError(f"federation.fraction_train={fed.fraction_train:g}: federation.strategy={fed.strategy} "
                              f"needs a known number of updates per round; sample sites with fedavg, fedprox, fedadam, "
                              f"fedyogi, fedmedian or fedbn")
-        if fed.secure_aggregation == "secaggplus":
-            _check_secure_aggregation(self)
         if self.privacy.enabled and self.train.amp != "none":
             # fp16's GradScaler unscales .grad, not the per-sample gradients Opacus clips; bf16 per-sample
             # gradients (8-bit mantissa) would set the clipping norms: neither is checked against Opacus
@@ -552,6 +557,8 @@ class Config(_Section):
         if central.enabled and self.federation.strategy == "fedbn":
             raise ValueError("privacy.central.enabled: federation.strategy=fedbn keeps each site's normalisation "
                              "parameters out of the noised mean; use fedavg, fedprox, fedadam or fedyogi")
+        if fed.secure_aggregation == "secaggplus":
+            _check_secure_aggregation(self)
         if central.enabled and central.adaptive:
             from medgen.privacy.central import check_adaptive  # noqa: PLC0415  (needs flwr; only when used)
 
@@ -567,8 +574,7 @@ def _check_secure_aggregation(cfg: Config) -> None:
         raise ValueError(f"{where}: federation.strategy={fed.strategy} needs each site's update, and the server sees "
                          f"only their sum; use fedavg, fedprox, fedadam, fedyogi or fedbn")
     if cfg.privacy.central.enabled:
-        raise ValueError(f"{where}: privacy.central.enabled clips each site's update at the server, which sees only "
-                         f"the sum (not supported together yet; DP-SGD at the sites, privacy.enabled, is)")
+        _check_distributed_dp(cfg, where)
     if fed.max_update_ratio is not None:
         raise ValueError(f"{where}: federation.max_update_ratio={fed.max_update_ratio:g} compares each site's update "
                          f"norm with the others', and the server sees only their sum; leave it unset or null "
@@ -586,6 +592,30 @@ def _check_secure_aggregation(cfg: Config) -> None:
     if fed.secagg_threshold is not None and 2 * fed.secagg_threshold <= n:
         raise ValueError(f"federation.secagg_threshold={fed.secagg_threshold} is not a majority of the {n} training "
                          f"sites (2t > n keeps a server that lies about who dropped from unmasking a site)")
+
+
+def _check_distributed_dp(cfg: Config, where: str) -> None:
+    """privacy.central under secaggplus: the sites clip and noise (medgen/privacy/central.py)."""
+    central, fed = cfg.privacy.central, cfg.federation
+    if central.adaptive:
+        raise ValueError(f"privacy.central.adaptive: with {where} the sites clip their own updates and the server "
+                         f"sees no clipped count (it would need a noised bit through the secure sum, not built); "
+                         f"use a fixed privacy.central.clipping_norm")
+    if fed.fraction_train < 1.0:
+        raise ValueError(f"federation.fraction_train={fed.fraction_train:g}: with privacy.central and {where} the "
+                         f"guarantee holds against the server, which draws the sample and knows who is in each sum, "
+                         f"so sampling amplifies nothing against it; use federation.fraction_train=1")
+    from medgen.privacy.central import (CLIP_SIGMAS, min_secagg_clip, noise_multiplier,  # noqa: PLC0415
+                                        smallest_threshold)
+
+    t = smallest_threshold(cfg)
+    need = min_secagg_clip(noise_multiplier(cfg), central.clipping_norm, t)
+    if fed.secagg_clip < need:
+        raise ValueError(f"federation.secagg_clip={fed.secagg_clip:g}: with privacy.central and {where} each site "
+                         f"adds noise of std z C / sqrt(t) before quantisation, and the quantiser's range must hold "
+                         f"the noised update: set federation.secagg_clip >= {need:.4g} (privacy.central."
+                         f"clipping_norm + {CLIP_SIGMAS:g} noise stds at t = {t}"
+                         f"{'' if fed.secagg_threshold else ', the smallest threshold of a round of 3 sites'})")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -133,7 +133,7 @@ SECURE = ["federation.secure_aggregation=secaggplus", "sites.train=[A,B,C]", "si
 @pytest.mark.parametrize("setting, named", [
     ("federation.strategy=fedmedian", "federation.strategy=fedmedian"),
     ("federation.strategy=krum", "federation.strategy=krum"),
-    ("privacy.central.enabled=true", "privacy.central.enabled"),
+    ("privacy.central.enabled=true", "federation.secagg_clip=1: with privacy.central"),
     ("federation.max_update_ratio=10", "federation.max_update_ratio"),
     ("sites.train=[A,B]", "use at least 3"),
     ("federation.secagg_threshold=1", "secagg_threshold"),
@@ -428,3 +428,251 @@ def test_a_simulated_site_that_requires_it_refuses_a_clear_study_and_serves_a_se
     assert [e["kind"] for e in sent] == ["query", "train.secagg_keys", "train.secagg_shares", "train",
                                          "train.secagg_unmask", "evaluate"]
     assert sent[3]["records"]["arrays"]["keys"] == ["masked"]
+
+
+# ---------------------------------------------------------------------- central DP, noise added by the sites
+Z, C = 0.05, 0.01
+CENTRAL = [f"privacy.central.noise_multiplier={Z}", f"privacy.central.clipping_norm={C}", "federation.secagg_clip=0.02"]
+
+
+def _central_cfg(*extra):
+    return load_config(None, SECURE + ["privacy.central.enabled=true", *CENTRAL, *extra])
+
+
+def test_secure_central_dp_is_accepted_and_what_it_cannot_do_is_refused():
+    """secaggplus + privacy.central is a config; its limits are refused naming the key: a quantiser
+    range too narrow for the noised update (C + 10 per-site noise stds, t = 2 at worst, or the
+    configured threshold), adaptive clipping, sampling (no amplification against the server that
+    draws the sample), fedbn."""
+    cfg = _central_cfg()
+    assert cfg.privacy.central.enabled and cfg.federation.secure_aggregation == "secaggplus"
+    need = C + 10 * Z * C / np.sqrt(2)
+    with pytest.raises(ConfigError, match=rf"federation\.secagg_clip >= {need:.4g} .*at t = 2"):
+        _central_cfg("federation.secagg_clip=0.013")
+    five = SECURE[:1] + ["sites.train=[A,B,C,D,E]", "sites.heldout=[]", "privacy.central.enabled=true", *CENTRAL]
+    assert load_config(None, five + ["federation.secagg_threshold=4", "federation.secagg_clip=0.0126"])
+    with pytest.raises(ConfigError, match=r"federation\.secagg_clip=0\.0126.*at t = 2"):
+        load_config(None, five + ["federation.secagg_clip=0.0126"])
+    for setting, named in (("privacy.central.adaptive=true", r"privacy\.central\.adaptive: with federation"),
+                           ("federation.fraction_train=0.5", r"federation\.fraction_train=0\.5: with privacy\.central"),
+                           ("federation.strategy=fedbn", r"privacy\.central\.enabled: federation\.strategy=fedbn")):
+        with pytest.raises(ConfigError, match=named):
+            _central_cfg(setting, "privacy.central.clipped_count_stddev=1")
+
+
+def test_each_site_clips_its_delta_then_adds_its_share_of_the_noise(monkeypatch):
+    """site_release: the delta clipped to L2 norm C (a small one unchanged, a big one scaled onto the
+    sphere, same direction), then N(0, (z C / sqrt(t))^2) added per coordinate; nothing about the
+    delta in the numbers it returns (they are sent in the clear)."""
+    from medgen.privacy import central
+
+    cfg = _central_cfg()
+    rng = np.random.default_rng(1)
+    big, small = rng.normal(0, 1, 5000), rng.normal(0, 1e-5, 5000)
+    monkeypatch.setattr(central, "gaussian", lambda size, std: np.zeros(size))
+    clipped, numbers = central.site_release(cfg, big, threshold=2)
+    assert np.linalg.norm(clipped) == pytest.approx(C, rel=1e-12)
+    np.testing.assert_allclose(clipped, big * C / np.linalg.norm(big), rtol=1e-12)
+    assert np.array_equal(central.site_release(cfg, small, 2)[0], small)
+    assert numbers == {"central-site-noise-std": pytest.approx(Z * C / np.sqrt(2))}
+    monkeypatch.undo()
+    noised, _ = central.site_release(cfg, big, threshold=2)
+    noise = noised - clipped
+    assert noise.std() == pytest.approx(Z * C / np.sqrt(2), rel=0.05) and abs(noise.mean()) < 0.1 * Z * C
+    assert not np.array_equal(central.site_release(cfg, big, 2)[0], noised)  # fresh noise, never replayed
+
+
+@pytest.mark.parametrize("survivors", [3, 5])
+def test_the_noise_of_a_sum_of_at_least_t_sites_has_std_at_least_z_c(survivors):
+    """t = 3: each site adds std z C / sqrt(3); the sum of 3 sites' noise has std z C (within 1% on
+    400k coordinates: the sample std's own error is 0.11%, so 1% is 9 of its stds), the sum of 5 more:
+    z C sqrt(5 / 3), never less."""
+    from medgen.privacy import central
+
+    cfg = _central_cfg()
+    d = 400_000
+    total = sum(central.site_release(cfg, np.zeros(d), threshold=3)[0] for _ in range(survivors))
+    assert total.std() == pytest.approx(Z * C * np.sqrt(survivors / 3), rel=0.01)
+    assert total.std() >= 0.99 * Z * C
+
+
+def test_the_decoded_secure_mean_is_the_mean_of_the_noised_clipped_deltas():
+    """Four sites, t = 3, one drops after masking: the three survivors' clipped, noised deltas go
+    through the protocol with weight 1; the decoded mean equals their mean within the quantisation
+    bound, and the total weight is the number of survivors."""
+    from medgen.privacy import central
+
+    cfg = _central_cfg()
+    q = sa.Quantiser(cfg.federation.secagg_clip, cfg.federation.secagg_bits)
+    names, t = list("ABCD"), 3
+    keys = {s: sa.SiteKeys.new() for s in names}
+    public = {s: keys[s].public() for s in names}
+    sent = {s: sa.share_keys(s, keys[s], ROUND, public, t) for s in names}
+    rng = np.random.default_rng(2)
+    released = {s: central.site_release(cfg, rng.normal(0, 0.01, 3000), t)[0] for s in names}
+    assert all(np.abs(v).max() < cfg.federation.secagg_clip for v in released.values())  # nothing clipped
+    y = {s: sa.mask(s, keys[s], ROUND, q.encode(released[s], 1)[0], public) for s in names}
+    survivors = list("ABC")
+    opened = {h: sa.open_shares(h, keys[h], ROUND, public, {o: sent[o][h] for o in names}, survivors, ["D"], t)
+              for h in survivors}
+    mean, weight = q.decode(sa.unmask(ROUND, public, {s: y[s] for s in survivors}, opened, t))
+    assert weight == 3
+    assert np.abs(mean - sum(released[s] for s in survivors) / 3).max() <= q.bound * (1 + 1e-9)
+
+
+def test_secure_central_dp_accounts_like_the_clear_mechanism():
+    """Same z, rounds and q = 1: the distributed mechanism's central-epsilon is the clear one's
+    (Opacus' RDP accountant, one step per round), and it passes the secure mean on unchanged."""
+    from medgen.privacy.central import CentralDP
+    from medgen.server.strategy import FedAvg, Update
+
+    state = {"w": torch.zeros(10, dtype=torch.float64)}
+    distributed = CentralDP(FedAvg(), _central_cfg())
+    clear = CentralDP(FedAvg(), load_config(None, ["privacy.central.enabled=true", *CENTRAL[:2],
+                                                   "sites.train=[A,B,C]", "sites.heldout=[]"]))
+    for r in range(3):
+        secure_mean = {"w": torch.full((10,), 0.001 * (r + 1), dtype=torch.float64)}
+        out = distributed.aggregate(state, [Update("secure-sum", secure_mean, 30)])
+        assert torch.equal(out["w"], secure_mean["w"])
+        clear.aggregate(state, [Update(s, state, 10) for s in "ABC"])
+    metrics = distributed.round_metrics()
+    assert metrics["central-epsilon"] == pytest.approx(clear.round_metrics()["central-epsilon"], rel=1e-12)
+    from opacus.accountants import RDPAccountant
+    independent = RDPAccountant()
+    independent.history = [(Z, 1.0, 3)]
+    assert metrics["central-epsilon"] == pytest.approx(independent.get_epsilon(1e-5), rel=1e-9)
+    assert metrics["central-distributed"] == 1.0 and distributed.state()["central"]["history"] == [(Z, 1.0, 3)]
+
+
+def test_a_site_policy_sets_the_least_noise_it_adds():
+    """min_central_noise_multiplier: a study whose z (fixed, or solved from target_epsilon) is
+    below the site's minimum is refused, naming the key, before any data is read; the noise the
+    site adds is computed from the same checked config (site_release uses its z)."""
+    from medgen.privacy import central
+
+    policy = SitePolicy(require_dp=False, min_central_noise_multiplier=1.0)
+    found = violations(_central_cfg(), policy, "A", ("study", "0" * 16))
+    assert found == [f"min_central_noise_multiplier: privacy.central.noise_multiplier={Z:g} < 1 (the noise this "
+                     f"site adds to its update under secure aggregation)"]
+    solved = load_config(None, SECURE + ["privacy.central.enabled=true", "privacy.central.target_epsilon=50",
+                                         "federation.rounds=1", "federation.secagg_clip=100"])
+    z = central.noise_multiplier(solved)
+    assert z < 1.0
+    assert [f.split(" (")[0] for f in violations(solved, policy, "A", ("study", "0" * 16))] == [
+        f"min_central_noise_multiplier: the noise multiplier solved from privacy.central.target_epsilon=50={z:.4g} < 1"]
+    strong = load_config(None, SECURE + ["privacy.central.enabled=true", "privacy.central.noise_multiplier=2",
+                                         "federation.secagg_clip=100"])
+    assert violations(strong, policy, "A", ("study", "0" * 16)) == []
+    assert SitePolicy().min_central_noise_multiplier == 0.0
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """What each site's ClientApp computes under distributed central DP, in the order the sites
+    run: its delta, the noise it drew, the vector it quantised (weight 1) and the global weights."""
+    from medgen.client import secure
+    from medgen.privacy import central
+
+    seen = {"delta": [], "noise": [], "encoded": [], "reference": []}
+    flat, gaussian = secure.flat_delta, central.gaussian
+
+    def record_flat(local, reference):
+        seen["reference"].append({k: v.clone() for k, v in reference.items()})
+        seen["delta"].append(flat(local, reference))
+        return seen["delta"][-1]
+
+    def record_noise(size, std):
+        seen["noise"].append(gaussian(size, std))
+        return seen["noise"][-1]
+
+    class Recording(sa.Quantiser):
+        def encode(self, delta, weight):
+            assert weight == 1
+            seen["encoded"].append(np.array(delta))
+            return super().encode(delta, weight)
+
+    monkeypatch.setattr(secure, "flat_delta", record_flat)
+    monkeypatch.setattr(central, "gaussian", record_noise)
+    monkeypatch.setattr(secure, "Quantiser", Recording)
+    return seen
+
+
+def _moved(run, reference):
+    from medgen.client.secure import floating_keys
+
+    new = _weights(run)
+    return np.concatenate([(new[k].double() - reference[k].double()).numpy().ravel() for k in floating_keys(reference)])
+
+
+def test_a_secure_round_with_central_dp_sends_clipped_noised_deltas(tiny_cohort, tmp_path, recorded):  # noqa: F811
+    """One round, 3 sites (t = 2), the real ClientApp: what each site quantises is its delta clipped
+    to norm C plus noise of std z C / sqrt(2) (weight 1); the new global model is the global model
+    plus the mean of those within the quantisation bound (and float32 rounding); the round is
+    accounted as the clear mechanism's; no site sends its clipped-coordinate count."""
+    from medgen.privacy import central
+
+    seen = recorded
+    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
+               "privacy.central.enabled=true", *CENTRAL)
+    run = _federate(cfg, tmp_path / "run")
+    assert len(seen["encoded"]) == 3
+    for delta, noise, encoded in zip(seen["delta"], seen["noise"], seen["encoded"]):
+        assert np.linalg.norm(delta) > C  # 3 local steps move the weights by more than C = 0.01
+        assert np.linalg.norm(encoded - noise) == pytest.approx(C, rel=1e-9)
+        np.testing.assert_allclose(encoded - noise, delta * C / np.linalg.norm(delta), rtol=1e-6, atol=1e-15)
+        assert noise.std() == pytest.approx(Z * C / np.sqrt(2), rel=0.05)
+    mean = sum(seen["encoded"]) / 3
+    moved = _moved(run, seen["reference"][0])
+    bound = sa.Quantiser(cfg.federation.secagg_clip, cfg.federation.secagg_bits).bound
+    assert np.abs(moved - mean).max() <= bound + 1e-6
+    rec = next(r for r in run.records() if r["site"] == "global" and r["phase"] == "train")
+    assert rec["central-epsilon"] == pytest.approx(central.epsilon([(Z, 1.0, 1)], 1e-5))
+    assert rec["central-distributed"] == 1.0 and rec["secagg-sites"] == 3 and rec["secagg-threshold"] == 2
+    assert rec["central-noise-std"] == pytest.approx(Z * C / np.sqrt(2) * np.sqrt(3) / 3)
+    train = [r for r in run.records() if r["phase"] == "train" and r["site"] in "ABC"]
+    assert len(train) == 3 and not any("secagg-clipped-coordinates" in r for r in train)
+    assert all(r["central-site-noise-std"] == pytest.approx(Z * C / np.sqrt(2)) for r in train)
+
+
+def test_a_site_dropping_under_central_dp_leaves_more_noise_per_survivor_not_less(cohort4, tmp_path, recorded):
+    """4 sites, t = 3: each adds z C / sqrt(3); D never sends its masked vector. The other three's sum
+    is still unmasked and is the mean of their clipped, noised deltas (D's noise is not in it, and is
+    not needed: 3 >= t shares make std z C); the record says 3 sites, 1 dropped."""
+    from medgen.privacy import central
+
+    cfg = _cfg(cohort4, "federation.rounds=1", "federation.secure_aggregation=secaggplus", "federation.min_sites=3",
+               "privacy.central.enabled=true", *CENTRAL, sites="A,B,C,D")
+    run = _federate(cfg, tmp_path / "run", DroppingGrid(4, fail={3: {"train"}}))
+    assert len(recorded["encoded"]) == 3  # D's train message never reached it
+    assert all(n.std() == pytest.approx(Z * C / np.sqrt(3), rel=0.05) for n in recorded["noise"])
+    bound = sa.Quantiser(cfg.federation.secagg_clip, cfg.federation.secagg_bits).bound
+    assert np.abs(_moved(run, recorded["reference"][0]) - sum(recorded["encoded"]) / 3).max() <= bound + 1e-6
+    rec = next(r for r in run.records() if r["site"] == "global" and r["phase"] == "train")
+    assert rec["secagg-sites"] == 3 and rec["secagg-dropped"] == 1 and rec["secagg-threshold"] == 3
+    assert rec["central-noise-std"] == pytest.approx(Z * C / 3)  # sqrt(3) shares of z C / sqrt(3), over 3
+    assert rec["central-epsilon"] == pytest.approx(central.epsilon([(Z, 1.0, 1)], 1e-5))
+
+
+def test_medgen_simulate_with_secure_aggregation_and_central_dp(tmp_path, shared_cache):
+    """`medgen simulate` on Flower's Ray engine, 3 sites, 2 rounds, secaggplus + privacy.central:
+    it completes, and the global train records and the report carry the clear mechanism's
+    central-epsilon for the same z and rounds."""
+    import json
+
+    from medgen.privacy import central
+    from test_simulation import MEDGEN
+
+    sets = [*[x for x in TINY if not x.startswith("sites.")], "sites.train=[A,B,C]", "sites.heldout=[]",
+            "federation.rounds=2", "federation.samples_per_class=0", f"data.cache_dir={shared_cache}",
+            "federation.secure_aggregation=secaggplus", "privacy.central.enabled=true", *CENTRAL]
+    out = subprocess.run([MEDGEN, "simulate", "--out", str(tmp_path / "run"),
+                          *[x for kv in sets for x in ("--set", kv)]], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = RunDir(tmp_path / "run")
+    rounds = [r for r in run.records() if r["site"] == "global" and r["phase"] == "train"]
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["secagg-sites"] == 3 for r in rounds)
+    eps = central.epsilon([(Z, 1.0, 2)], 1e-5)
+    assert rounds[-1]["central-epsilon"] == pytest.approx(eps) and rounds[0]["central-epsilon"] < eps
+    privacy = json.loads((run.path / "report" / "metrics.json").read_text())["privacy"]
+    assert privacy["global"]["central-epsilon"] == pytest.approx(eps)
+    assert "noise added by the sites under secure aggregation" in (run.path / "report" / "index.html").read_text()

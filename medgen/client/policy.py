@@ -4,7 +4,7 @@ Two checks, both before a single step is taken:
 
 - :func:`violations` reads only the server's config (before any data is read): DP and secure
   aggregation required (and how many sites a secure sum holds), ε and δ budgets, noise and
-  clipping bounds, the protected unit, image sharing, lesion masks as model input, families,
+  clipping bounds (the central noise the site adds under secure aggregation too), the protected unit, image sharing, lesion masks as model input, families,
   steps, the study itself;
 - :func:`plan_violations` reads the round's DP plan (the noise solved from the site's data).
 
@@ -49,6 +49,14 @@ def violations(cfg: Config, policy: SitePolicy, site: str, study: tuple[str, str
     if cfg.federation.secure_aggregation != "off" and len(cfg.sites.train) < p.min_secagg_sites:
         found.append(f"min_secagg_sites: the study's secure sums hold at most {len(cfg.sites.train)} sites' updates "
                      f"(sites.train) < {p.min_secagg_sites}")
+    if dp.central.enabled and cfg.federation.secure_aggregation != "off" and p.min_central_noise_multiplier > 0:
+        from medgen.privacy.central import noise_multiplier  # noqa: PLC0415  (needs Opacus)
+
+        if (z := noise_multiplier(cfg)) < p.min_central_noise_multiplier:
+            how = "privacy.central.noise_multiplier" if dp.central.noise_multiplier is not None else \
+                f"the noise multiplier solved from privacy.central.target_epsilon={dp.central.target_epsilon:g}"
+            found.append(f"min_central_noise_multiplier: {how}={z:.4g} < {p.min_central_noise_multiplier:g} (the "
+                         f"noise this site adds to its update under secure aggregation)")
     if p.require_dp and not dp.enabled:
         found.append("require_dp: the study trains without DP-SGD (privacy.enabled=false)")
     if cfg.train.local_steps is not None and cfg.train.local_steps > p.max_local_steps:

@@ -131,12 +131,26 @@ def mask_plan(msg: Message, context: Context, site: str, round_: int, min_sites:
 def masked(plan: dict, cfg: Config, site: str, round_: int, local: dict[str, torch.Tensor],
            reference: dict[str, torch.Tensor], weight: int) -> tuple[ArrayRecord, dict[str, float]]:
     """Step 3: the masked quantised weighted update (uint64 of length 1 + D) and the number of
-    clipped coordinates (the only number about it that leaves in the clear)."""
+    clipped coordinates (the only number about it that leaves in the clear).
+
+    With ``privacy.central`` (distributed central DP, ``medgen/privacy/central.py``): the update is
+    the site's delta clipped to L2 norm C plus its share of the noise, z C / sqrt(t) for the round's
+    threshold t — the t this site checked at the key exchange and enforces when it opens its shares
+    — sent with weight 1; the clipped count is not sent (it would say something about the delta
+    that no noise covers)."""
     fed = cfg.federation
-    x, clipped = Quantiser(fed.secagg_clip, fed.secagg_bits).encode(flat_delta(local, reference), weight)
+    delta, numbers = flat_delta(local, reference), {}
+    if cfg.privacy.central.enabled:
+        from medgen.privacy.central import site_release  # noqa: PLC0415  (imports Flower's DP functions)
+
+        delta, numbers = site_release(cfg, delta, int(plan["state"]["threshold"]))
+        weight = 1
+    x, clipped = Quantiser(fed.secagg_clip, fed.secagg_bits).encode(delta, weight)
+    if not cfg.privacy.central.enabled:
+        numbers["secagg-clipped-coordinates"] = clipped
     y = mask(site, plan["keys"], round_, x, plan["public"])
     plan["state"]["stage"] = "masked"
-    return ArrayRecord({"masked": Array(y)}), {"secagg-clipped-coordinates": clipped}
+    return ArrayRecord({"masked": Array(y)}), numbers
 
 
 def unmask(msg: Message, context: Context, site: str, round_: int, min_sites: int | None = None) -> ConfigRecord:

@@ -611,7 +611,9 @@ def _central(records: list[dict], colours: dict[str, str]) -> dict | None:
     last = privacy_spent(records).get("global")
     if not last or "central-epsilon" not in last:
         return None
-    return {**last, "chart": _curves(records, ["global"], "train", ["central-epsilon", "central-clipping-norm",
+    distributed = any(r.get("central-distributed") for r in records if r["site"] == "global" and r["phase"] == "train")
+    return {**last, "distributed": distributed,
+            "chart": _curves(records, ["global"], "train", ["central-epsilon", "central-clipping-norm",
                                                                     "central-noise-norm", "central-mean-norm"],
                                      "central DP, per round", colours)}
 

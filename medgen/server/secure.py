@@ -10,6 +10,11 @@ null = n // 2 + 1) and at least :data:`MIN_SUM_SITES` remain, and otherwise fail
 are kept; each site also refuses sums smaller than its policy's ``min_secagg_sites``). What the
 server holds during the round: public keys, ciphertexts it cannot open, masked vectors, and at the end the
 shares needed to remove the masks of the sum — never one site's update.
+
+With ``privacy.central`` each site sends its clipped, noised delta with weight 1
+(``medgen/privacy/central.py``, distributed noise): the decoded sum's total weight must then be the
+number of survivors, the decoded mean is handed to ``CentralDP`` (which only accounts it), and the
+round record gets the decoded mean's noise std.
 """
 
 from __future__ import annotations
@@ -100,7 +105,8 @@ class SecureRound:
         if t > len(sites) or 2 * t <= len(sites) or t < 2:
             raise self._fail(f"{len(sites)} sites in the round, federation.secagg_threshold={t} must be a majority "
                              f"of them and at most all")
-        declared = sum(fed.declared.get(s, 0) for s in sites)
+        central = fed.cfg.privacy.central.enabled  # distributed noise: each site sends weight 1
+        declared = len(sites) if central else sum(fed.declared.get(s, 0) for s in sites)
         if declared > self.quantiser.max_weight():
             raise self._fail(f"{declared} training slices x 2^{self.cfg.secagg_bits} levels overflow 2^64; lower "
                              f"federation.secagg_bits")
@@ -188,14 +194,23 @@ class SecureRound:
         except SecAggError as e:
             raise self._fail(str(e)) from None
         counted = sum(int(accepted[s]["num-examples"]) for s in survivors)
-        if weight != counted:
-            raise self._fail(f"the sum's total weight {weight} is not the {counted} examples the sites in it "
-                             f"reported: some site sent a vector that is not an encoded update")
+        expected = len(survivors) if central else counted
+        if weight != expected:
+            what = "sites in it (each sends weight 1 under privacy.central)" if central else \
+                "examples the sites in it reported"
+            raise self._fail(f"the sum's total weight {weight} is not the {expected} {what}: some site sent a "
+                             f"vector that is not an encoded update")
         if dropped:
             fed.log(f"round {self.round}: secure aggregation recovered from {len(dropped)} dropped site(s): "
                     f"{', '.join(dropped)}")
         self.metrics = {"secagg-sites": len(survivors), "secagg-dropped": len(dropped),
                         "secagg-threshold": t, "secagg-bound": self.quantiser.bound,
                         "secagg-time-s": time.perf_counter() - t0}
-        return Update("secure-sum", apply_mean(state, mean), weight), accepted
+        if central:  # the decoded mean's noise: s survivors' shares of std z C / sqrt(t) each, over s
+            from medgen.privacy.central import noise_multiplier, site_noise_std  # noqa: PLC0415
+
+            c = fed.cfg.privacy.central
+            per_site = site_noise_std(noise_multiplier(fed.cfg), c.clipping_norm, t)
+            self.metrics["central-noise-std"] = float(per_site * np.sqrt(len(survivors)) / len(survivors))
+        return Update("secure-sum", apply_mean(state, mean), counted), accepted
 
