@@ -313,8 +313,8 @@ def test_a_malformed_masked_vector_is_rejected_and_the_round_goes_on(cohort4, tm
 
 def test_the_server_publishes_no_sum_of_two(tiny_cohort, tmp_path):  # noqa: F811
     """3 sites, t = 2: C drops while training, and the 2 survivors' sum (each could subtract its own
-    update from it) is not unmasked; a round that asks only 2 of the 3 sites fails before any key is
-    made. Either way the round is not aggregated."""
+    update from it) is not unmasked; a study that would ask only 2 of the 3 sites a round is refused
+    at load."""
     cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
                "federation.min_sites=2")
     run = RunDir(tmp_path / "dropped")
@@ -323,13 +323,9 @@ def test_the_server_publishes_no_sum_of_two(tiny_cohort, tmp_path):  # noqa: F81
                                               "sum of fewer sites' updates is published"):
         run_federation(DroppingGrid(3, fail={2: {"train"}}), cfg, run, log=lambda _: None)
     assert run.last_checkpoint() is None and not any(r["phase"] == "secagg-unmask" for r in run.records())
-    cfg = _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
-               "federation.min_sites=2", "federation.fraction_train=0.5")  # asks ceil(1.5) = 2 sites
-    run = RunDir(tmp_path / "sampled")
-    run.create(cfg)
-    with pytest.raises(FederationError, match="2 sites in the round .* < 3: no sum of fewer"):
-        run_federation(LocalGrid(3), cfg, run, log=lambda _: None)
-    assert not any(r["phase"].startswith("secagg") for r in run.records())
+    with pytest.raises(ConfigError, match=r"federation\.fraction_train=0\.5 asks 2 of the 3"):  # ceil(1.5) = 2
+        _cfg(tiny_cohort, "federation.rounds=1", "federation.secure_aggregation=secaggplus",
+             "federation.min_sites=2", "federation.fraction_train=0.5")
 
 
 def test_a_site_opens_no_shares_for_fewer_survivors_than_its_policy_allows(cohort4, tmp_path):
