@@ -73,3 +73,12 @@ def test_dp_step_equals_opacus_grad_sample_module(family, space):
         torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-6, msg=key)
     assert any(not torch.equal(states[0][k], init[k]) for k in init)  # it trained
 
+
+def test_allocator_tuning_is_idempotent_and_can_be_switched_off(monkeypatch):
+    from medgen.privacy import allocator
+    first = allocator.keep_large_allocations()
+    assert allocator.keep_large_allocations() is first  # set once per process
+    monkeypatch.setattr(allocator, "_done", None)
+    monkeypatch.setenv("MEDGEN_MALLOC_TUNING", "0")
+    assert allocator.keep_large_allocations() is False
+    monkeypatch.setattr(allocator, "_done", first)
