@@ -75,9 +75,11 @@ def measure(family: str, repeats: int, batch_size: int, rounds: int = 30, baseli
     optimizers = model.make_optimizers()
     dp = DPPlan(noise_multiplier=1.0, sample_rate=batch_size / 1000, steps=1, delta=1e-5, max_grad_norm=1.0,
                 unit="slice", units=1000)
-    # three copies: plain, DP with Opacus' own GradSampleModule, DP as medgen runs it. One step of each in
-    # turn, `rounds` times: a busy machine slows the three of a round alike; ratios per round, then the median
-    opacus_model, medgen_model, baseline_model = build_model(cfg), build_model(cfg), build_model(cfg)
+    # three copies: plain, DP with Opacus' own GradSampleModule, DP as medgen runs it (a fourth with --baseline).
+    # One step of each in turn, `rounds` times: a busy machine slows the copies of a round alike; ratios per
+    # round, then the median
+    opacus_model, medgen_model = build_model(cfg), build_model(cfg)
+    baseline_model = build_model(cfg) if baseline is not None else None
     times: dict[str, list[float]] = {"plain": [], "opacus": [], "medgen": []}
     with private(opacus_model, opacus_model.make_optimizers(), dp, seed=0, wrapper=GradSampleModule) as opacus_opt, \
             private(medgen_model, medgen_model.make_optimizers(), dp, seed=0, wrapper=FastGradSampleModule) as medgen_opt, \
