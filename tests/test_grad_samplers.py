@@ -9,15 +9,17 @@ from torch import nn
 from medgen.config import load_config
 from medgen.models import build_model
 from medgen.privacy.dp import DPPlan, private
-from medgen.privacy.grad_samplers import MIN_POSITIONS, conv2d_grad_sample
+from medgen.privacy.grad_samplers import FastGradSampleModule, _path, conv2d_grad_sample
 
 
-@pytest.mark.parametrize("stride,dilation,bias,size", [(1, 1, True, 20), (1, 2, False, 20), (2, 1, True, 20),
-                                                       (1, 1, True, 8)])
-def test_conv2d_per_sample_gradients_equal_brute_force(stride, dilation, bias, size):
+@pytest.mark.parametrize("cin,cout,stride,dilation,bias,size,path", [
+    (3, 5, 1, 1, True, 20, "per-sample"), (3, 5, 1, 2, False, 20, "per-sample"), (3, 5, 2, 1, True, 20, "opacus"),
+    (3, 5, 1, 1, True, 8, "opacus"), (8, 9, 1, 1, True, 20, "grouped"), (9, 8, 2, 2, False, 20, "grouped"),
+    (8, 8, 2, 1, True, 8, "opacus")])
+def test_conv2d_per_sample_gradients_equal_brute_force(cin, cout, stride, dilation, bias, size, path):
     torch.manual_seed(0)
-    layer = nn.Conv2d(3, 5, 3, stride=stride, padding=dilation, dilation=dilation, bias=bias)
-    x = torch.randn(4, 3, size, size)
+    layer = nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=bias)
+    x = torch.randn(4, cin, size, size)
     out = layer(x)
     backprops = torch.randn_like(out)
     got = conv2d_grad_sample(layer, [x], backprops)
@@ -27,7 +29,27 @@ def test_conv2d_per_sample_gradients_equal_brute_force(stride, dilation, bias, s
         torch.testing.assert_close(got[layer.weight][i], layer.weight.grad, rtol=1e-4, atol=1e-5)
         if bias:
             torch.testing.assert_close(got[layer.bias][i], layer.bias.grad, rtol=1e-4, atol=1e-5)
-    assert (out.shape[-1] ** 2 >= MIN_POSITIONS) == (size == 20 and stride == 1)  # both paths are covered
+    assert _path(layer, out.shape[-1] * out.shape[-2]) == path  # every path is covered
+
+
+def test_no_summed_conv_weight_gradient_while_the_hooks_run():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                        nn.Linear(8 * 6 * 6, 2))
+    x = torch.randn(4, 1, 6, 6, requires_grad=True)
+    expected = torch.autograd.grad(net(x).square().sum(), x)[0]  # the plain input gradient
+    wrapped = FastGradSampleModule(net, loss_reduction="sum")
+    conv = net[2]
+    x.grad = None
+    wrapped(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, expected)  # the input gradient is the convolution's own
+    assert conv.weight.grad is None and conv.bias.grad is None and net[0].weight.grad is None  # only per-sample ones
+    assert conv.weight.grad_sample.shape == (4, *conv.weight.shape) and net[4].weight.grad is not None
+    wrapped.disable_hooks()  # hooks off: an ordinary convolution with its summed gradient
+    wrapped(x).square().sum().backward()
+    assert conv.weight.grad is not None
+    wrapped.to_standard_module()
+    assert "forward" not in vars(conv) and "forward" not in vars(net[0])  # the class's forward again
 
 
 @pytest.mark.parametrize("family, space", [("vae", "pixel"), ("cevae", "pixel"), ("gan", "pixel"), ("ddpm", "pixel"),
@@ -50,3 +72,13 @@ def test_dp_step_equals_opacus_grad_sample_module(family, space):
     for key in states[0]:
         torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-6, msg=key)
     assert any(not torch.equal(states[0][k], init[k]) for k in init)  # it trained
+
+
+def test_allocator_tuning_is_idempotent_and_can_be_switched_off(monkeypatch):
+    from medgen.privacy import allocator
+    first = allocator.keep_large_allocations()
+    assert allocator.keep_large_allocations() is first  # set once per process
+    monkeypatch.setattr(allocator, "_done", None)
+    monkeypatch.setenv("MEDGEN_MALLOC_TUNING", "0")
+    assert allocator.keep_large_allocations() is False
+    monkeypatch.setattr(allocator, "_done", first)

@@ -36,6 +36,7 @@ from opacus.optimizers import DPOptimizer
 from medgen.config import Config
 from medgen.data.dataset import SiteSlices
 from medgen.models import GenerativeModel
+from medgen.privacy.allocator import keep_large_allocations
 from medgen.privacy.grad_samplers import FastGradSampleModule
 
 
@@ -132,7 +133,9 @@ def private(model: GenerativeModel, optimizers: dict[str, torch.optim.Optimizer]
     Opacus' hooks with our faster Conv2d sampler, ``grad_samplers.py``) and their optimisers clip and
     add noise drawn from ``seed`` (pass a :func:`secret_seed`; each network draws its own stream,
     :func:`noise_seed`). On exit the networks are unwrapped,
-    so ``state_dict`` keys carry no ``_module.`` prefix."""
+    so ``state_dict`` keys carry no ``_module.`` prefix. The process keeps DP-SGD's large per-step
+    buffers in its heap from then on (``allocator.py``)."""
+    keep_large_allocations()
     inner = {}
     for name in model.private_networks:
         inner[name] = model.networks[name]
