@@ -1,6 +1,6 @@
 """The ``--families`` entries of the benchmarks: a family (``vae``, ``cevae``, ``vqvae``, ``gan``, ``ddpm``,
 ``flow``) at the default config, ``family:space`` for one of the DDPM's spaces (``ddpm:pixel``), and a
-``+mask`` suffix for the mask-conditioned variant (``ddpm+mask``, ``ddpm:pixel+mask``:
+``+mask`` suffix for the mask-conditioned variant (``ddpm+mask``, ``ddpm:pixel+mask``, ``gan+mask``:
 model.mask_conditioning=true)."""
 
 

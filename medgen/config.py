@@ -112,7 +112,7 @@ class PhantomConfig(_Section):
 
 
 Family = Literal["vae", "cevae", "vqvae", "gan", "ddpm", "flow"]
-MASK_CONDITIONED_FAMILIES = ("ddpm",)  # model.mask_conditioning (medgen/models/mask_conditioning.py)
+MASK_CONDITIONED_FAMILIES = ("ddpm", "gan")  # model.mask_conditioning (medgen/models/mask_conditioning.py)
 
 
 class ModelConfig(_Section):
@@ -155,7 +155,9 @@ class ModelConfig(_Section):
     sigma_data: float = Field(0.5, gt=0.0, description="DDPM (edm preconditioning): std of the images scaled to [-1, 1]")
     schedule: Literal["cosine", "linear"] = "cosine"
     attention: bool = Field(True, description="DDPM: self-attention at the lowest resolutions")
-    cond_drop: float = Field(0.1, ge=0.0, lt=1.0, description="DDPM: label dropout for classifier-free guidance")
+    cond_drop: float = Field(0.1, ge=0.0, lt=1.0, description="DDPM: label dropout for classifier-free guidance; "
+                                                             "mask-conditioned DDPM / GAN: also the share of masks "
+                                                             "dropped alone (mask unknown: label-only sampling)")
     guidance_scale: float = Field(1.0, ge=0.0, description="DDPM: classifier-free guidance (1 = none)")
     sampler: Literal["ddim", "ddpm"] = "ddim"
     ddim_steps: int = Field(50, ge=1, le=10_000, description="DDPM: DDIM sampling steps")
@@ -171,8 +173,14 @@ class ModelConfig(_Section):
     anomaly_draws: int = Field(8, ge=1, le=256, description="DDPM anomaly maps: noise draws whose squared errors are averaged")
     mask_conditioning: bool = Field(
         False, description="DDPM: also condition on the slice's lesion mask (extra U-Net input channels: the mask, "
-                           "area-averaged to the latent grid in latent space, and a mask-known flag), so `medgen synthesize` can place lesions "
-                           "where a mask says (medgen/models/mask_conditioning.py)")
+                           "area-averaged to the latent grid in latent space, and a mask-known flag); GAN: SPADE "
+                           "generator conditioned on the mask, discriminator sees (image, mask); so `medgen "
+                           "synthesize` can place lesions where a mask says (medgen/models/mask_conditioning.py)")
+    gan_fake_masks: Literal["auto", "real", "synthetic"] = Field(
+        "auto", description="mask-conditioned GAN: the masks its generator is trained on. 'real': the batch's own "
+                            "lesion masks; 'synthetic': data-independent blobs placed in the EMA generator's own "
+                            "healthy brain (never a site's mask); 'auto': real, synthetic under privacy.enabled "
+                            "('real' is refused there: the generator is not DP-trained; medgen/models/gan.py)")
 
     @model_validator(mode="after")
     def _mask_family(self) -> ModelConfig:
@@ -545,6 +553,12 @@ class Config(_Section):
             raise ValueError(f"federation.fraction_train={fed.fraction_train:g}: federation.strategy={fed.strategy} "
                              f"needs a known number of updates per round; sample sites with fedavg, fedprox, fedadam, "
                              f"fedyogi, fedmedian or fedbn")
+        m = self.model
+        if self.privacy.enabled and m.family == "gan" and m.mask_conditioning and m.gan_fake_masks == "real":
+            # only the discriminator is DP-trained: a generator fed the site's real masks would release them
+            raise ValueError("model.gan_fake_masks=real with privacy.enabled: the GAN's generator is not trained with "
+                             "DP-SGD, so it must not see the site's lesion masks; use model.gan_fake_masks=auto or "
+                             "synthetic (data-independent masks), or privacy.enabled=false")
         if self.privacy.enabled and self.train.amp != "none":
             # fp16's GradScaler unscales .grad, not the per-sample gradients Opacus clips; bf16 per-sample
             # gradients (8-bit mantissa) would set the clipping norms: neither is checked against Opacus

@@ -1,6 +1,7 @@
 """The conditional GAN (``medgen.models.gan``): shapes, conditioning, EMA, losses, Opacus
 compatibility of the spectrally normalised discriminator, inversion-based anomaly maps, collapse
-signal, and that a short training on synthetic discs actually learns."""
+signal, that a short training on synthetic discs actually learns, and the mask-conditioned (SPADE)
+variant with its DP rule (the generator never sees a real mask under privacy.enabled)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from medgen.config import load_config
+from medgen.models import mask_conditioning as mc
 from medgen.models.base import HEALTHY, LESION
-from medgen.models.gan import COLLAPSE_FRACTION, ConditionalGAN, SpectralNorm
+from medgen.models.gan import COLLAPSE_FRACTION, SPADE, ConditionalGAN, SpectralNorm
 
 SIZE = 32
 
@@ -232,3 +234,114 @@ def test_collapse_flag(trained):
     ev = real_like.evaluate(images, labels)
     assert ev["diversity_ratio"] > COLLAPSE_FRACTION and ev["collapse"] == 0.0
     assert all(isinstance(v, float) for v in ev.values())
+
+
+# ------------------------------------------------------------------------------ mask conditioning (SPADE)
+def spade(*overrides: str, size: int = SIZE) -> ConditionalGAN:
+    return make("model.mask_conditioning=true", *overrides, size=size)
+
+
+def lesion_batch(n: int = 6, seed: int = 0, shift: int = 0):
+    """``discs`` with a square lesion mask on the lesion items (moved ``shift`` px right)."""
+    images, labels, brain = discs(n, seed=seed)
+    masks = torch.zeros(n, 1, SIZE, SIZE, dtype=torch.bool)
+    masks[labels == LESION, :, 10:16, 8 + shift:14 + shift] = True
+    return images, labels, masks
+
+
+def test_spade_generator_sees_the_mask_at_every_resolution():
+    model = spade()
+    gen = model.networks["generator"]
+    blocks = [m for m in gen.modules() if isinstance(m, SPADE)]
+    seen = []
+    for block in blocks:
+        block.shared.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    images, labels, masks = lesion_batch()
+    model.train_step(images, labels, model.make_optimizers(), 0, masks=masks)
+    sides = sorted({s[-1] for s in seen})
+    assert sides == [4, 8, 16, 32] and all(s[:2] == (6, mc.MASK_CHANNELS) for s in seen)
+    assert not any(isinstance(m, SpectralNorm) for m in gen.modules())  # D's only
+    # the discriminator takes the (image, mask) pair: 1 + 2 input channels
+    assert model.networks["discriminator"].convs[0].layer.in_channels == 1 + mc.MASK_CHANNELS
+
+
+def test_spade_samples_follow_the_mask_and_the_label():
+    model = spade()
+    labels = torch.tensor([LESION, LESION, HEALTHY])
+    _, _, masks = lesion_batch(3)
+    masks[:] = masks[1]  # the same square for all three
+    a = model.sample_masked(labels, masks, seeded(1))
+    assert a.shape == (3, 1, SIZE, SIZE) and 0 <= a.min() <= a.max() <= 1
+    assert torch.equal(a, model.sample_masked(labels, masks, seeded(1)))
+    moved = model.sample_masked(labels, masks.roll(6, dims=-1), seeded(1))
+    assert (moved[:2] - a[:2]).abs().max() > 1e-4  # lesion slices follow their masks
+    assert torch.equal(moved[2], a[2])  # a healthy slice's mask is cleared, whatever is given
+    # sample() is the label alone (mask unknown): the same z, another condition
+    assert not torch.allclose(model.sample(labels, seeded(1)), a)
+    with pytest.raises(ValueError, match="data.image_size"):
+        model.sample_masked(labels, masks[..., :16, :16], seeded(1))
+    with pytest.raises(mc.MaskConditioningError):
+        make().sample_masked(labels, masks, seeded(1))
+
+
+def test_synthetic_masks_are_blobs_inside_the_brain_and_seeded():
+    _, _, brain = discs(16, seed=3)
+    a = mc.synthetic_masks(brain, seeded(0))
+    assert a.shape == brain.shape and a.dtype == torch.bool
+    assert torch.equal(a, mc.synthetic_masks(brain, seeded(0))) and not torch.equal(a, mc.synthetic_masks(brain, seeded(1)))
+    pixels = a.flatten(1).sum(1)
+    assert pixels.min() >= 1 and not (a & ~brain).any()
+    lo, hi = mc.BLOB_RADIUS  # equivalent radius (S * lo ... S * hi) cut to the brain
+    assert pixels.max() <= 3.3 * (hi * SIZE) ** 2 and len(set(pixels.tolist())) > 5
+    empty = mc.synthetic_masks(torch.zeros(2, 1, SIZE, SIZE, dtype=torch.bool), seeded(0))
+    assert empty.flatten(1).any(1).all()  # no brain: a blob anywhere, never empty
+    # the model's: one blob per lesion label inside the EMA generator's own healthy brain, none for healthy
+    model = spade("model.gan_fake_masks=synthetic")
+    z, labels = torch.randn(6, 16, generator=seeded(0)), torch.arange(6) % 2
+    fake = model.synthetic_masks(z, labels, seeded(2))
+    assert not fake[labels == HEALTHY].any() and fake[labels == LESION].flatten(1).any(1).all()
+
+
+def test_under_dp_the_generator_never_sees_a_real_mask():
+    """privacy.enabled (gan_fake_masks=auto): with the same seeds, two batches that differ only in
+    their real masks give the generator identical inputs (z, labels, condition), while the
+    discriminator's real pass sees the masks; the generator's condition carries synthetic blobs."""
+    assert spade("privacy.enabled=true").synthetic_fakes and not spade().synthetic_fakes
+
+    def inputs(shift):
+        model = spade("privacy.enabled=true", "model.cond_drop=0")
+        seen = {"generator": [], "discriminator": []}
+        for name in seen:
+            model.networks[name].register_forward_pre_hook(
+                lambda mod, args, name=name: seen[name].append([a.detach().clone() for a in args]))
+        images, labels, masks = lesion_batch(shift=shift)
+        torch.manual_seed(7)
+        model.train_step(images, labels, model.make_optimizers(), 0, masks=masks)
+        model.evaluate(images, labels, masks)
+        return seen, masks
+
+    a, masks_a = inputs(0)
+    b, masks_b = inputs(8)
+    assert len(a["generator"]) == 2  # train_step and evaluate
+    for x, y in zip(a["generator"], b["generator"]):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+    cond = a["generator"][0][2]
+    assert not torch.equal(cond[:, :1] > 0, masks_a) and cond[1, 0].sum() > 0  # not the real mask, a blob
+    real_pass = a["discriminator"][0][2], b["discriminator"][0][2]
+    assert torch.equal(real_pass[0][:, :1] > 0, masks_a) and torch.equal(real_pass[1][:, :1] > 0, masks_b)
+    # without DP the fakes are conditioned on the batch's own masks
+    model = spade("model.cond_drop=0")
+    seen = []
+    model.networks["generator"].register_forward_pre_hook(lambda mod, args: seen.append(args[2].clone()))
+    images, labels, masks = lesion_batch()
+    model.train_step(images, labels, model.make_optimizers(), 0, masks=masks)
+    assert torch.equal(seen[0][:, :1] > 0, masks)
+
+
+def test_real_fake_masks_under_dp_are_refused_naming_both_keys():
+    from medgen.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.gan_fake_masks=real with privacy.enabled"):
+        load_config(None, ["model.family=gan", "model.mask_conditioning=true", "model.gan_fake_masks=real",
+                           "privacy.enabled=true"])
+    load_config(None, ["model.family=gan", "model.mask_conditioning=true", "model.gan_fake_masks=real"])

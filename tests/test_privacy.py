@@ -118,14 +118,17 @@ def test_federation_accounts_epsilon_and_stops_exhausted_site(tiny_cohort, tmp_p
     assert (run.path / "sites" / "A" / "privacy-ledger.json").is_file()
 
 
-@pytest.mark.parametrize("family, space", [("gan", "pixel"), ("ddpm", "pixel"), ("ddpm", "latent"),
-                                           ("vqvae", "pixel")])
+@pytest.mark.parametrize("family, space", [("gan", "pixel"), ("gan+mask", "pixel"), ("ddpm", "pixel"),
+                                           ("ddpm", "latent"), ("vqvae", "pixel")])
 def test_dp_wraps_only_the_private_networks(tiny_cohort, family, space):
-    cfg = tiny_cfg(tiny_cohort, f"model.family={family}", f"model.space={space}", "privacy.enabled=true",
+    family, plus, _ = family.partition("+")
+    mask = ["model.mask_conditioning=true"] if plus else []  # the SPADE GAN: synthetic fake masks under DP
+    cfg = tiny_cfg(tiny_cohort, f"model.family={family}", f"model.space={space}", *mask, "privacy.enabled=true",
                    "privacy.noise_multiplier=1.0",
                    "privacy.unit=slice", "train.batch_size=8", "model.timesteps=100", "model.anomaly_t=20")
     data, _ = site_data(cfg, "A", tiny_cohort.root / "A")
     model = build_model(cfg)
+    assert not plus or model.synthetic_fakes  # under DP the generator is fed data-independent masks
     keys = sorted(model.state_dict())
     seen = {}
     real_step = model.train_step

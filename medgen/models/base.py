@@ -3,7 +3,7 @@
 
 A family holds named torch networks. Images are (B, 1, S, S) float32 in [0, 1]; labels are (B,)
 int64, 0 = healthy, 1 = lesion; lesion masks (B, 1, S, S) bool, given to every family's training
-and evaluation and used by a mask-conditioned one (``model.mask_conditioning``, the DDPM).
+and evaluation and used by a mask-conditioned one (``model.mask_conditioning``: the DDPM, the GAN).
 """
 
 from __future__ import annotations

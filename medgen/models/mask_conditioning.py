@@ -1,4 +1,4 @@
-"""The lesion-mask condition of a mask-conditioned family (``model.mask_conditioning``; the DDPM).
+"""The lesion-mask condition of a mask-conditioned family (``model.mask_conditioning``; the DDPM and the GAN).
 
 A condition is (B, 2, H, W) float32 on the network's grid (the image's S x S in pixel space, the
 latents' S/4 x S/4 in latent space):
@@ -29,7 +29,7 @@ class MaskConditioningError(ValueError):
 
     def __init__(self, family: str):
         super().__init__(f"this {family} model was trained without mask conditioning: it cannot place lesions "
-                         f"from masks; retrain with model.mask_conditioning=true (model.family=ddpm)")
+                         f"from masks; retrain with model.mask_conditioning=true (model.family=ddpm or gan)")
 
 
 def downsample(masks: torch.Tensor, side: int) -> torch.Tensor:
@@ -69,3 +69,54 @@ def dropped(known: torch.Tensor, labels_dropped: torch.Tensor, p: float, generat
     ``p`` of the batch, made unknown."""
     alone = torch.rand(len(known), generator=generator).to(known.device) < p
     return known & ~labels_dropped & ~alone
+
+
+# data-independent lesion blobs (synthetic_masks): equivalent radius as a share of the image side,
+# drawn log-uniformly (64 px: 2.6 to 9 px, about 20 to 250 pixels, the phantom's lesion slices' range)
+BLOB_RADIUS = (0.04, 0.14)
+BLOB_MARGIN = 2  # px: blob centres lie at least this far inside the brain
+
+
+def _eroded(brain: torch.Tensor, px: int) -> torch.Tensor:
+    """(B, 1, S, S) bool brain eroded by ``px`` pixels (square structuring element)."""
+    if px <= 0:
+        return brain
+    return -F.max_pool2d(-brain.float(), 2 * px + 1, stride=1, padding=px) > 0.5
+
+
+def synthetic_masks(brain: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One data-independent lesion blob per slice inside ``brain`` (B, 1, S, S) bool: (B, 1, S, S) bool.
+
+    Every random number is drawn on CPU from ``generator`` (the global RNG when None); nothing depends
+    on any data but ``brain``. Each blob: its centre a uniformly drawn pixel of the brain eroded by
+    BLOB_MARGIN px (of the whole brain when that is empty, of the whole slice when there is no brain);
+    an ellipse of equivalent radius log-uniform in BLOB_RADIUS x S, axis ratio in [0.5, 1], any angle,
+    its outline perturbed by random harmonics 2..4 (irregular, stroke-like shapes); cut to the brain
+    (where there is one) and never empty (at least its centre pixel)."""
+    b, _, h, w = brain.shape
+    inner = _eroded(brain, BLOB_MARGIN)
+    weights = torch.where(inner.flatten(1).any(1, keepdim=True), inner.flatten(1), brain.flatten(1)).float().cpu()
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
+    centre = torch.multinomial(weights, 1, generator=generator).view(b)
+    cy, cx = (centre // w).float(), (centre % w).float()
+    lo, hi = BLOB_RADIUS
+    radius = min(h, w) * torch.exp(torch.empty(b).uniform_(float(torch.tensor(lo).log()), float(torch.tensor(hi).log()),
+                                                           generator=generator))
+    ratio = 0.5 + 0.5 * torch.rand(b, generator=generator)
+    angle = torch.pi * torch.rand(b, generator=generator)
+    harmonics = 0.15 * (2 * torch.rand(b, 3, 2, generator=generator) - 1)  # (cos, sin) amplitudes of k = 2, 3, 4
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    dy, dx = yy - cy.view(b, 1, 1), xx - cx.view(b, 1, 1)
+    c, s = angle.cos().view(b, 1, 1), angle.sin().view(b, 1, 1)
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    a, bb = (radius / ratio.sqrt()).view(b, 1, 1), (radius * ratio.sqrt()).view(b, 1, 1)
+    phi = torch.atan2(v / bb, u / a)
+    wobble = 1 + sum(harmonics[:, i, 0].view(b, 1, 1) * torch.cos((i + 2) * phi)
+                     + harmonics[:, i, 1].view(b, 1, 1) * torch.sin((i + 2) * phi) for i in range(3))
+    blob = ((u / a) ** 2 + (v / bb) ** 2).sqrt() <= wobble
+    blob = blob.unsqueeze(1).to(brain.device)
+    has_brain = brain.flatten(1).any(1).view(b, 1, 1, 1)
+    blob = torch.where(has_brain, blob & brain, blob)
+    seed_pixel = torch.zeros(b, h * w, dtype=torch.bool)
+    seed_pixel[torch.arange(b), centre] = True
+    return blob | seed_pixel.view(b, 1, h, w).to(brain.device)
