@@ -322,7 +322,7 @@ def test_under_dp_the_generator_never_sees_a_real_mask():
 
     a, masks_a = inputs(0)
     b, masks_b = inputs(8)
-    assert len(a["generator"]) == 2  # train_step and evaluate
+    assert len(a["generator"]) == 3  # train_step's D step and its own G step (fresh fakes), evaluate
     for x, y in zip(a["generator"], b["generator"]):
         assert all(torch.equal(u, v) for u, v in zip(x, y))
     cond = a["generator"][0][2]
@@ -336,6 +336,23 @@ def test_under_dp_the_generator_never_sees_a_real_mask():
     images, labels, masks = lesion_batch()
     model.train_step(images, labels, model.make_optimizers(), 0, masks=masks)
     assert torch.equal(seen[0][:, :1] > 0, masks)
+
+
+def test_under_dp_the_generator_step_does_not_take_the_batch_labels_or_size():
+    """G's update is not clipped: under DP its fakes are train.batch_size fresh ones with drawn labels,
+    whatever the (Poisson-sized) batch holds; without DP they are the D step's, one per real image."""
+    for extra in ([], ["model.mask_conditioning=true"]):
+        for dp in (True, False):
+            model = make("train.batch_size=32", f"privacy.enabled={str(dp).lower()}", *extra)
+            calls = []
+            model.networks["generator"].register_forward_pre_hook(lambda mod, args: calls.append(args[1].clone()))
+            images, _, _ = discs(5, seed=1)
+            lesion = torch.full((5,), LESION)
+            model.train_step(images, lesion, model.make_optimizers(), 0)
+            assert len(calls) == (2 if dp else 1)
+            assert torch.equal(calls[0], lesion)  # the D step's fakes: inside D's per-sample clipping
+            if dp:
+                assert len(calls[1]) == 32 and set(calls[1].tolist()) == {HEALTHY, LESION}
 
 
 def test_real_fake_masks_under_dp_are_refused_naming_both_keys():

@@ -40,8 +40,10 @@ fakes' masks are not distributed like the real ones, so D can partly tell fakes 
 shapes; without DP ``auto`` uses the batch's own masks for the fakes (the standard conditional GAN).
 We chose this over refusing mask conditioning under DP because it keeps the guarantee exactly
 where it was (D private, G post-processing) and lets DP sites still train a mask-conditioned model
-(tests/test_gan.py checks that the generator's inputs do not change when the real masks do). As
-before, the fakes take the batch's labels and batch size (the unconditioned GAN's existing design).
+(tests/test_gan.py checks that the generator's inputs do not change when the real masks do). Under DP
+the generator's own step also takes fresh fakes, ``train.batch_size`` of them with uniformly drawn
+labels: the D step's fakes carry the batch's labels and (Poisson) size, which D's per-sample
+clipping covers but G's unclipped update would not.
 """
 
 from __future__ import annotations
@@ -347,6 +349,15 @@ class ConditionalGAN(GenerativeModel):
         d_loss, _ = self._losses(real_logits, fake_logits)
         self.precision.backward(d_loss + extra_loss() if extra_loss is not None else d_loss)
         self.precision.step(opt_d)
+        if self.cfg.privacy.enabled:
+            # G's update is neither clipped nor noised: under DP it must not depend on the batch (its
+            # labels, its Poisson size), only on D (a DP release) and noise. Fresh fakes then, a fixed
+            # train.batch_size of them with labels drawn uniformly, on data-independent masks.
+            n = self.cfg.train.batch_size
+            z = torch.randn(n, self.cfg.model.latent_dim, device=images.device)
+            labels = torch.randint(HEALTHY, LESION + 1, (n,), device=images.device)
+            fake_cond = self._fake_condition(z, labels, None, None)
+            fake = self._g("generator", z, labels, fake_cond)
         opt_g.zero_grad(set_to_none=True)
         with _frozen(D):
             _, g_loss = self._losses(real_logits.detach(), self._d(fake, labels, fake_cond))
