@@ -22,7 +22,7 @@ from pathlib import Path
 from medgen import strictjson
 from medgen.config import INFERENCE_KEYS, ConfigError, load_config_text, with_overrides
 from medgen.data.lesion_masks import MaskSet, read_mask_files, read_site_masks, write_slice
-from medgen.evaluation.synthesis import mask_test, real_contrast, save_outlined_grid, synthesize
+from medgen.evaluation.synthesis import class_distances, mask_test, real_contrast, save_outlined_grid, synthesize
 from medgen.fileio import atomic_write
 from medgen.models import build_model
 from medgen.server.rundir import load_checkpoint, load_weights
@@ -92,6 +92,7 @@ def run_synthesis(checkpoint: str | Path, out: str | Path, masks_dir: str | Path
     if masks.site is not None:
         site = masks.site
         result["real-lesion-contrast"] = real_contrast(site.images, site.lesion, site.brain, site.labels)
+        result["distances"] = class_distances(samples, site.images, site.labels, seed)
     text = strictjson.dumps(result, indent=2) + "\n"
     atomic_write(out / "synthesis.json", lambda f: f.write(text.encode()))
     return Synthesis(out, len(masks.masks), result)
@@ -104,9 +105,13 @@ def summary_line(s: Synthesis) -> str:
     def fmt(d):
         return "n/a" if d["mean"] is None else f"{d['mean']:+.3f}"
 
-    return (f"{s.n} slices in {s.out}; contrast ring - inside: lesion {fmt(c['lesion'])}, healthy reference "
+    line = (f"{s.n} slices in {s.out}; contrast ring - inside: lesion {fmt(c['lesion'])}, healthy reference "
             f"{fmt(c['healthy'])}, label only {fmt(c['label-only'])} (n={t['n']}); |lesion - healthy| inside / "
             f"ring: {t['change-ratio'] if t['change-ratio'] is None else round(t['change-ratio'], 2)}")
+    if d := s.result.get("distances"):
+        line += "; KID to the site's real slices of the class (n real held out against the rest): " + ", ".join(
+            f"{arm} {v['kid']:.3g} ({v['kid-real-vs-real']:.3g})" for arm, v in d.items())
+    return line
 
 
 __all__ = ["Synthesis", "run_synthesis", "summary_line"]

@@ -188,6 +188,27 @@ def test_deformed_lesions_are_new_and_placed_inside_the_brain():
 
 
 # ------------------------------------------------------------------------------ the intensity test
+def test_class_distances_read_against_real_vs_real():
+    """Samples drawn from the real slices score about what two real draws do; flat squares score far
+    more; a class with fewer than 2 n real slices gets no row."""
+    from medgen.evaluation.synthesis import class_distances
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[-1:1:32j, -1:1:32j]
+    real = np.stack([(np.hypot(xx, yy) < 0.6 + 0.2 * rng.random()) * (0.5 + 0.3 * rng.random((32, 32)))
+                     for _ in range(120)]).astype(np.float32)
+    labels = np.where(np.arange(120) < 100, HEALTHY, LESION)
+    flat = np.full((8, 32, 32), 0.5, np.float32)
+    samples = {"healthy": real[:8], "lesion": flat, "label-only": flat}
+    out = class_distances(samples, real, labels)
+    h, les = out["healthy"], out["lesion"]
+    assert (h["n-generated"], h["n-real"], les["n-real"]) == (8, 100, 20)
+    assert les["kid"] > 10 * max(les["kid-real-vs-real"], h["kid"], 1e-3)
+    assert les["radfd-20"] > 10 * h["radfd-20-real-vs-real"]
+    few = class_distances({k: np.concatenate([v, v]) for k, v in samples.items()}, real, labels)
+    assert "lesion" not in few and "healthy" in few  # 16 samples need 32 real lesion slices, there are 20
+
+
 def test_contrast_is_ring_minus_inside():
     mask = np.zeros((16, 16), bool)
     mask[6:10, 6:10] = True
@@ -351,6 +372,8 @@ def test_synthesize_from_a_site_draws_deformed_lesions_inside_its_brains(tmp_pat
     assert result.result["masks"] == "from-site" and result.result["test"]["n"] == 3
     real = result.result["real-lesion-contrast"]  # the site's own dark lesion on its own mask
     assert real["n"] >= 1 and real["mean"] > 0.1
+    healthy = result.result["distances"]["healthy"]  # each arm against the site's real slices of its class
+    assert healthy["n-generated"] == 3 and healthy["n-real"] >= 6 and np.isfinite(healthy["kid-real-vs-real"])
     with pytest.raises(ConfigError, match="--from-site"):
         run_synthesis(checkpoints["mask"], out, from_site=tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="data.image_size"):

@@ -13,7 +13,8 @@ lesions are dark on T1, so a lesion drawn where the mask says gives contrast > 0
 healthy reference's (normal tissue varies either way). Also ``change-inside`` / ``change-ring``:
 mean |lesion - healthy| inside the mask and in the ring (paired, same x_T): a change confined to the
 mask has a ratio well above 1. With ``--from-site`` the site's real lesion slices give the same
-contrast on their own masks (``real-lesion-contrast``): the size of a real lesion's effect. Every
+contrast on their own masks (``real-lesion-contrast``): the size of a real lesion's effect, and
+each arm's distances to the site's real slices of its class (:func:`class_distances`). Every
 number comes with n (the masks or slices scored).
 """
 
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from medgen.evaluation.distances import kid, radfd, radiomics_features
 from medgen.models import HEALTHY, LESION, GenerativeModel
 
 RING_PX = 3
@@ -102,6 +104,37 @@ def real_contrast(images: np.ndarray, lesion: np.ndarray, brain: np.ndarray, lab
     looks like in the data (brain: the slices' brain masks). {mean, std, n}."""
     keep = labels == LESION
     return _summary([contrast(x, m, b) for x, m, b in zip(images[keep], lesion[keep], brain[keep])])
+
+
+def class_distances(samples: dict[str, np.ndarray], real_images: np.ndarray, real_labels: np.ndarray,
+                    seed: int = 0, max_real: int = 500, draws: int = 20) -> dict:
+    """KID and RadFD-20 (``medgen.evaluation.distances``, radiomics features, brain = image > 0.02 on
+    both sides) of each arm against the real slices of its class (``lesion`` and ``label-only``:
+    the real lesion slices; ``healthy``: the healthy ones), at most ``max_real`` of them drawn at
+    random; beside each, the same distance of n real slices of that class (n = the samples) held out
+    from those, against the rest, averaged over ``draws`` random hold-outs (``*-real-vs-real``: what
+    n slices of the real distribution itself score, the floor the arm is read against; both are
+    z-scored on the larger set, as :func:`~medgen.evaluation.distances.radfd` does, so they compare). An arm whose class has fewer than 2 x n
+    real slices is left out. ``real_images`` (N, S, S) in [0, 1], ``real_labels`` (N,)."""
+    rng = np.random.default_rng(seed)
+    out, floors = {}, {}
+    for arm, cls in (("lesion", LESION), ("label-only", LESION), ("healthy", HEALTHY)):
+        fake, real = samples[arm], real_images[real_labels == cls]
+        n = len(fake)
+        if n < 2 or len(real) < 2 * n:
+            continue
+        if cls not in floors:
+            feats = radiomics_features(real[rng.permutation(len(real))[:max(max_real, 2 * n)]])
+            splits = [rng.permutation(len(feats)) for _ in range(draws)]  # n held out, against the rest
+            floors[cls] = feats, {
+                "kid-real-vs-real": float(np.mean([kid(feats[p[n:]], feats[p[:n]], subsets=50, subset_size=n,
+                                                       seed=seed)[0] for p in splits])),
+                "radfd-20-real-vs-real": float(np.mean([radfd(feats[p[n:]], feats[p[:n]]) for p in splits]))}
+        real_f, floor = floors[cls]
+        fake_f = radiomics_features(fake)
+        out[arm] = {"kid": kid(real_f, fake_f, subsets=50, subset_size=n, seed=seed)[0], "radfd-20": radfd(real_f, fake_f),
+                    **floor, "n-real": len(real_f), "n-generated": n, "real-vs-real-draws": draws}
+    return out
 
 
 def outline(mask: np.ndarray) -> np.ndarray:
