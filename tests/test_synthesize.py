@@ -224,6 +224,18 @@ def test_contrast_is_ring_minus_inside():
     json.loads(json.dumps(res, allow_nan=False))
 
 
+def _trained_mask_test(model, steps: int) -> dict:
+    """``model`` trained ``steps`` steps (batch 16) on the discs with dark blobs, then the mask test
+    (``mask_test``) on 8 held-out blob masks."""
+    optimizers, g = model.make_optimizers(), seeded(0)
+    for step in range(steps):
+        images, labels, masks = phantom_batch(16, g)
+        model.train_step(images, labels, optimizers, step, masks=masks)
+    _, _, masks = phantom_batch(16, seeded(99))
+    test = masks[1::2, 0].numpy()
+    return mask_test(synthesize(model, test, seed=0), test)
+
+
 def test_trained_lesions_appear_where_the_mask_is():
     """150 steps (batch 16) on discs with dark blobs of random place and size (pixel space, 32 px,
     no attention, T = 100): lesion samples given a mask are darker inside it than on the ring around
@@ -231,14 +243,7 @@ def test_trained_lesions_appear_where_the_mask_is():
     mask. Measured (n = 8): contrast lesion +0.36, healthy -0.07, label only -0.07; gain > 0 for 8 of
     8; |lesion - healthy| 7.7x larger inside the mask than on the ring. (The latent space learns it
     slower: after 600 steps contrast -0.005 vs healthy -0.055, ratio 4.2; after 150 none.)"""
-    model = build_model(make_cfg("pixel", "model.attention=false", "model.ddim_steps=10"), seed=0)
-    optimizers, g = model.make_optimizers(), seeded(0)
-    for step in range(150):
-        images, labels, masks = phantom_batch(16, g)
-        model.train_step(images, labels, optimizers, step, masks=masks)
-    _, _, masks = phantom_batch(16, seeded(99))
-    test = masks[1::2, 0].numpy()
-    res = mask_test(synthesize(model, test, seed=0), test)
+    res = _trained_mask_test(build_model(make_cfg("pixel", "model.attention=false", "model.ddim_steps=10"), seed=0), 150)
     c = res["contrast"]
     assert res["n"] == 8
     assert c["lesion"]["mean"] > 0.2 and c["lesion"]["mean"] > max(c["healthy"]["mean"], c["label-only"]["mean"]) + 0.2
@@ -253,19 +258,12 @@ def test_trained_gan_lesions_appear_where_the_mask_is(fakes):
     generator never sees a real mask, only D does). Measured (n = 8): real fake masks: contrast
     lesion +0.26, healthy -0.07, label only -0.06, change ratio 6.6; synthetic: +0.23, -0.05, -0.04,
     4.0; gain > 0 for 8 of 8 in both."""
-    model = build_model(make_cfg("gan", f"model.gan_fake_masks={fakes}"), seed=0)
-    optimizers, g = model.make_optimizers(), seeded(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: as fast, and no OpenMP spin-waits on a busy machine
     try:
-        for step in range(300):
-            images, labels, masks = phantom_batch(16, g)
-            model.train_step(images, labels, optimizers, step, masks=masks)
+        res = _trained_mask_test(build_model(make_cfg("gan", f"model.gan_fake_masks={fakes}"), seed=0), 300)
     finally:
         torch.set_num_threads(threads)
-    _, _, masks = phantom_batch(16, seeded(99))
-    test = masks[1::2, 0].numpy()
-    res = mask_test(synthesize(model, test, seed=0), test)
     c = res["contrast"]
     assert res["n"] == 8
     assert c["lesion"]["mean"] > 0.15 and c["lesion"]["mean"] > max(c["healthy"]["mean"], c["label-only"]["mean"]) + 0.15

@@ -94,17 +94,24 @@ class SpectralNorm(nn.Module):
         return self.layer(x) / sigma
 
 
+def _latent_stem(gen: nn.Module, image_size: int, width: int, latent_dim: int) -> list[int]:
+    """Both generators' start: sets ``gen.label`` (label embedding), ``gen.from_z`` (z ++ label ->
+    the 4 x 4 bottom) and ``gen.bottom`` (its (C, 4, 4) shape); returns the channels per level."""
+    sizes = level_sizes(image_size)
+    chans = level_channels(width, len(sizes) - 1)
+    gen.bottom = (chans[-1], sizes[-1], sizes[-1])
+    label_dim = max(8, latent_dim // 4)
+    gen.label = label_embedding(label_dim)
+    gen.from_z = nn.Linear(latent_dim + label_dim, chans[-1] * sizes[-1] ** 2)
+    return chans
+
+
 class Generator(nn.Module):
     """``forward(z, y)``: (B, latent_dim), (B,) -> images (B, 1, S, S) in [0, 1]."""
 
     def __init__(self, image_size: int, width: int, latent_dim: int, groups: int):
         super().__init__()
-        sizes = level_sizes(image_size)
-        chans = level_channels(width, len(sizes) - 1)
-        self.bottom = (chans[-1], sizes[-1], sizes[-1])
-        label_dim = max(8, latent_dim // 4)
-        self.label = label_embedding(label_dim)
-        self.from_z = nn.Linear(latent_dim + label_dim, chans[-1] * sizes[-1] ** 2)
+        chans = _latent_stem(self, image_size, width, latent_dim)
         self.from_z_act = nn.Sequential(nn.GroupNorm(group_count(groups, chans[-1]), chans[-1]), nn.SiLU())
         self.up = nn.Sequential(*[Up(a, b, groups) for a, b in zip(chans[:0:-1], chans[-2::-1])])
         self.head = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(chans[0], 1, 3, padding=1))
@@ -155,12 +162,7 @@ class SpadeGenerator(nn.Module):
 
     def __init__(self, image_size: int, width: int, latent_dim: int, groups: int):
         super().__init__()
-        sizes = level_sizes(image_size)
-        chans = level_channels(width, len(sizes) - 1)
-        self.bottom = (chans[-1], sizes[-1], sizes[-1])
-        label_dim = max(8, latent_dim // 4)
-        self.label = label_embedding(label_dim)
-        self.from_z = nn.Linear(latent_dim + label_dim, chans[-1] * sizes[-1] ** 2)
+        chans = _latent_stem(self, image_size, width, latent_dim)
         self.from_z_norm = SPADE(chans[-1], groups)
         self.up = nn.ModuleList([SpadeBlock(a, b, groups) for a, b in zip(chans[:0:-1], chans[-2::-1])])
         self.last = SpadeBlock(chans[0], chans[0], groups)
