@@ -85,6 +85,7 @@ def test_factored_linear_clipping_equals_opacus(passes):
     assert inner[4].weight.numel() < MIN_FACTORED_WEIGHT and isinstance(factored["4.weight"], torch.Tensor)
     for name in ("0.weight", "2.weight"):  # the factored norms are the materialised per-sample gradients' norms
         torch.testing.assert_close(factored[name].norms(), reference[name].flatten(1).norm(dim=1), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(factored[name].materialise(), reference[name], rtol=1e-5, atol=1e-7)
     (sums, norms, grads), (sums_f, norms_f, grads_f) = results
     for a, b in zip(norms, norms_f):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
