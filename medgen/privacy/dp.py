@@ -133,8 +133,8 @@ def private(model: GenerativeModel, optimizers: dict[str, torch.optim.Optimizer]
     Opacus' hooks with our faster Conv2d and Linear samplers, ``grad_samplers.py``) and their optimisers
     (the wrapper's ``DP_OPTIMIZER``, else Opacus' ``DPOptimizer``) clip and add noise drawn from
     ``seed`` (pass a :func:`secret_seed`; each network draws its own stream, :func:`noise_seed`). On
-    exit the networks are unwrapped, so ``state_dict`` keys carry no ``_module.`` prefix. The process keeps DP-SGD's large per-step
-    buffers in its heap from then on (``allocator.py``)."""
+    exit the networks are unwrapped, so ``state_dict`` keys carry no ``_module.`` prefix. The process
+    keeps DP-SGD's large per-step buffers in its heap from then on (``allocator.py``)."""
     keep_large_allocations()
     inner = {}
     for name in model.private_networks:
