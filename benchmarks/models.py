@@ -8,7 +8,8 @@ ancestral DDPM over all timesteps), and anomaly-map time per slice.
 
 ``--baseline PATH`` adds a fourth copy in the same rounds: DP-SGD with the ``FastGradSampleModule``
 of another checkout's ``medgen/privacy/grad_samplers.py`` (e.g. the main branch's, to measure a
-change side by side); its ratio to plain and the per-round ratio of medgen's step to it are reported.
+change side by side) and the optimiser it names (its ``DP_OPTIMIZER``; Opacus' ``DPOptimizer`` where it
+names none); its ratio to plain and the per-round ratio of medgen's step to it are reported.
 
 Usage: python benchmarks/models.py [--families vae,gan,ddpm,ddpm:pixel] [--repeats 10] [--rounds 30] [--threads 1]
                                    [--baseline /path/to/other/checkout] [--dp-only]

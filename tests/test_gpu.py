@@ -10,6 +10,7 @@ import torch
 
 from medgen.client.task import release_device, train_local
 from medgen.models import build_model
+from medgen._compat.opacus import FactoredGradSample
 from medgen.privacy.grad_samplers import FastGradSampleModule
 from test_amp import site_slices
 from test_models import FAMILIES, make_cfg
@@ -80,7 +81,8 @@ def test_per_sample_gradients_on_cuda_match_the_cpu(family, cpu_random):
         torch.manual_seed(1)  # model noise drawn on the CPU generator where the family does
         opts = {k: torch.optim.SGD(v.parameters(), lr=0.0) for k, v in model.networks.items()}
         model.train_step(images.to(device), labels.to(device), opts, 0)
-        grads.append([p.grad_sample.detach().cpu() for p in net.parameters() if p.grad_sample is not None])
+        grads.append([(g.materialise() if isinstance(g, FactoredGradSample) else g).detach().cpu()
+                      for g in (p.grad_sample for p in net.parameters()) if g is not None])
         net.to_standard_module()
     assert len(grads[0]) == len(grads[1]) > 0
     for cpu, cuda in zip(*grads):

@@ -9,7 +9,8 @@ from torch import nn
 from medgen.config import load_config
 from medgen.models import build_model
 from medgen.privacy.dp import DPPlan, private
-from medgen.privacy.grad_samplers import FastGradSampleModule, _path, conv2d_grad_sample
+from medgen._compat.opacus import FactoredDPOptimizer, FactoredGradSample
+from medgen.privacy.grad_samplers import MIN_FACTORED_WEIGHT, FastGradSampleModule, _path, conv2d_grad_sample
 
 
 @pytest.mark.parametrize("cin,cout,stride,dilation,bias,size,path", [
@@ -50,6 +51,48 @@ def test_no_summed_conv_weight_gradient_while_the_hooks_run():
     assert conv.weight.grad is not None
     wrapped.to_standard_module()
     assert "forward" not in vars(conv) and "forward" not in vars(net[0])  # the class's forward again
+
+
+@pytest.mark.parametrize("passes", [[6], [6, 6], [6, 4]])
+def test_factored_linear_clipping_equals_opacus(passes):
+    """Book-keeping Linear clipping: the per-sample norms and the clipped sum from the factors (a, g) equal
+    Opacus' from materialised per-sample gradients, for one pass, two passes of the same examples in one loss
+    (a GAN discriminator's real and fake) and passes of different sizes; then the same noised update."""
+    from opacus.optimizers import DPOptimizer
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(160, 128), nn.SiLU(), nn.Linear(128, 160, bias=False), nn.SiLU(),
+                             nn.Linear(160, 3))  # two factored weights (>= MIN_FACTORED_WEIGHT), one not
+
+    torch.manual_seed(1)
+    xs = [torch.randn(n, 160) for n in passes]
+    seen, results = {}, []
+    for wrapper, optimizer in ((GradSampleModule, DPOptimizer), (FastGradSampleModule, FactoredDPOptimizer)):
+        inner = net()
+        model = wrapper(inner, loss_reduction="mean")
+        opt = optimizer(torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=0.3, max_grad_norm=0.05,
+                        expected_batch_size=6, loss_reduction="mean", generator=torch.Generator().manual_seed(5))
+        sum(model(x).square().mean() for x in xs).backward()
+        seen[optimizer] = {name: p.grad_sample for name, p in inner.named_parameters()}
+        norms = [opt._get_flat_grad_sample(p) for p in opt.params]
+        norms = [g.norms() if isinstance(g, FactoredGradSample) else g.reshape(len(g), -1).norm(2, dim=-1) for g in norms]
+        opt.pre_step()
+        results.append(({n: p.summed_grad.clone() for n, p in inner.named_parameters()}, norms,
+                        {n: p.grad.clone() for n, p in inner.named_parameters()}))
+    reference, factored = seen[DPOptimizer], seen[FactoredDPOptimizer]
+    assert isinstance(factored["0.weight"], FactoredGradSample) and isinstance(factored["2.weight"], FactoredGradSample)
+    assert inner[4].weight.numel() < MIN_FACTORED_WEIGHT and isinstance(factored["4.weight"], torch.Tensor)
+    for name in ("0.weight", "2.weight"):  # the factored norms are the materialised per-sample gradients' norms
+        torch.testing.assert_close(factored[name].norms(), reference[name].flatten(1).norm(dim=1), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(factored[name].materialise(), reference[name], rtol=1e-5, atol=1e-7)
+    (sums, norms, grads), (sums_f, norms_f, grads_f) = results
+    for a, b in zip(norms, norms_f):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    for name in sums:  # the clipped sum and the clipped noised, scaled gradient
+        torch.testing.assert_close(sums_f[name], sums[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_f[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.stack(norms, 1).norm(dim=1).max() > 0.05  # clipping was active
 
 
 @pytest.mark.parametrize("family, space", [("vae", "pixel"), ("cevae", "pixel"), ("gan", "pixel"), ("ddpm", "pixel"),

@@ -130,20 +130,21 @@ def poisson_batches(data: SiteSlices, dp: DPPlan, generator: torch.Generator):
 def private(model: GenerativeModel, optimizers: dict[str, torch.optim.Optimizer], dp: DPPlan, seed: int,
             wrapper=FastGradSampleModule):
     """Inside the block, the family's private networks compute per-sample gradients (``wrapper``:
-    Opacus' hooks with our faster Conv2d sampler, ``grad_samplers.py``) and their optimisers clip and
-    add noise drawn from ``seed`` (pass a :func:`secret_seed`; each network draws its own stream,
-    :func:`noise_seed`). On exit the networks are unwrapped,
-    so ``state_dict`` keys carry no ``_module.`` prefix. The process keeps DP-SGD's large per-step
-    buffers in its heap from then on (``allocator.py``)."""
+    Opacus' hooks with our faster Conv2d and Linear samplers, ``grad_samplers.py``) and their optimisers
+    (the wrapper's ``DP_OPTIMIZER``, else Opacus' ``DPOptimizer``) clip and add noise drawn from
+    ``seed`` (pass a :func:`secret_seed`; each network draws its own stream, :func:`noise_seed`). On
+    exit the networks are unwrapped, so ``state_dict`` keys carry no ``_module.`` prefix. The process
+    keeps DP-SGD's large per-step buffers in its heap from then on (``allocator.py``)."""
     keep_large_allocations()
     inner = {}
     for name in model.private_networks:
         inner[name] = model.networks[name]
         noise = torch.Generator(device=next(inner[name].parameters()).device).manual_seed(noise_seed(seed, name))
         model.networks[name] = wrapper(inner[name], loss_reduction="mean")
-        optimizers[name] = DPOptimizer(optimizers[name], noise_multiplier=dp.noise_multiplier,
-                                       max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size,
-                                       loss_reduction="mean", generator=noise, secure_mode=True)
+        optimizer = getattr(wrapper, "DP_OPTIMIZER", DPOptimizer)  # the wrapper's: Opacus' DPOptimizer or a subclass
+        optimizers[name] = optimizer(optimizers[name], noise_multiplier=dp.noise_multiplier,
+                                     max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size,
+                                     loss_reduction="mean", generator=noise, secure_mode=True)
     try:
         yield optimizers
     finally:

@@ -17,6 +17,16 @@ on a CPU), in one of two ways:
 - **per sample** (stride 1, output >= ``MIN_POSITIONS`` positions, fewer channels — a 16->1 head at
   64x64: Opacus 50 ms, grouped 17 ms, per sample 11 ms): the kernel once per sample.
 
+**Linear layers: book-keeping clipping** (Bu et al. 2023; the norm trick of Goodfellow 2015). A Linear
+layer with (B, in) inputs has per-sample weight gradients g_i a_iᵀ (a_i its input, g_i its output
+gradient), whose norm is ``||a_i|| ||g_i||`` and whose clipped sum is ``(c * g)ᵀ a``, one matmul: the
+B x out x in per-sample gradients need never exist. :func:`linear_grad_sample` keeps a large weight's
+(>= ``MIN_FACTORED_WEIGHT`` entries) per-sample gradients as those factors, and the DP optimiser
+(``FactoredDPOptimizer``, ``medgen._compat.opacus``: Opacus' ``DPOptimizer`` with the factored norm
+and sum in its clipping step) clips them with every other parameter's, in the same backward pass (no
+second pass, unlike Opacus' ghost clipping). The VAE's 2048 -> 128 and 80 -> 2048 layers: 68 % of its
+parameters, 55 MB of per-sample gradients per batch of 32 (``benchmarks/dp_linear.py``).
+
 Every other layer (and every other layer type) keeps Opacus' own grad sampler.
 
 **No summed weight gradient.** Autograd would also compute each Conv2d's summed weight (and bias)
@@ -40,11 +50,12 @@ from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
-from medgen._compat.opacus import grad_samplers
+from medgen._compat.opacus import FactoredDPOptimizer, grad_samplers, keep_factors, opacus_grad_sampler
 
 MIN_POSITIONS = 256  # output positions (16 x 16) from which the per-sample kernel beats im2col + einsum
 MIN_GROUPED_CHANNELS = 8  # input and output channels from which the grouped kernel is the fastest
 MIN_GROUPED_POSITIONS = 64  # output positions (8 x 8) from which the grouped kernel beats im2col + einsum
+MIN_FACTORED_WEIGHT = 16_384  # Linear weights (out x in) from which the per-sample gradients are kept as factors
 
 
 def _zero_padded(layer: nn.Conv2d) -> bool:
@@ -61,6 +72,24 @@ def _path(layer: nn.Conv2d, out_positions: int) -> str:
     if layer.stride == (1, 1) and out_positions >= MIN_POSITIONS:
         return "per-sample"
     return "opacus"
+
+
+compute_linear_grad_sample = opacus_grad_sampler(nn.Linear)
+
+
+def linear_grad_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    """A Linear layer with (B, in) inputs: its weight's per-sample gradients kept as the factors
+    (activations, output gradients) for :class:`~medgen._compat.opacus.FactoredDPOptimizer`
+    (book-keeping: norms ``||a_i|| ||g_i||``, clipped sum ``(c * g)ᵀ a``); the bias's as Opacus'
+    (B, out). Small weights (below ``MIN_FACTORED_WEIGHT``: B x |W| is no buffer worth saving) and
+    inputs with more dimensions (a sequence: T x T Gram matrices) go to Opacus' sampler."""
+    x = activations[0]
+    if x.dim() != 2 or not layer.weight.requires_grad or layer.weight.numel() < MIN_FACTORED_WEIGHT:
+        return compute_linear_grad_sample(layer, activations, backprops)
+    if not keep_factors(layer, x.to(backprops.dtype), backprops):
+        return compute_linear_grad_sample(layer, activations, backprops)
+    # the bias's own copy: Opacus adds a later pass into it in place, and g stays in the weight's factors
+    return {layer.bias: backprops.clone()} if layer.bias is not None and layer.bias.requires_grad else {}
 
 
 def _weight_grad(layer: nn.Conv2d, grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -128,12 +157,14 @@ def _forward_without_weight_grad(module: GradSampleModule, layer: nn.Conv2d):
 
 
 class FastGradSampleModule(GradSampleModule):
-    """Opacus' GradSampleModule (hooks) with :func:`conv2d_grad_sample` for Conv2d, no summed Conv2d
+    """Opacus' GradSampleModule (hooks) with :func:`conv2d_grad_sample` for Conv2d,
+    :func:`linear_grad_sample` for Linear (clipped by its ``DP_OPTIMIZER``), no summed Conv2d
     weight gradients while the hooks run, and no copy of a layer's first per-sample gradients
     (``medgen._compat.opacus.keep_first``); Opacus' own grad samplers are left untouched for every
     other use in the process."""
 
-    GRAD_SAMPLERS = grad_samplers({nn.Conv2d: conv2d_grad_sample})
+    GRAD_SAMPLERS = grad_samplers({nn.Conv2d: conv2d_grad_sample, nn.Linear: linear_grad_sample})
+    DP_OPTIMIZER = FactoredDPOptimizer  # takes the Linear weights' factored per-sample gradients
 
     def add_hooks(self, **kwargs) -> None:
         super().add_hooks(**kwargs)
