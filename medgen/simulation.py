@@ -30,6 +30,7 @@ from medgen.server.rundir import RunDir, open_run
 LINK_TIMEOUT_S = 60.0  # how long the SuperLink may take to answer on /health
 POLL_S = 0.25  # how often the run directory (console, checkpoints, outcome) is read
 STATUS_POLL_S = 2.0  # how often Flower is asked about the run (each ask costs both processes CPU)
+GRID_PULL_S = 0.02  # how often the ServerApp's Grid looks for replies (Flower's default 0.1 s; in-memory)
 CONSOLE_FILE = "console.log"  # under <run>/simulation/: the ServerApp's console output
 DONE_FILE = "done"  # under <run>/simulation/: written when the ServerApp has returned
 
