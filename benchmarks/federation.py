@@ -7,9 +7,11 @@ Measures, in one run, at the default config (phantom cohort; sites A, B, C train
     `train-time-s`, the evaluation phase, and the server's per-round tail (sample grid, checkpoint);
   - plain: one process, no Flower, no Ray, no messages: for each round and training site, load the
     global weights into a model, `train_local` with the same data, steps and seeds, `FedAvg`, then
-    `evaluate_local` on every site's evaluation slices -- the same optimiser steps and evaluations.
+    `evaluate_local` on every site's evaluation slices, and on the full-evaluation rounds what a
+    site's ClientApp adds (distances, anomaly detection, a training site's memorisation audit, under
+    the server's evaluation plan) -- the same optimiser steps and evaluations.
     Also without evaluation, and without evaluation on one torch thread (the parallelism question);
-  - the ratio federated / plain (the issue's target: <= 1.25 at the default config);
+  - the ratio federated / plain (issue #20's target: <= 1.10, <= 1.05 for the rounds alone);
   - scaling: round time for 2, 4, 8, 16 equal-size training sites (+ 1 held out), small sites and
     few local steps, with the plain loop's round time at each size for comparison.
 
