@@ -7,9 +7,11 @@ Measures, in one run, at the default config (phantom cohort; sites A, B, C train
     `train-time-s`, the evaluation phase, and the server's per-round tail (sample grid, checkpoint);
   - plain: one process, no Flower, no Ray, no messages: for each round and training site, load the
     global weights into a model, `train_local` with the same data, steps and seeds, `FedAvg`, then
-    `evaluate_local` on every site's evaluation slices -- the same optimiser steps and evaluations.
+    `evaluate_local` on every site's evaluation slices, and on the full-evaluation rounds what a
+    site's ClientApp adds (distances, anomaly detection, a training site's memorisation audit, under
+    the server's evaluation plan) -- the same optimiser steps and evaluations.
     Also without evaluation, and without evaluation on one torch thread (the parallelism question);
-  - the ratio federated / plain (the issue's target: <= 1.25 at the default config);
+  - the ratio federated / plain (issue #20's target: <= 1.10, <= 1.05 for the rounds alone);
   - scaling: round time for 2, 4, 8, 16 equal-size training sites (+ 1 held out), small sites and
     few local steps, with the plain loop's round time at each size for comparison.
 
@@ -42,11 +44,9 @@ from medgen.server.rundir import RunDir, load_checkpoint
 from medgen.server.strategy import FedAvg, Update
 from medgen.simulation import resolve_client_cpus, resolve_data, simulate
 
-try:  # the full evaluation (distances, anomaly detection) the sites run on some rounds
-    from medgen.evaluation.site import evaluate_site
-    from medgen.server.federation import is_full_evaluation
-except ImportError:  # a tree without it: evaluation is `evaluate_local` only
-    evaluate_site = is_full_evaluation = None
+from medgen.evaluation.plan import EvaluationPlan, pooled_thresholds
+from medgen.evaluation.site import evaluate_site  # the full evaluation the sites run on some rounds
+from medgen.server.federation import is_full_evaluation
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -196,20 +196,36 @@ def run_federated(cfg: Config, out: Path, log_file: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- plain loop
-def _site_evaluation(model, data, cfg: Config, full: bool) -> tuple[dict, dict, float]:
+def _site_evaluation(model, data, cfg: Config, full: bool, train=None, plan=None) -> tuple[dict, dict, float]:
     """What a site's ClientApp does for an evaluate message: `evaluate_local`, plus the full
-    evaluation (distances, anomaly detection) on the rounds that ask for it. Returns (metrics,
-    arrays, seconds spent in the full evaluation)."""
+    evaluation (distances, anomaly detection, and with a training site's ``train`` slices the
+    memorisation audit) on the rounds that ask for it, under the server's ``plan``. Returns
+    (metrics, arrays, seconds spent in the full evaluation)."""
     metrics = evaluate_local(model, data, cfg)
-    if not full or evaluate_site is None:
+    if not full:
         return metrics, {}, 0.0
     f0 = time.perf_counter()
-    scores, arrays = evaluate_site(model, data, cfg)
+    scores, arrays = evaluate_site(model, data, cfg, train=train, plan=plan)
     return {**metrics, **scores}, arrays, time.perf_counter() - f0
 
 
+def _plans(cfg: Config, data: dict) -> tuple[tuple, bool]:
+    """What the server's evaluation plan holds for this data: the classes that trained, and whether
+    the training sites send calibration quantiles first (``Federation.evaluate``)."""
+    from types import SimpleNamespace
+
+    from medgen.client.app import data_summary
+    from medgen.server.federation import Federation
+    from medgen.server.guards import trained_classes
+
+    summaries = {s: data_summary(*data[s]) for s in cfg.sites.all}
+    calibrate = Federation._needs_pooled_threshold(SimpleNamespace(cfg=cfg, summaries=summaries,
+                                                                   nodes=dict.fromkeys(cfg.sites.all)))
+    return trained_classes(summaries, cfg.sites.train), calibrate
+
+
 def _is_full(cfg: Config, round_: int) -> bool:
-    return is_full_evaluation is not None and is_full_evaluation(cfg, round_)
+    return is_full_evaluation(cfg, round_)
 
 
 def run_plain(cfg: Config, evaluate: bool = True, threads: int | None = None,
@@ -222,6 +238,7 @@ def run_plain(cfg: Config, evaluate: bool = True, threads: int | None = None,
         torch.set_num_threads(threads)
     try:
         data = _data(cfg)
+        classes, calibrate_first = _plans(cfg, data)
         state = build_model(cfg).state_dict()
         aggregator = FedAvg()
         site_train, eval_s, full_s, book_s = [], 0.0, 0.0, 0.0
@@ -242,19 +259,27 @@ def run_plain(cfg: Config, evaluate: bool = True, threads: int | None = None,
             results, artefacts = {}, {}
             if evaluate and (round_ % cfg.federation.eval_every == 0 or round_ == cfg.federation.rounds):
                 e0 = time.perf_counter()
-                for site in cfg.sites.all:
-                    held = data[site][1]
-                    if len(held):
-                        model = build_model(cfg)
-                        model.load_state_dict(state)
-                        results[site], artefacts[site], full = _site_evaluation(model, held, cfg, _is_full(cfg, round_))
-                        full_s += full
+                full = _is_full(cfg, round_)
+                calibrate = full and calibrate_first
+                first = [s for s in cfg.sites.all if s in cfg.sites.train] if calibrate else list(cfg.sites.all)
+                thresholds = {}
+                for group, plan in ((first, EvaluationPlan(classes, send_calibration=calibrate)),
+                                    ([s for s in cfg.sites.all if s not in first], None)):
+                    if plan is None:
+                        thresholds = pooled_thresholds({s: results[s] for s in first if s in results})
+                        plan = EvaluationPlan(classes, thresholds)
+                    for site in group:
+                        train, held = data[site]
+                        if len(held):
+                            model = build_model(cfg)
+                            model.load_state_dict(state)
+                            results[site], artefacts[site], took = _site_evaluation(model, held, cfg, full, train, plan)
+                            full_s += took
                 eval_s += time.perf_counter() - e0
             if run is not None:
                 b0 = time.perf_counter()
                 if results:
-                    extra = {"artefacts": artefacts} if evaluate_site is not None else {}
-                    record_evaluation(run, cfg, round_, results, state, _quiet, **extra)
+                    record_evaluation(run, cfg, round_, results, state, _quiet, artefacts, classes)
                 run.save_checkpoint(round_, state, aggregator.state(), cfg)
                 book_s += time.perf_counter() - b0
         total = time.perf_counter() - p0

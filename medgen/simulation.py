@@ -30,6 +30,7 @@ from medgen.server.rundir import RunDir, open_run
 LINK_TIMEOUT_S = 60.0  # how long the SuperLink may take to answer on /health
 POLL_S = 0.25  # how often the run directory (console, checkpoints, outcome) is read
 STATUS_POLL_S = 2.0  # how often Flower is asked about the run (each ask costs both processes CPU)
+GRID_PULL_S = 0.02  # how often the ServerApp's Grid looks for replies (Flower's default 0.1 s; in-memory)
 CONSOLE_FILE = "console.log"  # under <run>/simulation/: the ServerApp's console output
 DONE_FILE = "done"  # under <run>/simulation/: written when the ServerApp has returned
 
@@ -84,8 +85,8 @@ def stop_hung_sites(grace_s: float, log=logs.info) -> None:
 def resolve_client_cpus(cfg: Config) -> Config:
     """``simulation.client_cpus`` made concrete. null: at least 2 CPUs (and torch threads) per site,
     CPUs / training sites when the machine has more, never more than it has. On 2 cores that is one
-    site at a time on both cores: 2 torch threads train a site 1.7x faster than 1, and the run
-    comes within 1.24x of a plain loop (benchmarks/README.md, "Federation vs a plain PyTorch loop")."""
+    site at a time on both cores: 2 torch threads train a site 1.5-1.7x faster than 1 (benchmarks/README.md,
+    "Federation vs a plain PyTorch loop", for the run against a plain loop)."""
     if cfg.simulation.client_cpus is not None:
         return cfg
     cpus = os.cpu_count() or 1

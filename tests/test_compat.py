@@ -270,3 +270,22 @@ def test_a_message_whose_task_died_before_reading_it_is_answered():
         InMemoryNodeState._on_task_tokens_expired = original
         for seconds in set(before.values()):
             use_heartbeat(seconds)
+
+
+def test_the_simulation_grid_pulls_at_the_interval_asked_for():
+    """`medgen simulate`'s ServerApp sets the pull interval of Flower's simulation Grid (in-memory);
+    any other Grid (a deployment's) is left as it is."""
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    from medgen._compat.flwr import quick_simulation_pulls
+    from medgen.simulation import GRID_PULL_S
+
+    grid = InMemoryGrid(LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()))
+    assert grid.pull_interval == 0.1  # Flower's default, which the ServerApp replaces
+    assert quick_simulation_pulls(grid, GRID_PULL_S) and grid.pull_interval == GRID_PULL_S == 0.02
+    other = type("DeployedGrid", (), {"pull_interval": 3.0})()
+    assert not quick_simulation_pulls(other, GRID_PULL_S) and other.pull_interval == 3.0

@@ -23,7 +23,8 @@ SuperNode keep their start-up time. What they are for:
 - the SuperNode's task state: :func:`answer_orphaned_messages` wraps ``InMemoryNodeState``'s
   handling of expired tasks;
 - shorter polls: :func:`speed_up_supernode` (``medgen/deployment/supernode.py``) and
-  :func:`quick_object_pulls` (``medgen/deployment/grid.py``) replace module globals of Flower's.
+  :func:`quick_object_pulls` (``medgen/deployment/grid.py``) replace module globals of Flower's;
+  :func:`quick_simulation_pulls` (``medgen/server/app.py``) sets the simulation Grid's pull interval.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ _FROM = {
     "flower_supernode": "flwr.supernode.cli.flower_supernode",
 }
 
-__all__ = sorted([*_FROM, "MINIMUM", "BELOW", "adaptive_clipping_update", "quick_object_pulls", "set_message_id",
+__all__ = sorted([*_FROM, "MINIMUM", "BELOW", "adaptive_clipping_update", "quick_object_pulls",
+                  "quick_simulation_pulls", "set_message_id",
                   "speed_up_supernode", "use_heartbeat", "heartbeat_intervals", "answer_orphaned_messages"])
 
 
@@ -198,3 +200,16 @@ def quick_object_pulls(grid, pull_backoff: dict) -> None:
     pull = getattr(module, "pull_objects", None)
     if pull is not None and not isinstance(pull, functools.partial):
         module.pull_objects = functools.partial(pull, **pull_backoff)
+
+
+def quick_simulation_pulls(grid, seconds: float) -> bool:
+    """Flower's simulation Grid (``InMemoryGrid``, in the ``flwr-simulation`` process) sleeps its
+    ``pull_interval`` (0.1 s) between looks for the replies to a ``send_and_receive``; make it
+    ``seconds``. A look reads the in-memory LinkState (microseconds). Another Grid is left as it is;
+    returns whether the interval was set."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    if not isinstance(grid, InMemoryGrid):
+        return False
+    grid.pull_interval = seconds
+    return True

@@ -41,11 +41,13 @@ def main(grid: Grid, context: Context) -> None:
 def simulated(grid: Grid, context: Context) -> None:
     import sys
 
+    from medgen._compat.flwr import quick_simulation_pulls
     from medgen.config import load_config_text
-    from medgen.simulation import CONSOLE_FILE, DONE_FILE
+    from medgen.simulation import CONSOLE_FILE, DONE_FILE, GRID_PULL_S
 
     rc = context.run_config
     run = RunDir(str(rc["run-dir"]))
+    quick_simulation_pulls(grid, GRID_PULL_S)  # a reply is seen 0.02 s after it arrives, not up to 0.1 s
     # Flower's simulation process has no terminal (its output goes nowhere): what the ServerApp and
     # the Ray actors print goes to a file that `medgen simulate` prints as it grows
     sys.stdout = sys.stderr = (run.path / "simulation" / CONSOLE_FILE).open("a", buffering=1, encoding="utf-8")
