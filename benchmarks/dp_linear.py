@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from medgen._compat.opacus import FactoredGradSample, opacus_grad_sampler
-from medgen.privacy.allocator import keep_large_allocations
+from medgen.client.allocator import keep_large_allocations
 
 SHAPES = {"gan D head 2048->1": (2048, 1), "ddpm time mlp 32->128": (32, 128), "ddpm 128->128": (128, 128),
           "ddpm block emb 128->256": (128, 256), "vae from_z 80->2048": (80, 2048), "vae to_stats 2048->128": (2048, 128)}

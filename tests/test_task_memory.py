@@ -2,6 +2,7 @@
 new site process (a simulated site's Ray actor, a SuperNode's ClientApp) trains as fast as a
 long-lived one: without it every step page-faults its activations in again."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -16,8 +17,6 @@ from medgen.config import load_config
 from medgen.data.dataset import SiteSlices
 from medgen.models import build_model
 
-if sys.argv[1] == "off":
-    task.keep_freed_memory = lambda: False  # glibc's default thresholds
 torch.set_num_threads(1)
 cfg = load_config(None, [])  # the default study: 64 px, width 16, batch 32
 n, s = 64, cfg.data.image_size
@@ -33,15 +32,16 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
 
 
 def _faults_per_step(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, timeout=300, check=True)
+    env = {**os.environ, "MEDGEN_MALLOC_TUNING": "1" if mode == "on" else "0"}  # 0: glibc's default thresholds
+    out = subprocess.run([sys.executable, "-c", STEPS], capture_output=True, text=True, timeout=300, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_a_new_process_trains_without_page_faulting_every_step():
-    from medgen.client.task import keep_freed_memory
+    from medgen.client.allocator import keep_large_allocations
 
-    assert keep_freed_memory()
+    assert keep_large_allocations()
     kept, default = _faults_per_step("on"), _faults_per_step("off")
     # measured: ~19,500 minor page faults a step with glibc's defaults, ~250 with the memory kept
     assert default > 2000 and kept < default / 10, (kept, default)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medgen.client.allocator import keep_large_allocations
 from medgen.config import Config, ConfigError, DataConfig
 from medgen.data.dataset import SiteSlices, load_site
 from medgen.models import GenerativeModel
@@ -85,39 +86,12 @@ def proximal_term(model: GenerativeModel, global_state: dict[str, torch.Tensor],
     return term
 
 
-MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: blocks up to 32 MiB come from the heap, not from fresh mmaps
-TRIM_THRESHOLD = 128 * 2**20  # free memory at the heap's top kept for the next step, not handed back
-
-
-@lru_cache(maxsize=1)
-def keep_freed_memory() -> bool:
-    """Once per process: glibc's malloc keeps the memory a training step frees for the next step.
-
-    By default a block above 128 KiB (a batch's activations, 1-10 MiB here) is a fresh mmap and
-    goes back to the kernel when freed, so every step page-faults and zeroes it again; glibc raises
-    that threshold only after it has freed such a block, which a long-lived process (the plain
-    loop, `medgen train`) has done long before, and a new site process (a simulated site's Ray
-    actor, a SuperNode's ClientApp) has not: its first rounds trained ~1.6x slower, ~20,000 minor
-    page faults a step (benchmarks/README.md, "Federation vs a plain PyTorch loop"). mallopt is
-    glibc's documented call; elsewhere (musl, macOS) nothing changes. Returns whether it was set."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-
-
 def train_local(model: GenerativeModel, data: SiteSlices, cfg: Config, seed: int,
                 steps: int | None = None, extra_loss=None, dp: DPPlan | None = None) -> dict[str, float]:
     """Train ``model`` in place on ``data`` for ``steps`` optimiser steps (default: from
     ``cfg.train``; ``dp.steps`` under DP-SGD, with Poisson-sampled batches). Returns the mean of
     each loss term, ``num-examples``, ``steps`` and ``train-time-s``."""
-    keep_freed_memory()
+    keep_large_allocations()  # a new site process trains as fast as a long-lived one (allocator.py)
     start = time.perf_counter()
     device = torch.device(cfg.train.device)
     held = gpu_memory(device)  # what this process still held on the GPU before this round's model

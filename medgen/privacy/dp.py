@@ -36,7 +36,7 @@ from opacus.optimizers import DPOptimizer
 from medgen.config import Config
 from medgen.data.dataset import SiteSlices
 from medgen.models import GenerativeModel
-from medgen.privacy.allocator import keep_large_allocations
+from medgen.client.allocator import keep_large_allocations
 from medgen.privacy.grad_samplers import FastGradSampleModule
 
 
