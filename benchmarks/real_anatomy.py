@@ -1,7 +1,7 @@
 """Lesion detection on real anatomy: synthetic lesions implanted into held-apart IXI heads, beside
 the same benchmark on the phantom, with every trivial reference on the same pixels.
 
-    python benchmarks/real_anatomy.py [--families vae,ddpm] [--cohorts ixi,phantom] [--out DIR]
+    python benchmarks/real_anatomy.py [--families vae,ddpm] [--cohorts ixi,phantom] [--out DIR] [--train-seed N]
     python benchmarks/real_anatomy.py --references-only [--cohorts ixi,phantom]
 
 ``--references-only`` trains nothing: it builds the same sites and scores the same slices of D
@@ -12,7 +12,12 @@ Per cohort: three training sites (healthy) and one held-out site D; on IXI, D's 
 split apart by subject (`medgen data split`) and half of them get implanted lesions (`medgen
 data implant`). Each family trains federated (`medgen simulate`, the config of examples/ixi.yaml:
 the default CPU budget). Its final global model then scores D's slices: the threshold is fixed on
-half of D's healthy subjects (never on a mask), the other subjects are scored. Every
+half of D's healthy subjects (never on a mask), the other subjects are scored. That split (and the
+600-slice draws) comes from the seed of examples/ixi.yaml, never from the seed a model trained with:
+``--train-seed N`` trains with ``seed=N`` (weights' initialisation, batches, each site's train/val
+subjects, the model's own noise) into the results key FAMILY-seedN, scored on the same slices of D
+with the same implanted lesions as the seed-0 rows (sites and lesions come from `medgen data split`
+and `implant` at their own seed 0). Every
 post-processing variant is scored on the same slices, and so are the references:
 
 - chance: AUROC 0.5; AUPRC = the lesion prevalence among the scored brain pixels;
@@ -98,19 +103,25 @@ def score(maps_calib, maps, data, calib_idx, idx, quantile: float) -> dict:
     return {k: round(float(v), 4) for k, v in report.items()}
 
 
+def split_seed() -> int:
+    """The seed of the evaluation split of D: examples/ixi.yaml's, whatever seed the model trained with."""
+    return load_config(str(ROOT / "examples/ixi.yaml")).seed
+
+
 def evaluate(run: Path, sites: Path) -> dict:
     checkpoint = sorted((run / "checkpoints").glob("round-*.pt"))[-1]
     ckpt = load_checkpoint(checkpoint)
     cfg = load_config_text(ckpt["config"])
     model = build_model(cfg)
     load_weights(model, ckpt, checkpoint)
-    data, calib_idx, idx = _d_slices(cfg, sites)
+    data, calib_idx, idx = _d_slices(cfg, sites, split_seed())
     start = time.perf_counter()
     raw_calib, raw = maps_of(model, data.images[calib_idx], data.brain[calib_idx]), \
         maps_of(model, data.images[idx], data.brain[idx])
     seconds = (time.perf_counter() - start) / (len(idx) + len(calib_idx))
     q = cfg.evaluation.healthy_quantile
-    result = {"checkpoint": str(checkpoint.relative_to(run.parent.parent)), "n_scored_slices": int(len(idx)),
+    result = {"checkpoint": str(checkpoint.relative_to(run.parent.parent)), "train_seed": cfg.seed,
+              "split_seed": split_seed(), "n_scored_slices": int(len(idx)),
               "n_scored_lesion_slices": int((data.labels[idx] == 1).sum()),
               "n_calibration_slices": int(len(calib_idx)), "anomaly_map_s_per_slice": round(seconds, 4),
               "variants": {}}
@@ -127,11 +138,12 @@ def evaluate(run: Path, sites: Path) -> dict:
     return result
 
 
-def _d_slices(cfg, sites: Path):
-    """Site D's slices and the benchmark's (calibration, scored) indices, as :func:`evaluate` picks them."""
+def _d_slices(cfg, sites: Path, seed: int):
+    """Site D's slices and the benchmark's (calibration, scored) indices, as :func:`evaluate` picks them
+    (``seed``: the split's, :func:`split_seed`)."""
     data = load_site(sites / cfg.sites.heldout[0], cfg.data, cfg.sites.heldout[0])
-    calib, scored = split_for_threshold(data, cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    calib, scored = split_for_threshold(data, seed)
+    rng = np.random.default_rng(seed)
     calib_idx = np.sort(rng.permutation(np.flatnonzero(calib))[:MAX_SLICES])
     return data, calib_idx, np.sort(rng.permutation(np.flatnonzero(scored))[:MAX_SLICES])
 
@@ -140,7 +152,7 @@ def references_only(sites: Path) -> dict:
     """No model: the references on the slices :func:`evaluate` scores (the config of examples/ixi.yaml
     with ``data.root``), the intensity outlier two-sided and symmetric, per post-processing variant."""
     cfg = load_config(str(ROOT / "examples/ixi.yaml"), [f"data.root={sites}"])
-    data, calib_idx, idx = _d_slices(cfg, sites)
+    data, calib_idx, idx = _d_slices(cfg, sites, split_seed())
     q = cfg.evaluation.healthy_quantile
     les, br = data.lesion[idx] & data.brain[idx], data.brain[idx]
     level = float(np.median(data.images[calib_idx][data.brain[calib_idx]]))
@@ -179,9 +191,14 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides of a training variant (needs --tag)")
     parser.add_argument("--tag", default="", help="name of the variant (its results key: FAMILY-TAG)")
+    parser.add_argument("--train-seed", type=int, default=None, metavar="N",
+                        help="train with seed=N (results key FAMILY[-TAG]-seedN); D's split and lesions stay the same")
     parser.add_argument("--references-only", action="store_true",
                         help="train nothing: the no-model references on the same slices (results/real_anatomy_outlier.json)")
     args = parser.parse_args()
+    if args.train_seed is not None:
+        args.extra = [*args.extra, f"seed={args.train_seed}"]
+        args.tag = "-".join(t for t in (args.tag, f"seed{args.train_seed}") if t)
     torch.set_num_threads(2)
     if args.references_only:
         path = ROOT / "benchmarks" / "results" / "real_anatomy_outlier.json"
