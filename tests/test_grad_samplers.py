@@ -118,7 +118,7 @@ def test_dp_step_equals_opacus_grad_sample_module(family, space):
 
 
 def test_allocator_tuning_is_idempotent_and_can_be_switched_off(monkeypatch):
-    from medgen.privacy import allocator
+    from medgen.client import allocator
     first = allocator.keep_large_allocations()
     assert allocator.keep_large_allocations() is first  # set once per process
     monkeypatch.setattr(allocator, "_done", None)
