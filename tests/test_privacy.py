@@ -177,3 +177,17 @@ def test_each_private_network_draws_its_own_noise():
     again, other = noise_step(seed=12345), noise_step(seed=54321)
     assert torch.equal(again["vae"], a["vae"]) and torch.equal(again["twin"], a["twin"])
     assert not torch.allclose(other["vae"], a["vae"])
+
+
+
+def test_the_apps_import_opacus_only_when_dp_is_used():
+    """Importing Opacus takes seconds (it imports torch.distributed.tensor and sympy) in every site
+    process and in Flower's simulation process; a study without DP-SGD never needs it."""
+    import subprocess
+    import sys
+
+    def opacus_modules(imports: str) -> str:
+        code = f"import sys, {imports}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'opacus'))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert opacus_modules("medgen.client.app, medgen.server.app, medgen.cli.main").strip() == "[]"
+    assert "opacus.accountants" in opacus_modules("medgen.client.app, opacus")  # the check sees it when imported

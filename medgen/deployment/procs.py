@@ -37,7 +37,9 @@ def flower_env(flwr_home: str | Path | None = None, extra: dict | None = None) -
     and SuperNode find ``flower-superexec`` / ``flwr-serverapp`` / ``flwr-clientapp`` there)."""
     env = dict(os.environ)
     env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"})
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
+                # the SuperExec looks for a run to launch every 0.25 s, not every second (Flower's default)
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"})
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)

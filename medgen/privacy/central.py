@@ -73,8 +73,6 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from medgen._compat.flwr import (
     adaptive_clip_inputs_inplace,
@@ -98,6 +96,8 @@ def noise_multiplier(cfg: Config) -> float:
     c = cfg.privacy.central
     if c.noise_multiplier is not None:
         return c.noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier  # noqa: PLC0415  (importing Opacus takes seconds)
+
     return float(get_noise_multiplier(target_epsilon=c.target_epsilon, target_delta=c.delta,
                                       sample_rate=sample_rate(cfg), steps=cfg.federation.rounds, accountant="rdp"))
 
@@ -156,6 +156,8 @@ def epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     """Site-level epsilon of the releases in ``history`` [(noise multiplier, sample rate, rounds)]."""
     if not history:
         return 0.0
+    from opacus.accountants import RDPAccountant  # noqa: PLC0415  (importing Opacus takes seconds)
+
     accountant = RDPAccountant()
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta))

@@ -28,16 +28,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
 
 from medgen.config import Config
 from medgen.data.dataset import SiteSlices
 from medgen.models import GenerativeModel
 from medgen.client.allocator import keep_large_allocations
-from medgen.privacy.grad_samplers import FastGradSampleModule
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ def plan(cfg: Config, data: SiteSlices, steps: int) -> DPPlan:
     """The round's DP parameters at a site: q = batch_size / units; δ defaults to 1/(10 n_subjects);
     the noise multiplier is fixed or solved so that all planned rounds together reach
     ``privacy.target_epsilon``."""
+    from opacus.accountants.utils import get_noise_multiplier  # noqa: PLC0415  (Opacus only when DP is on)
+
     p = cfg.privacy
     n_subjects = len(set(data.subjects.tolist()))
     units = n_subjects if p.unit == "subject" else len(data)
@@ -128,13 +132,18 @@ def poisson_batches(data: SiteSlices, dp: DPPlan, generator: torch.Generator):
 
 @contextmanager
 def private(model: GenerativeModel, optimizers: dict[str, torch.optim.Optimizer], dp: DPPlan, seed: int,
-            wrapper=FastGradSampleModule):
+            wrapper=None):
     """Inside the block, the family's private networks compute per-sample gradients (``wrapper``:
-    Opacus' hooks with our faster Conv2d and Linear samplers, ``grad_samplers.py``) and their optimisers
+    default: Opacus' hooks with our faster Conv2d and Linear samplers, ``grad_samplers.py``) and their optimisers
     (the wrapper's ``DP_OPTIMIZER``, else Opacus' ``DPOptimizer``) clip and add noise drawn from
     ``seed`` (pass a :func:`secret_seed`; each network draws its own stream, :func:`noise_seed`). On
     exit the networks are unwrapped, so ``state_dict`` keys carry no ``_module.`` prefix. The process
     keeps DP-SGD's large per-step buffers in its heap from then on (``allocator.py``)."""
+    from opacus.optimizers import DPOptimizer  # noqa: PLC0415  (Opacus only when DP is on)
+
+    from medgen.privacy.grad_samplers import FastGradSampleModule  # noqa: PLC0415
+
+    wrapper = wrapper or FastGradSampleModule
     keep_large_allocations()
     inner = {}
     for name in model.private_networks:

@@ -12,8 +12,6 @@ import json
 import time
 from pathlib import Path
 
-from opacus.accountants import RDPAccountant
-
 from medgen.fileio import atomic_write
 
 
@@ -39,6 +37,8 @@ class PrivacyLedger:
         steps = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.history] + list(extra)
         if not steps:
             return 0.0
+        from opacus.accountants import RDPAccountant  # noqa: PLC0415  (importing Opacus takes seconds)
+
         accountant = RDPAccountant()
         accountant.history = steps
         return float(accountant.get_epsilon(delta))
