@@ -43,10 +43,10 @@ from medgen.data.dataset import SiteSlices  # noqa: E402
 from medgen.models import build_model  # noqa: E402
 from medgen.privacy.dp import plan  # noqa: E402
 
-FAMILIES = ["vae", "cevae", "gan", "ddpm:pixel", "ddpm:latent"]
+FAMILIES = ["vae", "cevae", "gan", "ddpm:pixel", "ddpm:latent", "vqvae", "flow"]  # the last two: #21
 GPU_YAML = ROOT / "examples" / "gpu.yaml"
 # (steps, time cap s per measured run, warm-up steps) and the caps of the other sections
-REAL = {"steps": 300, "run_cap_s": 8.0, "warmup": 10, "dp_steps": 60, "dp_cap_s": 6.0, "dp_warmup": 2,
+REAL = {"steps": 300, "run_cap_s": 6.0, "warmup": 10, "dp_steps": 60, "dp_cap_s": 5.0, "dp_warmup": 2,
         "pytest_cap_s": 90, "families_cap_s": 150, "dp_section_cap_s": 60, "simulate_cap_s": 130,
         "size": None, "device": "cuda"}
 DRY = {"steps": 5, "run_cap_s": 10.0, "warmup": 1, "dp_steps": 5, "dp_cap_s": 10.0, "dp_warmup": 1,

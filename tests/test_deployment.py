@@ -558,6 +558,28 @@ def test_a_loopback_deployment_with_secure_aggregation(deployment):
         "train.secagg_keys", "train.secagg_shares", "train", "train.secagg_unmask"]
 
 
+def test_the_vqvae_cevae_and_flow_families_run_in_a_deployment(deployment):
+    """#21: the same running sites serve three studies one after another, one per newer family
+    (``model.family`` is the only change): A and B train, held-out C scores lesions, and each run
+    completes with its samples, checkpoint and report."""
+    d = deployment
+    for site in "ABC":
+        d.site(site)
+    for family in ("vqvae", "cevae", "flow"):
+        run_dir = d.tmp / f"run-{family}"
+        run = RunDir(run_dir)
+        d.server("--out", run_dir, "--set", f"model.family={family}", "--set", "federation.rounds=1",
+                 name=f"server-{family}")
+        assert d.wait(f"server-{family}", 300) == 0, d.output(f"server-{family}")[-4000:]
+        records = run.records()
+        assert sorted(r["site"] for r in records if r["phase"] == "train" and "loss" in r) == ["A", "B"], family
+        heldout = [r for r in records if r["phase"] == "evaluate" and r["site"] == "C"]
+        assert heldout and 0.0 <= heldout[-1]["pixel-auroc"] <= 1.0, (family, heldout)
+        checkpoint = load_checkpoint(run.last_checkpoint())
+        assert checkpoint["round"] == 1 and checkpoint["family"] == family and run.status()["status"] == "completed"
+        assert (run.samples / "round-0001.png").is_file() and (run_dir / "report" / "site-C.html").is_file()
+
+
 def test_a_site_whose_supernode_crashed_rejoins(deployment):
     """Site B's SuperNode is SIGKILLed mid-study: medgen-client starts it again; the SuperLink turns
     it away while it still counts the dead node as online, which the site waits out instead of
