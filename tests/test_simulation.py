@@ -130,17 +130,21 @@ def test_simulate_fails_loudly(tmp_path, cache):
 def test_train_baselines(tmp_path, cache):
     """`medgen train --site A` and `--centralized` (the baselines a federation is compared with):
     2 rounds each, evaluated on the held-out site; `medgen report --compare` tables both runs;
-    `medgen evaluate` scores either checkpoint on any site folder and names a missing one."""
-    for where, name in ((["--site", "A"], "A"), (["--centralized"], "centralized")):
-        out = medgen("train", *where, "--out", tmp_path / name, "--set", "federation.rounds=2", cache=cache)
+    `medgen evaluate` scores either checkpoint on any site folder and names a missing one. The
+    families are #21's (the default VAE runs in every other scenario)."""
+    for where, name, family in ((["--site", "A"], "A", "vqvae"), (["--centralized"], "centralized", "flow"),
+                                (["--site", "B"], "B", "cevae")):
+        out = medgen("train", *where, "--out", tmp_path / name, "--set", "federation.rounds=2",
+                     "--set", f"model.family={family}", cache=cache)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         run = RunDir(tmp_path / name)
         train = [r for r in run.records() if r["phase"] == "train"]
         assert [(r["round"], r["site"]) for r in train] == [(1, name), (2, name)]
         # same total optimiser steps as the federation: 3 local steps per training site per round
-        assert train[0]["steps"] == (3 if name == "A" else 6)
+        assert train[0]["steps"] == (6 if name == "centralized" else 3)
         assert {r["site"] for r in run.records() if r["phase"] == "evaluate"} >= {"C", "global"}
         assert load_checkpoint(run.last_checkpoint())["round"] == 2
+        assert load_checkpoint(run.last_checkpoint())["family"] == family
 
         # any checkpoint on any site folder
         folder = next(cache.glob("phantom/*/C"))
