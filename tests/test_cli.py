@@ -101,6 +101,33 @@ def test_check_draws_a_picture_of_every_site(tmp_path):
     assert out.returncode == 0 and "picture:" not in out.stdout and not (tmp_path / "B-overview.png").exists()
 
 
+def test_a_picture_outlines_only_masks_with_an_edge(tmp_path):
+    """A mask that fills its slice, or is empty, has no outline; a square inside the slice has one,
+    and only in its colour."""
+    import numpy as np
+
+    from medgen.data.dataset import SiteSlices
+    from medgen.data.picture import draw_site
+
+    n, s = 6, 32
+    images = np.random.default_rng(0).uniform(0.2, 0.6, (n, s, s)).astype(np.float32)
+    full, empty = np.ones((n, s, s), bool), np.zeros((n, s, s), bool)
+    square = empty.copy()
+    square[:, 8:24, 8:24] = True
+
+    def draw(brain, lesion, name):
+        slices = SiteSlices("X", images, brain, lesion, lesion.any((1, 2)).astype(np.int64),
+                            np.array(["a"] * 3 + ["b"] * 3), np.tile(np.arange(3), 2))
+        return _colours(draw_site(slices, tmp_path / f"{name}.png", name))
+
+    assert draw(full, empty, "full") == (0, 0)
+    assert draw(empty, full, "empty") == (0, 0)
+    yellow, red = draw(square, empty, "square")
+    assert yellow > 100 and red == 0
+    yellow, red = draw(full, square, "lesion")
+    assert yellow == 0 and red > 100
+
+
 def test_version_help_and_health_check_of_an_absent_server(capsys):
     from importlib.metadata import version
 

@@ -40,14 +40,31 @@ def picture_rows(slices: SiteSlices, subjects: int = MAX_SUBJECTS, per_subject: 
     return rows
 
 
+def _outline(masks: np.ndarray) -> np.ndarray:
+    """The boundary pixels of each (…, H, W) bool mask: in the mask, with a 4-neighbour outside it.
+    Beyond the image edge counts as the edge pixel's own value, so a mask that fills its slice, or
+    reaches the edge, is not outlined along the edge (like a contour of the slice)."""
+    p = np.pad(masks, [(0, 0)] * (masks.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
+    inner = p[..., :-2, 1:-1] & p[..., 2:, 1:-1] & p[..., 1:-1, :-2] & p[..., 1:-1, 2:]
+    return masks & ~inner
+
+
+def _rgb(colour: str) -> np.ndarray:
+    return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], np.uint8)
+
+
 def draw_site(slices: SiteSlices, path: str | Path, title: str, subjects: int = MAX_SUBJECTS,
               per_subject: int = SLICES_PER_SUBJECT) -> Path:
     """Write the site picture as PNG at ``path`` (folders created); returns ``path``.
 
-    Each row is one scan (title: its id, subject and axial index range); each panel one
+    Each row is one scan (title: its id, and its subject where that differs); each panel one
     preprocessed slice (values [0, 1], grey, display orientation of
-    :mod:`medgen.data.preprocess`: anterior up, patient left on image left) titled with its axial
+    :mod:`medgen.data.preprocess`: anterior up, patient left on image left) labelled with its axial
     index, brain outline yellow, lesion outline red.
+
+    One RGB montage of all panels (each slice enlarged to about 190 px, nearest neighbour; the
+    outlines are the masks' boundary pixels at that size), shown at one screen pixel per montage
+    pixel by a single ``imshow``; the titles, labels and legend are text around it.
     """
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -56,34 +73,48 @@ def draw_site(slices: SiteSlices, path: str | Path, title: str, subjects: int = 
     if not rows:
         raise ValueError("no slice to draw")
     ncol = max(len(idx) for _, idx in rows)
-    fig = Figure(figsize=(1.9 * ncol + 0.4, 2.2 * len(rows) + 0.9), layout="constrained")
-    axes = fig.subplots(len(rows), ncol, squeeze=False)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_visible(False)
-    for row, (scan, idx) in zip(axes, rows):
-        subject = slices.subjects[idx[0]]
-        who = scan if subject == scan else f"{scan} (subject {subject})"
-        row[0].set_title(who, fontsize=8, loc="left")
-        for ax, i in zip(row, idx):
-            ax.imshow(slices.images[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-            for mask, colour in ((slices.brain[i], BRAIN_COLOUR), (slices.lesion[i], LESION_COLOUR)):
-                if mask.any() and not mask.all():
-                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=colour, linewidths=0.7)
-            ax.text(0.02, 0.02, f"z={int(slices.slice_index[i])}", color="white", fontsize=6,
-                    transform=ax.transAxes, va="bottom")
+    size = slices.images.shape[-1]
+    up = max(1, round(190 / size))  # panel side `panel` px
+    panel, gap, band = size * up, 8, 20  # band: the row title's strip above each row
+    top, bottom, margin, dpi = 42, 30, 4, 100
+    mont_w, mont_h = ncol * panel + (ncol - 1) * gap, len(rows) * (band + panel)
+    fig_w, fig_h = max(mont_w + 2 * margin, 640), top + mont_h + bottom
+
+    idx = np.concatenate([i for _, i in rows])
+    big = lambda a: a[idx].repeat(up, axis=1).repeat(up, axis=2)
+    grey = (np.clip(big(slices.images), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    rgb[_outline(big(slices.brain))] = _rgb(BRAIN_COLOUR)
+    rgb[_outline(big(slices.lesion))] = _rgb(LESION_COLOUR)  # over the brain outline
+    montage = np.full((mont_h, mont_w, 3), 255, np.uint8)  # the figure's white between panels
+
+    fig = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi)
+    x0 = (fig_w - mont_w) // 2
+    text = lambda x, y, s, **kw: fig.text((x0 + x) / fig_w, 1 - (top + y) / fig_h, s, **kw)
+    k = 0
+    for r, (scan, mine) in enumerate(rows):
+        subject = slices.subjects[mine[0]]
+        y = r * (band + panel) + band
+        text(0, y - 4, scan if subject == scan else f"{scan} (subject {subject})", fontsize=8)
+        for c, i in enumerate(mine):
+            x = c * (panel + gap)
+            montage[y:y + panel, x:x + panel] = rgb[k]
+            k += 1
+            text(x + 3, y + panel - 3, f"z={int(slices.slice_index[i])}", color="white", fontsize=6)
+    ax = fig.add_axes((x0 / fig_w, bottom / fig_h, mont_w / fig_w, mont_h / fig_h))
+    ax.imshow(montage, interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    n_scans = len(set(slices.scans.tolist()))
+    fig.text(0.5, 1 - 4 / fig_h, f"{title}\n{len(rows)} of {n_scans} scan(s), {len(slices)} slices at "
+             f"{size}x{size} px as trained on; anterior up, patient left on image left",
+             fontsize=8.5, ha="center", va="top", multialignment="center")
     handles = [Line2D([], [], color=BRAIN_COLOUR, label="brain mask"),
                Line2D([], [], color=LESION_COLOUR, label="lesion mask")]
-    n_scans = len(set(slices.scans.tolist()))
-    size = slices.images.shape[-1]
-    fig.suptitle(f"{title}\n{len(rows)} of {n_scans} scan(s), {len(slices)} slices at {size}x{size} px as trained on; "
-                 "anterior up, patient left on image left", fontsize=8.5)
-    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=7.5, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7.5, frameon=False,
+               bbox_to_anchor=(0.5, 0.0), borderaxespad=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     return path
 
 
