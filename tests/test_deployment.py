@@ -860,3 +860,33 @@ def test_the_heartbeat_interval_is_flowers_unless_told(monkeypatch):
         monkeypatch.setenv("MEDGEN_HEARTBEAT_S", bad)
         with pytest.raises(ConfigError, match=f"MEDGEN_HEARTBEAT_S='?{bad}'?: {why}"):
             join(NodeOptions("A", "localhost:1", Path("/nonexistent"), Path("/nonexistent/state"), None, None))
+
+
+def test_polls_grow_to_their_cap_and_start_short_after_activity(monkeypatch):
+    """A Poll sleeps first, ×factor each call, never above cap, and starts again from first after
+    a reset or a pause; the SuperNode's waits (Flower's idle 3 s and reply 0.5 s) are Polls capped
+    at MEDGEN_SUPERNODE_POLL_S that restart whenever the SuperNode switches from one to the other."""
+    from medgen.deployment import polling
+    from medgen.deployment.polling import Poll
+    from medgen.deployment.supernode import IDLE_FIRST_S, REPLY_FIRST_S, polling_time
+
+    slept = []
+    monkeypatch.setattr(polling.time, "sleep", slept.append)
+    poll = Poll(first=0.01, cap=0.05, factor=2.0)
+    assert [poll.wait() for _ in range(5)] == [0.01, 0.02, 0.04, 0.05, 0.05]
+    poll.reset()
+    assert poll.wait() == 0.01
+    poll._ended -= 1.0  # a second of work since the last wait
+    assert poll.wait() == 0.01
+    with pytest.raises(ValueError, match="first=0.5, cap=0.1"):
+        Poll(first=0.5, cap=0.1)
+
+    slept.clear()
+    shim = polling_time(0.25)
+    for seconds in (3, 3, 3, 0.5, 0.5, 3, 3):
+        shim.sleep(seconds)
+    assert slept[:3] == [IDLE_FIRST_S, IDLE_FIRST_S * 1.5, IDLE_FIRST_S * 1.5 ** 2]
+    assert slept[3:5] == [REPLY_FIRST_S, REPLY_FIRST_S * 1.5] and slept[5:] == [IDLE_FIRST_S, IDLE_FIRST_S * 1.5]
+    for _ in range(20):
+        shim.sleep(3)
+    assert slept[-1] == 0.25 == max(slept)

@@ -1,8 +1,8 @@
 """Replies from the sites, sooner. Flower's deployed Grid waits 3 s between polls for replies
 (``send_and_receive``), which adds up to 3 s to every exchange, and it waits for a site whose
 SuperNode has gone away until the round timeout (and the SuperLink's own "node unavailable"
-error comes from the SuperLink's node id, not the site's). This version polls every ``poll_s``
-seconds and answers for a site that went offline at once, with an error under the site's node;
+error comes from the SuperLink's node id, not the site's). This version polls from 20 ms on, up to
+every ``poll_s`` seconds, and answers for a site that went offline at once, with an error under the site's node;
 to sites whose worker unpacks, the weights travel packed in one array (``packing.py``)."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ OFFLINE = "its SuperNode went offline (disconnected or stopped) before it answer
 
 def quick_replies(grid: Grid, poll_s: float = 0.2, online_every_s: float = 2.0) -> Grid:
     """Give ``grid`` a ``send_and_receive`` with the same contract (the replies that arrived within
-    ``timeout``) that polls every ``poll_s`` s and checks every ``online_every_s`` s which
-    destination nodes are still online."""
+    ``timeout``) that polls from 20 ms on, growing to every ``poll_s`` s (``polling.Poll``), and
+    checks every ``online_every_s`` s which destination nodes are still online."""
+    from medgen.deployment.polling import Poll
 
     packing_nodes: set[int] = set()  # sites whose worker unpacks (medgen/deployment/packing.py)
 
@@ -33,6 +34,7 @@ def quick_replies(grid: Grid, poll_s: float = 0.2, online_every_s: float = 2.0) 
         pending = {i: m for i, m in zip(ids, messages) if i}
         end = time.monotonic() + (timeout or 0.0)
         checked = time.monotonic()
+        poll = Poll(first=min(0.02, poll_s), cap=poll_s)
         replies = []
         while pending:
             for reply in grid.pull_messages(list(pending)):
@@ -56,7 +58,7 @@ def quick_replies(grid: Grid, poll_s: float = 0.2, online_every_s: float = 2.0) 
                     if msg.metadata.dst_node_id not in online:
                         replies.append(Message(Error(code=0, reason=OFFLINE), reply_to=msg))
                         del pending[i]
-            time.sleep(poll_s)
+            poll.wait()
         return replies
 
     grid.send_and_receive = send_and_receive

@@ -5,10 +5,12 @@ Flower 1.41's SuperNode asks the SuperLink for a new message every 3 s when it h
 checks every 0.5 s whether the ClientApp's reply is ready (``time.sleep(3)`` / ``time.sleep(0.5)``
 in ``flwr.supernode.start_client_internal``): each exchange between the server and a site waits
 on average 1.5 s for nothing, a training round (train + evaluate) about 3 s. This entry point runs
-the unchanged SuperNode with those sleeps capped at ``MEDGEN_SUPERNODE_POLL_S`` seconds (default
-0.25): one small HTTPS request per poll per site, instead of one every 3 s. Its retries for a
-message's objects that are not at the SuperLink yet start at 0.05 s instead of 1 s (then double,
-up to 0.5 s instead of 10 s).
+the unchanged SuperNode with each of those waits a :class:`~medgen.deployment.polling.Poll`: from
+10-20 ms after the SuperNode switches between waiting for a message and waiting for its worker's
+reply, growing to ``MEDGEN_SUPERNODE_POLL_S`` seconds (default 0.25) — an idle site sends one small
+HTTPS request every 0.25 s, a busy one notices the next message or reply within milliseconds. Its
+retries for a message's objects that are not at the SuperLink yet start at 0.05 s instead of 1 s
+(then double, up to 0.5 s instead of 10 s).
 
 ``MEDGEN_HEARTBEAT_S`` (default: Flower's 30 s; at least 10, the SuperLink's minimum) sets how
 often this SuperNode tells the SuperLink it is alive and how often its ClientApp worker tells the
@@ -50,10 +52,31 @@ def heartbeat_s() -> float:
     return seconds
 
 
-def capped_time(poll_s: float) -> types.SimpleNamespace:
-    """The ``time`` module, with ``sleep`` capped at ``poll_s`` seconds."""
+IDLE_FIRST_S, REPLY_FIRST_S = 0.02, 0.01  # a poll for a message is an HTTPS request; for a reply, a local look
+
+
+def polling_time(poll_s: float) -> types.SimpleNamespace:
+    """The ``time`` module, with ``sleep(s)`` a :class:`Poll` per requested ``s`` (Flower's idle
+    3 s, its reply and object 0.5 s) capped at ``poll_s`` seconds, that starts again from its
+    first interval whenever the previous sleep asked for another duration (a message came, or
+    its reply went)."""
+    from medgen.deployment.polling import Poll
+
+    polls: dict[float, Poll] = {}
+    last: list[float | None] = [None]
+
+    def sleep(seconds: float) -> None:
+        if seconds not in polls:
+            cap = min(seconds, poll_s)
+            polls[seconds] = Poll(first=min(IDLE_FIRST_S if seconds >= 1 else REPLY_FIRST_S, cap), cap=cap,
+                                  idle_reset_s=0.5)
+        if last[0] != seconds:
+            polls[seconds].reset()
+        last[0] = seconds
+        polls[seconds].wait()
+
     fast = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
-    fast.sleep = lambda seconds: time.sleep(min(seconds, poll_s))
+    fast.sleep = sleep
     return fast
 
 
@@ -61,7 +84,7 @@ def main() -> None:
     from medgen._compat.flwr import answer_orphaned_messages, flower_supernode, speed_up_supernode, use_heartbeat
 
     answer_orphaned_messages()
-    speed_up_supernode(capped_time(float(os.environ.get("MEDGEN_SUPERNODE_POLL_S", "0.25"))), PULL_BACKOFF)
+    speed_up_supernode(polling_time(float(os.environ.get("MEDGEN_SUPERNODE_POLL_S", "0.25"))), PULL_BACKOFF)
     use_heartbeat(heartbeat_s())
     sys.argv[0] = "flower-supernode"
     flower_supernode()

@@ -125,7 +125,10 @@ def serve(address: str, poll_s: float = 0.1, parent_pid: int | None = None) -> N
     from medgen._compat.flwr import AcquireTaskRequest
     from medgen.client.app import app as client_app  # the expensive imports, once
 
+    from medgen.deployment.polling import Poll
+
     client = _runtime_client(address)
+    poll = Poll(first=min(0.01, poll_s), cap=poll_s, idle_reset_s=0.5)  # the next task comes soon after one ends
     print(f"medgen worker ready (pid {os.getpid()}), serving tasks of {address}", flush=True)
     while parent_pid is None or _alive(parent_pid):
         res = client.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-clientapp"]))
@@ -134,8 +137,9 @@ def serve(address: str, poll_s: float = 0.1, parent_pid: int | None = None) -> N
             status, times = run_task(address, res.token, client_app)
             split = ", ".join(f"{k} {v:.2f}" for k, v in times.items())
             print(f"task {res.task.task_id}: {status} in {time.perf_counter() - t0:.2f} s ({split})", flush=True)
+            poll.reset()
             continue
-        time.sleep(poll_s)
+        poll.wait()
 
 
 def _alive(pid: int) -> bool:
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
-    parser.add_argument("--poll", type=float, default=0.1, help="seconds between task polls")
+    parser.add_argument("--poll", type=float, default=0.1, help="most seconds between task polls")
     args = parser.parse_args(argv)
     from medgen._compat.flwr import use_heartbeat
     from medgen.deployment.supernode import heartbeat_s
