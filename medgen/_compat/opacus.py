@@ -180,3 +180,13 @@ def _processed(sample: FactoredGradSample) -> None:
         raise ValueError("Gradients haven't been cleared since the last optimizer step. In order to obtain "
                          "privacy guarantees you must call optimizer.zero_grad() on each step")
     sample._processed = True
+
+
+def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """ε at ``delta`` of the DP-SGD steps in ``history`` [(noise multiplier, sample rate, steps)]:
+    Opacus' RDP accountant given that history (its ``history`` attribute is how it keeps one)."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta))

@@ -156,11 +156,9 @@ def epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     """Site-level epsilon of the releases in ``history`` [(noise multiplier, sample rate, rounds)]."""
     if not history:
         return 0.0
-    from opacus.accountants import RDPAccountant  # noqa: PLC0415  (importing Opacus takes seconds)
+    from medgen._compat.opacus import rdp_epsilon  # noqa: PLC0415  (importing Opacus takes seconds)
 
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta))
+    return rdp_epsilon(history, delta)
 
 
 def check_adaptive(cfg: Config) -> None:

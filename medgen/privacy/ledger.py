@@ -37,11 +37,9 @@ class PrivacyLedger:
         steps = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.history] + list(extra)
         if not steps:
             return 0.0
-        from opacus.accountants import RDPAccountant  # noqa: PLC0415  (importing Opacus takes seconds)
+        from medgen._compat.opacus import rdp_epsilon  # noqa: PLC0415  (importing Opacus takes seconds)
 
-        accountant = RDPAccountant()
-        accountant.history = steps
-        return float(accountant.get_epsilon(delta))
+        return rdp_epsilon(steps, delta)
 
     def check_budget(self, planned: tuple[float, float, int], delta: float, max_epsilon: float | None,
                      key: str = "privacy.max_epsilon") -> float:
