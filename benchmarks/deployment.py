@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -58,6 +59,26 @@ def round_periods(run: RunDir) -> list[float]:
             ends[r["round"]] = max(ends.get(r["round"], 0.0), r["time"])
     rounds = sorted(ends)
     return [ends[b] - ends[a] for a, b in zip(rounds, rounds[1:])]
+
+
+TRACE = {"supernode_pull_s": re.compile(r"medgen-trace pull ([\d.]+) s"),
+         "supernode_push_s": re.compile(r"medgen-trace push ([\d.]+) s"),
+         "supernode_waits_for_reply_s": re.compile(r"after waiting ([\d.]+) s for the reply"),
+         "worker_pull_s": re.compile(r"completed in [\d.]+ s \(pull ([\d.]+)"),
+         "worker_app_s": re.compile(r"completed in [\d.]+ s \(pull [\d.]+, app ([\d.]+)"),
+         "worker_push_s": re.compile(r"completed in [\d.]+ s \(.*push ([\d.]+)\)")}
+
+
+def hops(state_dirs: list[Path]) -> dict:
+    """Median seconds of each hop of a deployed exchange, over every message of the sites: the
+    SuperNode's SuperLink requests for a message and for its reply (and its wait for the reply in
+    between), the worker's pull from the SuperNode, medgen's ClientApp, the worker's push."""
+    found: dict[str, list[float]] = {k: [] for k in TRACE}
+    for folder in state_dirs:
+        text = (folder / "supernode.log").read_text(errors="replace") if (folder / "supernode.log").is_file() else ""
+        for key, pattern in TRACE.items():
+            found[key] += [float(x) for x in pattern.findall(text)]
+    return {k: {"median": round(statistics.median(v), 4), "n": len(v)} for k, v in found.items() if v}
 
 
 def run_simulation(sets: list[str], out: Path) -> dict:
@@ -107,7 +128,8 @@ def run_deployment(sets: list[str], out: Path, work: Path, root: Path, cache: Pa
                 p.send_signal(signal.SIGTERM)
         for p in [server, *sites]:
             p.wait(timeout=60)
-    return {"wall_s": wall, "round_periods_s": round_periods(run)}
+    return {"wall_s": wall, "round_periods_s": round_periods(run),
+            "hops_s": hops([work / f"state-{clientapp}-{s}" for s in "ABC"])}
 
 
 def main() -> None:
@@ -143,6 +165,9 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:26s} {r['wall_s']:9.1f} {r['round_period_median_s']:10.2f} "
               f"{r['wall_ratio_vs_simulation']:11.2f} {r['round_ratio_vs_simulation']:12.2f}")
+    for name, r in results.items():
+        if r.get("hops_s"):
+            print(f"{name} hops (median s, n): " + ", ".join(f"{k} {v['median']} ({v['n']})" for k, v in r["hops_s"].items()))
     print(f"written: {args.out}; run directories and logs: {work}")
 
 

@@ -137,6 +137,46 @@ def speed_up_supernode(time_module, pull_backoff: dict) -> None:
 
     internal.time = time_module
     internal.pull_objects = functools.partial(internal.pull_objects, **pull_backoff)
+    _trace_exchanges(internal)
+
+
+def _trace_exchanges(internal) -> None:
+    """Each message the SuperNode pulls and each reply it pushes get one line on stderr (the
+    site's ``supernode.log``): seconds in the SuperLink requests (the message and its objects),
+    and before a push the wait for the ClientApp's reply — the per-hop split of a deployed
+    exchange (``benchmarks/deployment.py`` sums them)."""
+    import time
+
+    pull, push = internal._pull_and_store_message, internal._push_messages
+
+    def timed(fn, spent: list):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent.append(time.perf_counter() - t0)
+        return call
+
+    def traced_pull(**kwargs):
+        t0, objects = time.perf_counter(), []
+        kwargs["pull_object"] = timed(kwargs["pull_object"], objects)
+        run_id = pull(**kwargs)
+        if run_id is not None:
+            print(f"medgen-trace pull {time.perf_counter() - t0:.4f} s ({len(objects)} objects "
+                  f"{sum(objects):.4f} s)", file=sys.stderr, flush=True)
+        return run_id
+
+    def traced_push(**kwargs):
+        t0, sent, objects = time.perf_counter(), [], []
+        kwargs["send"] = timed(kwargs["send"], sent)
+        kwargs["push_object"] = timed(kwargs["push_object"], objects)
+        push(**kwargs)
+        total = time.perf_counter() - t0
+        print(f"medgen-trace push {sum(sent) + sum(objects):.4f} s ({len(objects)} objects {sum(objects):.4f} s) "
+              f"after waiting {total - sum(sent) - sum(objects):.4f} s for the reply", file=sys.stderr, flush=True)
+
+    internal._pull_and_store_message, internal._push_messages = traced_pull, traced_push
 
 
 def answer_orphaned_messages() -> None:
