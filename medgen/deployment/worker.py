@@ -124,7 +124,6 @@ def run_task(address: str, token: str, client_app) -> tuple[str, dict[str, float
 def serve(address: str, poll_s: float = 0.1, parent_pid: int | None = None) -> None:
     from medgen._compat.flwr import AcquireTaskRequest
     from medgen.client.app import app as client_app  # the expensive imports, once
-
     from medgen.deployment.polling import Poll
 
     client = _runtime_client(address)
