@@ -22,7 +22,7 @@ SuperNode keep their start-up time. What they are for:
   a run (``medgen/simulation.py``), the app bundle builder (``medgen/deployment/fab.py``);
 - the SuperNode's task state: :func:`answer_orphaned_messages` wraps ``InMemoryNodeState``'s
   handling of expired tasks;
-- shorter polls: :func:`speed_up_supernode` (``medgen/deployment/supernode.py``) and
+- shorter polls: :func:`speed_up_supernode` and :func:`quick_reconnect` (``medgen/deployment/supernode.py``) and
   :func:`quick_object_pulls` (``medgen/deployment/grid.py``) replace module globals of Flower's;
   :func:`quick_simulation_pulls` (``medgen/server/app.py``) sets the simulation Grid's pull interval.
 """
@@ -140,6 +140,16 @@ def speed_up_supernode(time_module, pull_backoff: dict) -> None:
     _trace_exchanges(internal)
 
 
+def quick_reconnect(first_s: float, max_s: float) -> None:
+    """Before ``flower_supernode()`` runs: its HTTP requests to the SuperLink (connecting, and any
+    request that fails to connect) retry after ``first_s`` seconds, then 1.5 times longer each time
+    up to ``max_s`` (with Flower's full jitter), instead of Flower's 1 s doubling up to 20 s."""
+    import flwr.supercore.retry.http_retry as http_retry
+    from flwr.supercore.retry.retry_invoker import exponential
+
+    http_retry.exponential = lambda **_: exponential(base_delay=first_s, multiplier=1.5, max_delay=max_s)
+
+
 def _trace_exchanges(internal) -> None:
     """Each message the SuperNode pulls and each reply it pushes get one line on stderr (the
     site's ``supernode.log``): seconds in the SuperLink requests (the message and its objects),
@@ -232,14 +242,31 @@ def heartbeat_intervals() -> dict[str, float]:
     return {m.__name__: m.HEARTBEAT_DEFAULT_INTERVAL for m in _heartbeat_modules()}
 
 
-def quick_object_pulls(grid, pull_backoff: dict) -> None:
+def quick_object_pulls(grid, pull_backoff: dict, deadline=None) -> None:
     """The deployed Grid pulls a reply's objects (the weights) with retries from 1 s on, doubling;
     a reply can be listed a moment before all its objects have arrived. Retry with ``pull_backoff``
-    instead (the ``pull_objects`` global of the grid's module; a Grid without one is left as it is)."""
+    instead (the ``pull_objects`` global of the grid's module; a Grid without one is left as it is).
+    ``deadline()`` (a ``time.monotonic()`` value, or None) bounds the retries: Flower retries an
+    object for up to 2 hours, so one site that died while uploading its reply held up the replies
+    of every other site pulled with it."""
+    import time
+
     module = sys.modules.get(type(grid).__module__)
     pull = getattr(module, "pull_objects", None)
-    if pull is not None and not isinstance(pull, functools.partial):
-        module.pull_objects = functools.partial(pull, **pull_backoff)
+    if pull is None:
+        return
+    if getattr(pull, "medgen_quick", False):  # patched for an earlier Grid of this process
+        pull.deadline = deadline
+        return
+
+    def quick_pull(*args, **kwargs):
+        end = quick_pull.deadline() if quick_pull.deadline is not None else None
+        if end is not None:
+            kwargs["max_time"] = max(0.5, end - time.monotonic())
+        return pull(*args, **{**pull_backoff, **kwargs})
+
+    quick_pull.medgen_quick, quick_pull.deadline = True, deadline
+    module.pull_objects = quick_pull
 
 
 def quick_simulation_pulls(grid, seconds: float) -> bool:

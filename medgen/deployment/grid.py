@@ -24,6 +24,7 @@ def quick_replies(grid: Grid, poll_s: float = 0.2, online_every_s: float = 2.0) 
     from medgen.deployment.polling import Poll
 
     packing_nodes: set[int] = set()  # sites whose worker unpacks (medgen/deployment/packing.py)
+    exchange_end: list[float | None] = [None]  # the current exchange's deadline bounds its object pulls
 
     def send_and_receive(messages, *, timeout: float | None = None):
         messages = list(messages)
@@ -33,6 +34,7 @@ def quick_replies(grid: Grid, poll_s: float = 0.2, online_every_s: float = 2.0) 
         ids = list(grid.push_messages(messages))
         pending = {i: m for i, m in zip(ids, messages) if i}
         end = time.monotonic() + (timeout or 0.0)
+        exchange_end[0] = end if timeout is not None else None
         checked = time.monotonic()
         poll = Poll(first=min(0.02, poll_s), cap=poll_s)
         replies = []
@@ -62,14 +64,16 @@ def quick_replies(grid: Grid, poll_s: float = 0.2, online_every_s: float = 2.0) 
         return replies
 
     grid.send_and_receive = send_and_receive
-    _quick_object_pulls(grid)
+    _quick_object_pulls(grid, lambda: exchange_end[0])
     return grid
 
 
-def _quick_object_pulls(grid: Grid) -> None:
+def _quick_object_pulls(grid: Grid, deadline) -> None:
     """The deployed Grid pulls a reply's objects (the weights) with retries from 1 s on, doubling;
-    a reply can be listed a moment before all its objects have arrived. Retry from 0.05 s."""
+    a reply can be listed a moment before all its objects have arrived. Retry from 0.05 s, and
+    only until the exchange's deadline: a site that died mid-upload is then answered for, and the
+    other sites' replies pulled with it still count."""
     from medgen._compat.flwr import quick_object_pulls
     from medgen.deployment.supernode import PULL_BACKOFF
 
-    quick_object_pulls(grid, PULL_BACKOFF)
+    quick_object_pulls(grid, PULL_BACKOFF, deadline)

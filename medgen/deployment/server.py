@@ -1,10 +1,11 @@
 """`medgen-server start`: the coordinator's side of a real deployment.
 
 1. the run directory (as `medgen simulate`: a new one, or ``--resume`` an old one);
-2. a SuperLink child (TLS, SuperNode authentication) on ``127.0.0.1:<free port>`` only, and the
-   fleet-only proxy child (``proxy.py``) on the public ``--address/--port``, both waited on
+2. a SuperLink child (TLS, SuperNode authentication) on ``127.0.0.1:<free port>`` only, waited on
    through ``GET /health``: the Control and Runtime APIs are not reachable from the network;
-3. every site's public key (``<certs>/sites/<site>.pub``) registered with the SuperLink;
+3. every site's public key (``<certs>/sites/<site>.pub``) registered with the SuperLink; only then
+   the fleet-only proxy child (``proxy.py``) on the public ``--address/--port`` (waited on the
+   same way), so that a site which connects finds its key known instead of being turned away;
 4. the medgen ServerApp submitted as a run (a FAB naming ``medgen.server.app:app``; the medgen
    config, the run directory and the handshake travel in the run config); once the SuperLink has
    given it a run id, the run is signed with the study key and the signature handed over to the
@@ -138,6 +139,11 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=logs.info) -> RunDi
     follower = Follower(run.path / "server.log", log)
     try:
         waited = wait_healthy(address, ca, opts.health_timeout_s, link)
+        control = Control(address, ca)
+        nodes = {}
+        for site, key in opts.site_keys.items():  # before the public port opens: a site that reaches
+            nodes[site] = control.register(key, name=f"site-{site}")  # it finds its key known
+            log(f"site {site}: public key {key} registered (node {nodes[site]})")
         proxy = start_proxy(_join(opts.host, opts.port), f"127.0.0.1:{link_port}", opts.tls, work / "proxy.log")
         waited += wait_healthy(_join(_reachable(opts.host), opts.port), ca, opts.health_timeout_s, proxy,
                                sni_hostname="localhost")
@@ -147,11 +153,6 @@ def serve(cfg: Config, run: RunDir, opts: ServerOptions, log=logs.info) -> RunDi
             f"127.0.0.1:{link_port} only ({waited:.1f} s; logs {link.log_file}, {proxy.log_file})")
         if opts.study_key is None:
             log("WARNING: no study key: runs are NOT signed; only sites joined with --no-study-signature serve them")
-        control = Control(address, ca)
-        nodes = {}
-        for site, key in opts.site_keys.items():
-            nodes[site] = control.register(key, name=f"site-{site}")
-            log(f"site {site}: public key {key} registered (node {nodes[site]})")
         run_config = {"medgen-config": dump_config(cfg), "run-dir": str(run.path), **server_handshake(cfg),
                       "site-nodes": ",".join(f"{s}={n}" for s, n in nodes.items())}
         run_id = control.start_run(build_fab(run_config["medgen-version"]), run_config)

@@ -10,7 +10,10 @@ the unchanged SuperNode with each of those waits a :class:`~medgen.deployment.po
 reply, growing to ``MEDGEN_SUPERNODE_POLL_S`` seconds (default 0.25) — an idle site sends one small
 HTTPS request every 0.25 s, a busy one notices the next message or reply within milliseconds. Its
 retries for a message's objects that are not at the SuperLink yet start at 0.05 s instead of 1 s
-(then double, up to 0.5 s instead of 10 s).
+(then double, up to 0.5 s instead of 10 s). When it cannot reach the SuperLink (started before
+the server, or the server restarting) it tries again after 0.25 s, growing ×1.5 to at most
+``RECONNECT_MAX_S`` (2 s) instead of Flower's doubling to 20 s: a site joins within about 2 s of
+the server coming up.
 
 ``MEDGEN_HEARTBEAT_S`` (default: Flower's 30 s; at least 10, the SuperLink's minimum) sets how
 often this SuperNode tells the SuperLink it is alive and how often its ClientApp worker tells the
@@ -31,6 +34,7 @@ import types
 
 
 PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 0.5}
+RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.25, 2.0
 HEARTBEAT_ENV = "MEDGEN_HEARTBEAT_S"
 
 
@@ -81,9 +85,11 @@ def polling_time(poll_s: float) -> types.SimpleNamespace:
 
 
 def main() -> None:
-    from medgen._compat.flwr import answer_orphaned_messages, flower_supernode, speed_up_supernode, use_heartbeat
+    from medgen._compat.flwr import (answer_orphaned_messages, flower_supernode, quick_reconnect, speed_up_supernode,
+                                     use_heartbeat)
 
     answer_orphaned_messages()
+    quick_reconnect(RECONNECT_FIRST_S, RECONNECT_MAX_S)
     speed_up_supernode(polling_time(float(os.environ.get("MEDGEN_SUPERNODE_POLL_S", "0.25"))), PULL_BACKOFF)
     use_heartbeat(heartbeat_s())
     sys.argv[0] = "flower-supernode"
