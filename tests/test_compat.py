@@ -4,6 +4,8 @@ them, and its modules refuse a version outside the range they were written again
 from __future__ import annotations
 
 import ast
+import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -289,3 +291,45 @@ def test_the_simulation_grid_pulls_at_the_interval_asked_for():
     assert quick_simulation_pulls(grid, GRID_PULL_S) and grid.pull_interval == GRID_PULL_S == 0.02
     other = type("DeployedGrid", (), {"pull_interval": 3.0})()
     assert not quick_simulation_pulls(other, GRID_PULL_S) and other.pull_interval == 3.0
+
+
+def test_a_supernode_retries_the_superlink_within_seconds():
+    """medgen's SuperNode retries an unreachable SuperLink after 0.25 s, ×1.5, at most 2 s apart
+    (Flower: 1 s doubling to 20 s), so a site started before the server joins soon after it is up."""
+    import flwr.supercore.retry.http_retry as http_retry
+
+    from medgen._compat.flwr import quick_reconnect
+
+    flowers = http_retry.exponential
+    try:
+        quick_reconnect(0.25, 2.0)
+        waits = http_retry.make_simple_http_retry_invoker().wait_gen_factory()
+        got = [next(waits) for _ in range(10)]
+    finally:
+        http_retry.exponential = flowers
+    assert got[:3] == [0.25, 0.375, 0.5625] and max(got) == 2.0 and got[-1] == 2.0
+
+
+def test_a_grids_object_pulls_end_with_the_exchange(monkeypatch):
+    """The server's pulls of a reply's objects retry from 0.05 s and stop at the exchange's
+    deadline (Flower: up to 2 hours), so a site that died mid-upload cannot hold up the replies of
+    the others beyond the round timeout."""
+    import types
+
+    from medgen._compat.flwr import quick_object_pulls
+
+    calls = []
+    module = types.ModuleType("fake_grid_module")
+    module.pull_objects = lambda *args, **kwargs: calls.append(kwargs)
+    monkeypatch.setitem(sys.modules, "fake_grid_module", module)
+    grid = type("FakeGrid", (), {"__module__": "fake_grid_module"})()
+    end = [time.monotonic() + 7.0]
+    quick_object_pulls(grid, {"initial_backoff": 0.05, "backoff_cap": 0.5}, lambda: end[0])
+    module.pull_objects(["id"], pull_object_fn=None)
+    assert calls[-1]["initial_backoff"] == 0.05 and 6.0 < calls[-1]["max_time"] <= 7.0
+    end[0] = time.monotonic() - 3.0  # past the deadline: one short last try
+    module.pull_objects(["id"])
+    assert calls[-1]["max_time"] == 0.5
+    quick_object_pulls(grid, {"initial_backoff": 0.05, "backoff_cap": 0.5}, lambda: None)  # a later Grid
+    module.pull_objects(["id"])
+    assert "max_time" not in calls[-1] and len(calls) == 3
