@@ -179,7 +179,6 @@ def test_each_private_network_draws_its_own_noise():
     assert not torch.allclose(other["vae"], a["vae"])
 
 
-
 def test_the_apps_import_opacus_only_when_dp_is_used():
     """Importing Opacus takes seconds (it imports torch.distributed.tensor and sympy) in every site
     process and in Flower's simulation process; a study without DP-SGD never needs it."""

@@ -49,10 +49,6 @@ def _outline(masks: np.ndarray) -> np.ndarray:
     return masks & ~inner
 
 
-def _rgb(colour: str) -> np.ndarray:
-    return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], np.uint8)
-
-
 def draw_site(slices: SiteSlices, path: str | Path, title: str, subjects: int = MAX_SUBJECTS,
               per_subject: int = SLICES_PER_SUBJECT) -> Path:
     """Write the site picture as PNG at ``path`` (folders created); returns ``path``.
@@ -66,8 +62,12 @@ def draw_site(slices: SiteSlices, path: str | Path, title: str, subjects: int = 
     outlines are the masks' boundary pixels at that size), shown at one screen pixel per montage
     pixel by a single ``imshow``; the titles, labels and legend are text around it.
     """
+    from matplotlib.colors import to_rgb
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+
+    def rgb8(colour: str) -> np.ndarray:
+        return (np.array(to_rgb(colour)) * 255).round().astype(np.uint8)
 
     rows = picture_rows(slices, subjects, per_subject)
     if not rows:
@@ -84,8 +84,8 @@ def draw_site(slices: SiteSlices, path: str | Path, title: str, subjects: int = 
     big = lambda a: a[idx].repeat(up, axis=1).repeat(up, axis=2)
     grey = (np.clip(big(slices.images), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
-    rgb[_outline(big(slices.brain))] = _rgb(BRAIN_COLOUR)
-    rgb[_outline(big(slices.lesion))] = _rgb(LESION_COLOUR)  # over the brain outline
+    rgb[_outline(big(slices.brain))] = rgb8(BRAIN_COLOUR)
+    rgb[_outline(big(slices.lesion))] = rgb8(LESION_COLOUR)  # over the brain outline
     montage = np.full((mont_h, mont_w, 3), 255, np.uint8)  # the figure's white between panels
 
     fig = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi)
